@@ -1,0 +1,77 @@
+"""Shared benchmark helpers: timing, machine description, RESULTS.md sections."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+# Gemma-2B linears of one transformer block (out, in) and the 300M action expert's.
+GEMMA_2B = {
+    "q_proj": (2048, 2048),
+    "k_proj": (256, 2048),
+    "v_proj": (256, 2048),
+    "o_proj": (2048, 2048),
+    "gate_proj": (16384, 2048),
+    "up_proj": (16384, 2048),
+    "down_proj": (2048, 16384),
+}
+GEMMA_2B_BLOCKS = 18
+EXPERT_300M = {"q_proj": (1024, 1024), "up_proj": (4096, 1024), "down_proj": (1024, 4096)}
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall time of `repeats` calls, in seconds (call once before to compile)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    import jax
+    import numpy
+
+    parts = [
+        f"{platform.machine()} {os.cpu_count()} cores",
+        f"Python {platform.python_version()}",
+        f"jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind})",
+        f"numpy {numpy.__version__}",
+    ]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replaces (or appends) the section `## name` of bench/RESULTS.md, atomically."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = f"## {name}\n\nMeasured {stamp} on {machine()}.\n\n{body.strip()}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in `bench/`; rerun them to refresh a section.\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(section + "\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)

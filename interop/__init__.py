@@ -1,0 +1,1 @@
+"""PyTorch side of duquant-jax: DLPack bridge, DuQuantLinear, model conversion."""
