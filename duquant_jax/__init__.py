@@ -1,7 +1,7 @@
 """duquant-jax: DuQuant block-rotation weight packing in JAX (see SPEC.md)."""
 
 from duquant_jax.config import DuQuantConfig
-from duquant_jax.pack import ActivationStats, calibrate, dequantized_weight, forward, pack_weight, rotate_input
+from duquant_jax.pack import ActivationStats, calibrate, dequantized_weight, forward, pack_weight, pack_with_rotations, rotate_input
 from duquant_jax.packed import Pack
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "dequantized_weight",
     "forward",
     "pack_weight",
+    "pack_with_rotations",
     "rotate_input",
 ]
 __version__ = "0.1.0"

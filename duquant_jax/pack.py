@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from duquant_jax.checks import check_bias, check_input, check_weight, require_scales
 from duquant_jax.config import DuQuantConfig, qmax
@@ -17,9 +18,8 @@ from duquant_jax.rotation import HIGHEST, block_rotations, rotate_columns, rotat
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _pack(w: jax.Array, config: DuQuantConfig) -> Pack:
+def _pack(w: jax.Array, perm: jax.Array, config: DuQuantConfig) -> Pack:
     w = w.astype(jnp.float32)
-    perm = input_permutation(w, config.enable_permute, config.lambda_smooth)
     wp = w[:, perm]
     r_in = block_rotations(wp.T, config.block_size, config.rotation_method)
     w2 = rotate_columns(wp, r_in)
@@ -29,13 +29,17 @@ def _pack(w: jax.Array, config: DuQuantConfig) -> Pack:
         # also runs these LAPACK calls after the input ones (see rotation.after).
         r_out = block_rotations(w2, config.out_block_size, config.rotation_method)
         w2 = rotate_rows(w2, r_out)
-    if config.quantize_weights:
-        w_scale = weight_scales(w2, config.weight_bits)
-        w_codes = quantize(w2, w_scale[:, None], config.weight_bits).astype(jnp.int8)
-    else:
-        w_scale = jnp.ones(w.shape[0], jnp.float32)
-        w_codes = w2
+    w_scale, w_codes = _scales_and_codes(w2, config)
     return Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=w_codes, a_scale=None, config=config)
+
+
+def _scales_and_codes(w2: jax.Array, config: DuQuantConfig, w_scale: jax.Array | None = None):
+    """SPEC steps 7-8: (w_scale (out,), w_codes (out, in) int8); W2 itself and scale 1 when unquantized."""
+    if not config.quantize_weights:
+        return jnp.ones(w2.shape[0], jnp.float32), w2
+    if w_scale is None:
+        w_scale = weight_scales(w2, config.weight_bits)
+    return w_scale, quantize(w2, w_scale[:, None], config.weight_bits).astype(jnp.int8)
 
 
 def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig()) -> Pack:
@@ -55,7 +59,41 @@ def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig()) -> Pack:
     check_weight(w)
     # Wait for the result: two pack programs in flight at once could run their
     # LAPACK kernels concurrently (see rotation.after).
-    return jax.block_until_ready(_pack(jnp.asarray(w), config))
+    perm = input_permutation(w, config.enable_permute, config.lambda_smooth)
+    return jax.block_until_ready(_pack(jnp.asarray(w), jnp.asarray(perm), config))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _pack_given(w, perm, r_in, r_out, w_scale, config: DuQuantConfig) -> Pack:
+    w = w.astype(jnp.float32)
+    w2 = rotate_columns(w[:, perm], r_in)
+    if config.rotate_rows:
+        w2 = rotate_rows(w2, r_out)
+    w_scale, w_codes = _scales_and_codes(w2, config, w_scale)
+    return Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=w_codes, a_scale=None, config=config)
+
+
+def pack_with_rotations(w: Any, perm: Any, r_in: Any, r_out: Any, config: DuQuantConfig, w_scale: Any = None) -> Pack:
+    """Packs `w: (out, in)` with given `perm (in,)`, stacked `r_in (n_in, B, B)` and
+    `r_out (n_out, Bo, Bo)` (None with row_rot_mode "none"), e.g. read from another
+    tool. Rotations of any sign give an exact forward, since W2 is computed from them.
+    `w_scale (out,)` is used as given; None chooses it by SPEC step 7.
+    """
+    out, n_in = check_weight(w)
+    n_in_blocks, n_out_blocks = -(-n_in // config.block_size), -(-out // config.out_block_size)
+    B, Bo = config.block_size, config.out_block_size
+    if tuple(np.shape(perm)) != (n_in,):
+        raise ValueError(f"perm must have shape ({n_in},); got {np.shape(perm)}")
+    if tuple(np.shape(r_in)) != (n_in_blocks, B, B):
+        raise ValueError(f"r_in must have shape {(n_in_blocks, B, B)}; got {np.shape(r_in)}")
+    if config.rotate_rows and tuple(np.shape(r_out)) != (n_out_blocks, Bo, Bo):
+        raise ValueError(f"r_out must have shape {(n_out_blocks, Bo, Bo)}; got {np.shape(r_out)}")
+    if w_scale is not None and tuple(np.shape(w_scale)) != (out,):
+        raise ValueError(f"w_scale must have shape ({out},); got {np.shape(w_scale)}")
+    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
+    r_out = f32(r_out) if config.rotate_rows else None
+    pack = _pack_given(jnp.asarray(w), jnp.asarray(perm, jnp.int32), f32(r_in), r_out, f32(w_scale), config)
+    return jax.block_until_ready(pack)
 
 
 def rotate_input(pack: Pack, x: jax.Array) -> jax.Array:

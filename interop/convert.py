@@ -1,0 +1,104 @@
+"""Swap a model's `nn.Linear` layers for `DuQuantLinear` in place, and calibrate them."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Callable, Iterator
+
+from torch import nn
+
+from duquant_jax import DuQuantConfig
+from interop.linear import DuQuantLinear
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def name_filter(include: str | None = None, exclude: str | None = None) -> FilterFn:
+    """A filter over module names: `re.search(include)` and not `re.search(exclude)`.
+
+    Example: `name_filter(include=r"(q|k|v|o|gate|up|down)_proj$")`.
+    """
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+
+    def keep(name: str, module: nn.Module) -> bool:
+        return (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
+
+    return keep
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_(
+    model: nn.Module,
+    config: DuQuantConfig = DuQuantConfig(),
+    filter_fn: FilterFn | None = None,
+    progress: bool = True,
+) -> dict[str, DuQuantLinear]:
+    """Replaces every selected `nn.Linear` of `model` by a `DuQuantLinear`, in place.
+
+    Args:
+      model: any torch module.
+      config: the packing settings.
+      filter_fn: `(name, module) -> bool`; default: every `nn.Linear`.
+      progress: show a progress bar over the layers.
+
+    Returns:
+      {name: the new DuQuantLinear} for every layer replaced.
+    """
+    from tqdm import tqdm
+
+    selected = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
+    ]
+    if not selected:
+        raise ValueError("quantize_: no nn.Linear of the model passed the filter")
+    replaced = {}
+    for name, linear in tqdm(selected, desc="duquant pack", unit="layer", disable=not progress):
+        try:
+            new = DuQuantLinear.from_linear(linear, config, name=name)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer {name}: {e}") from e
+        new.train(linear.training)
+        _set_child(model, name, new)
+        replaced[name] = new
+    return replaced
+
+
+@contextlib.contextmanager
+def calibrate(model: nn.Module) -> Iterator[dict[str, DuQuantLinear]]:
+    """Calibrates every `DuQuantLinear` of `model` on the batches run inside the block.
+
+    Inside, each layer records SPEC's statistics (the per-batch percentile of
+    `|x2|`, element-wise max over at most `calib_batches` batches) and runs
+    without activation quantization; on a clean exit each layer freezes its
+    activation scales. A layer that saw no batch stays uncalibrated (with a
+    warning), and its W*A8 forward will raise. On an exception nothing is frozen.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DuQuantLinear)}
+    if not layers:
+        raise ValueError("calibrate: the model has no DuQuantLinear layer (run quantize_ first)")
+    for m in layers.values():
+        m.start_calibration()
+    ok = False
+    try:
+        yield layers
+        ok = True
+    finally:
+        if ok:
+            missed = [n for n, m in layers.items() if not m.finish_calibration()]
+            if len(missed) == len(layers):
+                raise RuntimeError("calibrate: no batch reached any DuQuantLinear inside the block")
+            if missed:
+                warnings.warn(f"calibrate: these layers saw no batch and stay uncalibrated: {missed}", stacklevel=3)
+        else:
+            for m in layers.values():
+                m._stats, m._stat_batches = None, -1

@@ -1,0 +1,163 @@
+"""`DuQuantLinear`: SPEC's forward in PyTorch, from a pack made in JAX."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from duquant_jax import DuQuantConfig, Pack, pack_weight
+from duquant_jax.config import qmax
+from interop.dlpack import jax_to_torch, torch_to_jax
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    """A JAX array through DLPack (no copy on CPU); a NumPy array through torch.from_numpy."""
+    if isinstance(a, torch.Tensor):
+        return a
+    if hasattr(a, "__dlpack__") and not hasattr(a, "__array_interface__"):
+        return jax_to_torch(a)
+    return torch.from_numpy(a.copy() if not a.flags.writeable else a)
+
+
+def _rotate_columns(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x: (..., C), r: (n, B, B) -> `x diag(r)` (..., C): pad, one batched einsum, truncate."""
+    n, size, _ = r.shape
+    c = x.shape[-1]
+    if n * size != c:
+        x = nn.functional.pad(x, (0, n * size - c))
+    y = torch.einsum("...nb,nbc->...nc", x.reshape(*x.shape[:-1], n, size), r)
+    return y.reshape(*x.shape[:-1], n * size)[..., :c]
+
+
+def abs_percentile(x2: torch.Tensor, q: float) -> torch.Tensor:
+    """x2: (..., in) -> (in,) the q-th percentile of |x2| over all tokens, NumPy's linear method."""
+    v = x2.detach().abs().reshape(-1, x2.shape[-1]).float().sort(dim=0).values
+    pos = q / 100.0 * (v.shape[0] - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+class DuQuantLinear(nn.Module):
+    """A DuQuant-packed linear layer (SPEC "Forward pass").
+
+    Buffers (all in `state_dict`): `perm (in,)`, `r_in (n_in, B, B)`,
+    `r_out (n_out, Bo, Bo)` (absent with row_rot_mode "none"), `w_codes (out, in)`,
+    `w_scale (out,)`, `a_scale (in,)` and `calibrated` (a bool). The dequantized
+    weight `w_hat` is a non-persistent buffer, computed once and again only when
+    the module is moved or loaded.
+    """
+
+    def __init__(self, pack: Pack, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, name: str = ""):
+        super().__init__()
+        self.config: DuQuantConfig = pack.config
+        self.in_features, self.out_features = pack.in_features, pack.out_features
+        self.name = name
+        dtype = dtype or torch.float32
+        self.register_buffer("perm", _as_tensor(pack.perm).to(torch.int64))
+        self.register_buffer("r_in", _as_tensor(pack.r_in).to(dtype))
+        self.register_buffer("r_out", None if pack.r_out is None else _as_tensor(pack.r_out).to(dtype))
+        codes = _as_tensor(pack.w_codes)
+        self.register_buffer("w_codes", codes if codes.dtype == torch.int8 else codes.to(dtype))
+        self.register_buffer("w_scale", _as_tensor(pack.w_scale).to(dtype))
+        calibrated = pack.a_scale is not None
+        a_scale = _as_tensor(pack.a_scale).to(dtype) if calibrated else torch.zeros(self.in_features, dtype=dtype)
+        self.register_buffer("a_scale", a_scale)
+        self.register_buffer("calibrated", torch.tensor(calibrated))
+        self.register_buffer("w_hat", None, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
+        self._stats: torch.Tensor | None = None
+        self._stat_batches = -1  # -1: not calibrating
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_weight())
+        self._refresh_weight()
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_pack(cls, pack: Pack, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, name: str = "") -> DuQuantLinear:
+        """From a Pack (JAX arrays arrive through DLPack without copies on CPU)."""
+        return cls(pack, bias=bias, dtype=dtype, name=name)
+
+    @classmethod
+    def from_file(cls, path, layer: str, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> DuQuantLinear:
+        """From layer `layer` of a pack file written by `duquant_jax.io.save_packs`."""
+        from duquant_jax.io import load_packs
+
+        return cls(load_packs(path, [layer])[layer], bias=bias, dtype=dtype, name=layer)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: DuQuantConfig = DuQuantConfig(), name: str = "") -> DuQuantLinear:
+        """Packs `linear.weight` with the JAX path and carries the result over."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
+        pack = pack_weight(torch_to_jax(linear.weight.detach()), config)
+        dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
+        return cls(pack, bias=linear.bias, dtype=dtype, name=name).to(linear.weight.device)
+
+    # -- state ---------------------------------------------------------------
+    def _refresh_weight(self) -> None:
+        dtype = self.w_scale.dtype
+        self.w_hat = (self.w_codes.to(dtype) * self.w_scale[:, None]).contiguous()
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16() ...
+        out = super()._apply(fn, recurse)
+        self._refresh_weight()
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"W{c.weight_bits}A{c.act_bits}, block_size={c.block_size}, block_out_size={c.out_block_size}, "
+            f"row_rot_mode={c.row_rot_mode!r}, calibrated={bool(self.calibrated)}"
+        )
+
+    # -- calibration ---------------------------------------------------------
+    def start_calibration(self) -> None:
+        self._stats, self._stat_batches = None, 0
+
+    def finish_calibration(self) -> bool:
+        """Freezes `a_scale` from the statistics; False (and unchanged) if no batch was seen."""
+        stats, self._stats, self._stat_batches = self._stats, None, -1
+        if stats is None:
+            return False
+        if self.config.quantize_acts:
+            s = torch.clamp(stats / qmax(self.config.act_bits), min=1e-6)
+            self.a_scale.copy_(s.to(self.a_scale.dtype))
+            self.calibrated.fill_(True)
+        return True
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward steps 1-2: `x[..., perm] diag(R_in)`."""
+        return _rotate_columns(x.index_select(-1, self.perm), self.r_in.to(x.dtype))
+
+    # -- forward -------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name or 'DuQuantLinear'}: input must have last dimension {self.in_features}; got shape {tuple(x.shape)}")
+        cfg = self.config
+        x2 = self.rotate_input(x)
+        if self._stat_batches >= 0:
+            if self._stat_batches < cfg.calib_batches:
+                if not torch.isfinite(x2).all():
+                    raise ValueError(f"{self.name or 'DuQuantLinear'}: calibration batch {self._stat_batches} holds NaN/Inf")
+                p = abs_percentile(x2, cfg.act_percentile)
+                self._stats = p if self._stats is None else torch.maximum(self._stats, p)
+                self._stat_batches += 1
+        elif cfg.quantize_acts:
+            if not bool(self.calibrated):
+                raise RuntimeError(
+                    f"layer {self.name or '(unnamed)'} quantizes activations (A{cfg.act_bits}) but was never "
+                    "calibrated: run batches inside `with interop.calibrate(model):` first"
+                )
+            s = self.a_scale.to(x2.dtype)
+            qa = qmax(cfg.act_bits)
+            x2 = torch.clamp(torch.round(x2 / s), -qa - 1, qa) * s
+        y = x2 @ self.w_hat.to(x2.dtype).T
+        b = None if self.bias is None else self.bias.to(y.dtype)
+        if cfg.row_rot_mode == "restore":
+            y = _rotate_columns(y, self.r_out.to(y.dtype))
+        elif cfg.row_rot_mode == "propagate" and b is not None:
+            b = _rotate_columns(b, self.r_out.to(y.dtype).transpose(-1, -2))
+        return y if b is None else y + b
