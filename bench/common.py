@@ -11,18 +11,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from duquant_jax.demo import GEMMA_2B_LINEARS
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
-# Gemma-2B linears of one transformer block (out, in) and the 300M action expert's.
-GEMMA_2B = {
-    "q_proj": (2048, 2048),
-    "k_proj": (256, 2048),
-    "v_proj": (256, 2048),
-    "o_proj": (2048, 2048),
-    "gate_proj": (16384, 2048),
-    "up_proj": (16384, 2048),
-    "down_proj": (2048, 16384),
-}
+# Gemma-2B linears of one transformer block (out, in), and the 300M action expert's.
+GEMMA_2B = GEMMA_2B_LINEARS
 GEMMA_2B_BLOCKS = 18
 EXPERT_300M = {"q_proj": (1024, 1024), "up_proj": (4096, 1024), "down_proj": (1024, 4096)}
 

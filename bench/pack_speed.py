@@ -16,21 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EXPERT_300M, GEMMA_2B, GEMMA_2B_BLOCKS, best_time, table, write_section  # noqa: E402
 
 from duquant_jax import DuQuantConfig, pack_weight  # noqa: E402
-
-
-def make_weight(shape: tuple[int, int], seed: int = 0) -> jax.Array:
-    key = jax.random.PRNGKey(seed)
-    w = 0.02 * jax.random.normal(key, shape, jnp.float32)
-    cols = jax.random.choice(jax.random.PRNGKey(seed + 1), shape[1], (max(1, shape[1] // 256),), replace=False)
-    return w.at[:, cols].multiply(20.0)  # a few outlier channels, as real LLM weights have
+from duquant_jax.demo import generated_weight  # noqa: E402
 
 
 def origin_loop_seconds(w: np.ndarray, block: int, sample: int, backend: str) -> float:
@@ -79,7 +71,7 @@ def main() -> None:
     shapes = [("gemma-2b", n, s) for n, s in GEMMA_2B.items()] + [("expert-300m", n, s) for n, s in EXPERT_300M.items()]
     rows, per_shape = [], {}
     for model, name, shape in shapes:
-        w = make_weight(shape)
+        w = generated_weight(shape, seed=0)
         times = {}
         for m in methods:
             cfg = DuQuantConfig(rotation_method=m)

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,11 +66,21 @@ def save_packs(path: str | os.PathLike, packs: Mapping[str, Pack]) -> Path:
             "codes": kind,
         }
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(layers)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Calls `write(tmp)` on a temporary file beside `path`, then renames it to `path`.
+
+    `path` either keeps its old content or gets the whole new file; on an error
+    the temporary file is removed.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

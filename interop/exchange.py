@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from duquant_jax import DuQuantConfig, Pack, pack_with_rotations
+from duquant_jax.io import atomic_write
 from duquant_jax.reference import block_ranges
 
 META_KEYS = ("block_size", "block_out_size", "enable_permute", "lambda_smooth", "in_features", "out_features")
@@ -48,18 +48,12 @@ def export_npz(pack: Pack, path: str | os.PathLike) -> Path:
         "out_features": n_out,
     }
     arrays["meta"] = np.array(json.dumps(meta))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def _stack(blocks: list[np.ndarray], size: int, path: Path, key: str) -> np.ndarray:
