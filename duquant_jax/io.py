@@ -89,18 +89,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, dict]:
-    """The `layers` metadata of a pack file: {name: {config, in_features, out_features, codes}}."""
+def _open(path: Path):
+    """A safetensors handle on `path`; a missing or unreadable file is a named error."""
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pack file {path} does not exist")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
+        return safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise PackFileError(f"pack file {path} is not a readable safetensors file: {e}") from e
+
+
+def _layer_table(f, path: Path) -> dict[str, dict]:
+    meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise PackFileError(f"pack file {path} is not a duquant-jax pack file (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -111,25 +113,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, dict]:
         raise PackFileError(f"pack file {path} has no readable layer table: {e}") from e
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, dict]:
+    """The `layers` metadata of a pack file: {name: {config, in_features, out_features, codes}}."""
+    path = Path(path)
+    with _open(path) as f:
+        return _layer_table(f, path)
+
+
 def load_packs(path: str | os.PathLike, layers: list[str] | None = None) -> dict[str, Pack]:
     """Reads the packs of `path` (all, or the named `layers`) as Packs of JAX arrays."""
-    from safetensors import safe_open
-
     path = Path(path)
-    table = read_metadata(path)
-    names = list(table) if layers is None else layers
     out = {}
-    try:
-        f = safe_open(str(path), framework="numpy")
-    except Exception as e:
-        raise PackFileError(f"pack file {path} is not a readable safetensors file: {e}") from e
-    with f:
+    with _open(path) as f:
+        table = _layer_table(f, path)
         keys = set(f.keys())
-        for name in names:
+        for name in list(table) if layers is None else layers:
             if name not in table:
                 raise KeyError(f"pack file {path} has no layer {name!r}")
-            info = table[name]
-            out[name] = _read_layer(f, keys, path, name, info)
+            out[name] = _read_layer(f, keys, path, name, table[name])
     return out
 
 

@@ -57,9 +57,9 @@ def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig()) -> Pack:
     if not isinstance(config, DuQuantConfig):
         raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
     check_weight(w)
+    perm = input_permutation(w, config.enable_permute, config.lambda_smooth)
     # Wait for the result: two pack programs in flight at once could run their
     # LAPACK kernels concurrently (see rotation.after).
-    perm = input_permutation(w, config.enable_permute, config.lambda_smooth)
     return jax.block_until_ready(_pack(jnp.asarray(w), jnp.asarray(perm), config))
 
 
