@@ -98,7 +98,7 @@ def test_bfloat16_layer_stays_close_to_float32():
     pack = calibrate(pack_weight(w, cfg), calib)
     f32 = DuQuantLinear.from_pack(pack, bias=torch.from_numpy(b))
     bf16 = DuQuantLinear.from_pack(pack, bias=torch.from_numpy(b)).to(torch.bfloat16)
-    assert bf16.w_hat.dtype == torch.bfloat16 and bf16.w_codes.dtype == torch.int8
+    assert bf16.w_eff.dtype == torch.bfloat16 and bf16.w_codes.dtype == torch.int8
     y32 = f32(torch.from_numpy(x))
     y16 = bf16(torch.from_numpy(x).to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
@@ -111,7 +111,7 @@ def test_state_dict_round_trips_into_a_fresh_layer():
     layer = DuQuantLinear.from_pack(calibrate(pack_weight(w, cfg), calib), bias=torch.from_numpy(b))
     sd = layer.state_dict()
     assert {"perm", "r_in", "r_out", "w_codes", "w_scale", "a_scale", "calibrated", "bias"} <= set(sd)
-    assert "w_hat" not in sd
+    assert not {"w_eff", "b_eff", "r_in_t"} & set(sd)
     fresh = DuQuantLinear.from_pack(pack_weight(np.zeros_like(w) + 1, cfg), bias=torch.zeros(48))
     fresh.load_state_dict(sd)
     xt = torch.from_numpy(x)
