@@ -1,0 +1,177 @@
+"""Flax NNX: `DuQuantLinear`, `quantize` (swap `nnx.Linear` modules) and `calibrate`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import warnings
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from duquant_jax.checks import check_input
+from duquant_jax.config import DuQuantConfig, qmax
+from duquant_jax.pack import _abs_percentile, forward, pack_weight
+from duquant_jax.packed import Pack
+
+FilterFn = Callable[[str, nnx.Module], bool]
+
+
+class PackVariable(nnx.Variable):
+    """Packed arrays of a layer: perm, rotations, codes, weight scales."""
+
+
+class ActStat(nnx.Variable):
+    """Activation calibration state: the running percentile max and the frozen scales."""
+
+
+class DuQuantLinear(nnx.Module):
+    """A DuQuant-packed linear layer for NNX models, running SPEC's forward.
+
+    Variables: `perm (in,)`, `r_in (n_in, B, B)`, `r_out (n_out, Bo, Bo)` (None with
+    "none"), `w_codes (out, in)`, `w_scale (out,)` as PackVariable; `a_scale (in,)`
+    and the calibration running max as ActStat; `bias (out,)` as a Param.
+    """
+
+    def __init__(self, pack: Pack, bias: Any = None, name: str = ""):
+        self.config = pack.config
+        self.in_features, self.out_features = pack.in_features, pack.out_features
+        self.name = name
+        self.perm = PackVariable(jnp.asarray(pack.perm))
+        self.r_in = PackVariable(jnp.asarray(pack.r_in))
+        self.r_out = None if pack.r_out is None else PackVariable(jnp.asarray(pack.r_out))
+        self.w_codes = PackVariable(jnp.asarray(pack.w_codes))
+        self.w_scale = PackVariable(jnp.asarray(pack.w_scale))
+        self.calibrated = pack.a_scale is not None
+        zeros = jnp.zeros(self.in_features, jnp.float32)
+        self.a_scale = ActStat(jnp.asarray(pack.a_scale) if self.calibrated else zeros)
+        self.calib_max = ActStat(zeros)
+        self.calib_seen = -1  # -1: not calibrating
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, config: DuQuantConfig = DuQuantConfig(), name: str = "") -> DuQuantLinear:
+        """Packs an `nnx.Linear`, whose kernel is `(in, out)`: the weight is its transpose."""
+        if not isinstance(linear, nnx.Linear):
+            raise TypeError(f"from_linear needs an nnx.Linear; got {type(linear).__name__}")
+        bias = None if linear.bias is None else linear.bias[...]
+        return cls(pack_weight(linear.kernel[...].T, config), bias=bias, name=name)
+
+    def pack(self) -> Pack:
+        """The layer's Pack (with `a_scale` once calibrated)."""
+        return Pack(
+            perm=self.perm[...],
+            r_in=self.r_in[...],
+            r_out=None if self.r_out is None else self.r_out[...],
+            w_scale=self.w_scale[...],
+            w_codes=self.w_codes[...],
+            a_scale=self.a_scale[...] if self.calibrated else None,
+            config=self.config,
+        )
+
+    def start_calibration(self) -> None:
+        self.calib_max[...] = jnp.zeros(self.in_features, jnp.float32)
+        self.calib_seen = 0
+
+    def finish_calibration(self) -> bool:
+        """Freezes `a_scale`; False (unchanged) when no batch was seen."""
+        seen, self.calib_seen = self.calib_seen, -1
+        if seen <= 0:
+            return False
+        if self.config.quantize_acts:
+            self.a_scale[...] = jnp.maximum(self.calib_max[...] / qmax(self.config.act_bits), 1e-6)
+            self.calibrated = True
+        return True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        if self.calib_seen >= 0:
+            pack = self.pack()
+            if self.calib_seen < self.config.calib_batches:
+                check_input(x, self.in_features, name=f"{self.name or 'layer'}: calibration batch {self.calib_seen}", finite=True)
+                p = _abs_percentile(pack, jnp.asarray(x), float(self.config.act_percentile))
+                self.calib_max[...] = jnp.maximum(self.calib_max[...], p)
+                self.calib_seen += 1
+            unquantized = dataclasses.replace(self.config, act_bits=16)
+            return forward(pack.replace(config=unquantized, a_scale=None), x, bias)
+        if self.config.quantize_acts and not self.calibrated:
+            raise RuntimeError(
+                f"layer {self.name or '(unnamed)'} quantizes activations (A{self.config.act_bits}) but was "
+                "never calibrated: run batches inside `with duquant_jax.nn.calibrate(model):` first"
+            )
+        return forward(self.pack(), x, bias)
+
+
+def path_filter(include: str | None = None, exclude: str | None = None) -> FilterFn:
+    """A filter over module paths ("block.mlp.up"): `re.search(include)` and not `re.search(exclude)`."""
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    return lambda name, module: (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
+
+
+def _get(node: Any, key: Any) -> Any:
+    return node[key] if isinstance(key, int) else getattr(node, key)
+
+
+def _set(node: Any, key: Any, value: Any) -> None:
+    if isinstance(key, int):
+        node[key] = value
+    else:
+        setattr(node, key, value)
+
+
+def quantize(model: nnx.Module, config: DuQuantConfig = DuQuantConfig(), filter_fn: FilterFn | None = None) -> dict[str, DuQuantLinear]:
+    """Swaps every selected `nnx.Linear` of `model` for a `DuQuantLinear`, in place.
+
+    Modules are found by walking the NNX graph; names are their paths joined by ".".
+    Returns {name: new layer}.
+    """
+    selected = []
+    for path, node in nnx.iter_graph(model):
+        name = ".".join(str(p) for p in path)
+        if path and isinstance(node, nnx.Linear) and (filter_fn is None or filter_fn(name, node)):
+            selected.append((path, name, node))
+    if not selected:
+        raise ValueError("quantize: no nnx.Linear of the model passed the filter")
+    replaced = {}
+    for path, name, linear in selected:
+        parent = model
+        for key in path[:-1]:
+            parent = _get(parent, key)
+        try:
+            new = DuQuantLinear.from_linear(linear, config, name=name)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer {name}: {e}") from e
+        _set(parent, path[-1], new)
+        replaced[name] = new
+    return replaced
+
+
+@contextlib.contextmanager
+def calibrate(model: nnx.Module) -> Iterator[dict[str, DuQuantLinear]]:
+    """Inside: every DuQuantLinear records SPEC's statistics; on a clean exit, freezes its scales.
+
+    A layer that saw no batch stays uncalibrated (with a warning); on an exception nothing is frozen.
+    """
+    layers = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, DuQuantLinear)}
+    if not layers:
+        raise ValueError("calibrate: the model has no DuQuantLinear layer (run quantize first)")
+    for m in layers.values():
+        m.start_calibration()
+    ok = False
+    try:
+        yield layers
+        ok = True
+    finally:
+        if ok:
+            missed = [n for n, m in layers.items() if not m.finish_calibration()]
+            if len(missed) == len(layers):
+                raise RuntimeError("calibrate: no batch reached any DuQuantLinear inside the block")
+            if missed:
+                warnings.warn(f"calibrate: these layers saw no batch and stay uncalibrated: {missed}", stacklevel=3)
+        else:
+            for m in layers.values():
+                m.calib_seen = -1
