@@ -18,9 +18,11 @@ import json
 import re
 import resource
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
 from duquant_jax.config import DuQuantConfig
@@ -122,6 +124,7 @@ class PackSummary:
     params: int
     seconds: float
     peak_rss_gib: float
+    devices: int = 1
 
     def table(self) -> str:
         rate = self.params / self.seconds / 1e6 if self.seconds else float("nan")
@@ -133,6 +136,7 @@ class PackSummary:
                 f"{'wall time':<22}{self.seconds:.1f} s",
                 f"{'throughput':<22}{rate:.1f} M params/s, {self.packed / self.seconds if self.seconds else 0:.2f} layers/s",
                 f"{'peak memory (RSS)':<22}{self.peak_rss_gib:.2f} GiB",
+                f"{'devices':<22}{self.devices}",
             ]
         )
 
@@ -145,44 +149,72 @@ def pack_checkpoint(
     exclude: str | None = None,
     progress: bool = True,
     on_layer: Callable[[str], None] | None = None,
+    devices: list | None = None,
 ) -> PackSummary:
-    """Packs every selected layer of `checkpoint` into `out_dir`, one tensor in memory at a time."""
+    """Packs every selected layer of `checkpoint` into `out_dir`, one tensor in memory at a time.
+
+    Layers are spread over the layer axis: under `jax.distributed`, process `p`
+    of `n` packs layers `p, p+n, ...`; within a process, layer after layer goes
+    round-robin to `devices` (default: every local device), up to one in flight
+    per device on accelerators. On CPU each pack completes before the next
+    starts (concurrent LAPACK kernels deadlock jaxlib 0.10.2), so several CPU
+    devices give the same results as one, not more speed.
+    """
     from tqdm import tqdm
 
     ckpt = Checkpoint(checkpoint)
     out_dir = Path(out_dir)
     names = select_layers(ckpt, include, exclude)
     shapes = {n: ckpt.shape(n) for n in names}
+    devices = list(devices or jax.local_devices())
+    mine = [n for i, n in enumerate(names) if i % jax.process_count() == jax.process_index()]
     t0 = time.perf_counter()
-    packed = skipped = params = 0
-    bar = tqdm(names, desc="duquant pack", unit="layer", disable=not progress)
-    for name in bar:
-        path = layer_file(out_dir, name)
-        if _done(path, name, shapes[name], config):
-            skipped += 1
-            continue
-        w = ckpt.tensor(name)
-        try:
-            pack = pack_weight(w, config)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"tensor {name}: {e}") from e
-        save_packs(path, {name: pack})
-        del w, pack
-        packed += 1
-        params += int(np.prod(shapes[name]))
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix_str(f"{params / elapsed / 1e6:.0f} M params/s")
+    counts = {"packed": 0, "skipped": 0, "params": 0}
+    in_flight: deque[tuple[str, Pack]] = deque()
+    bar = tqdm(total=len(mine), desc="duquant pack", unit="layer", disable=not progress)
+
+    def finish_oldest() -> None:
+        name, pack = in_flight.popleft()
+        save_packs(layer_file(out_dir, name), {name: pack})
+        counts["packed"] += 1
+        counts["params"] += int(np.prod(shapes[name]))
+        bar.set_postfix_str(f"{counts['params'] / (time.perf_counter() - t0) / 1e6:.0f} M params/s")
+        bar.update()
         if on_layer is not None:
             on_layer(name)
+
+    for name in mine:
+        if _done(layer_file(out_dir, name), name, shapes[name], config):
+            counts["skipped"] += 1
+            bar.update()
+            continue
+        device = devices[(counts["packed"] + len(in_flight)) % len(devices)]
+        try:
+            pack = pack_weight(ckpt.tensor(name), config, device=device, wait=False)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"tensor {name}: {e}") from e
+        in_flight.append((name, pack))
+        if len(in_flight) >= len(devices):
+            finish_oldest()
+    while in_flight:
+        finish_oldest()
+    bar.close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("duquant pack: every layer written")
     index = {
         "format": "duquant-jax-pack-dir",
         "config": config.to_dict(),
         "checkpoint": str(ckpt.path),
         "layers": {n: {"file": str(layer_file(out_dir, n).relative_to(out_dir)), "shape": list(shapes[n])} for n in names},
     }
-    atomic_write(out_dir / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
+    if jax.process_index() == 0:
+        atomic_write(out_dir / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return PackSummary(index["layers"], packed, skipped, params, time.perf_counter() - t0, peak)
+    return PackSummary(
+        index["layers"], counts["packed"], counts["skipped"], counts["params"], time.perf_counter() - t0, peak, len(devices)
+    )
 
 
 def _index(out_dir: Path) -> dict:

@@ -42,13 +42,18 @@ def _scales_and_codes(w2: jax.Array, config: DuQuantConfig, w_scale: jax.Array |
     return w_scale, quantize(w2, w_scale[:, None], config.weight_bits).astype(jnp.int8)
 
 
-def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig()) -> Pack:
+def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig(), device: jax.Device | None = None, wait: bool = True) -> Pack:
     """Packs one weight by SPEC with every block's rotation computed at once.
 
     Args:
       w: (out, in) weight of a linear layer `y = x W^T + b`, any float dtype
         (NumPy or JAX, bfloat16 included); computed in float32.
       config: the settings; one compiled program per (shape, dtype, config).
+      device: run on this device (default: where `w` is, else the default device).
+      wait: return only once the pack is computed. On CPU it always waits: two
+        pack programs in flight at once could run their LAPACK kernels
+        concurrently, which deadlocks jaxlib 0.10.2 (see rotation.after). On an
+        accelerator, `wait=False` lets packs on several devices overlap.
 
     Returns:
       A Pack of JAX arrays: perm (in,), r_in (n_in, B, B), r_out (n_out, Bo, Bo)
@@ -58,9 +63,11 @@ def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig()) -> Pack:
         raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
     check_weight(w)
     perm = input_permutation(w, config.enable_permute, config.lambda_smooth)
-    # Wait for the result: two pack programs in flight at once could run their
-    # LAPACK kernels concurrently (see rotation.after).
-    return jax.block_until_ready(_pack(jnp.asarray(w), jnp.asarray(perm), config))
+    w, perm = (jnp.asarray(w), jnp.asarray(perm)) if device is None else jax.device_put((w, perm), device)
+    pack = _pack(w, perm, config)
+    if wait or next(iter(w.devices())).platform == "cpu":
+        jax.block_until_ready(pack)
+    return pack
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -108,3 +108,31 @@ def test_cli_pack_then_verify_passes_and_a_tampered_pack_fails(checkpoint, tmp_p
     assert "FAIL" in capsys.readouterr().out
     assert main(["pack", str(ckpt), "--out", str(out), "--include", "nothing"]) == 2
     assert "matches no tensor" in capsys.readouterr().err
+
+
+SHARDED = """
+import sys
+from duquant_jax.checkpoint import pack_checkpoint
+import jax
+assert len(jax.devices()) == 4, jax.devices()
+s = pack_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+print("devices", s.devices, "packed", s.packed)
+"""
+
+
+def test_packing_over_four_devices_gives_the_one_device_result(checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ckpt, _ = checkpoint
+    one, four = tmp_path / "one", tmp_path / "four"
+    pack_checkpoint(ckpt, one, progress=False)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", SHARDED, str(ckpt), str(four)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "devices 4 packed 4" in run.stdout
+    for (n1, p1), (n4, p4) in zip(iter_pack_dir(one), iter_pack_dir(four)):
+        assert n1 == n4
+        for field in ("perm", "r_in", "r_out", "w_scale", "w_codes"):
+            np.testing.assert_array_equal(np.asarray(getattr(p1, field)), np.asarray(getattr(p4, field)))
