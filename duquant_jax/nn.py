@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from duquant_jax.calibration import calibration_session
 from duquant_jax.checks import check_input
 from duquant_jax.config import DuQuantConfig, qmax
 from duquant_jax.pack import _abs_percentile, forward, pack_weight
@@ -75,6 +74,9 @@ class DuQuantLinear(nnx.Module):
     def start_calibration(self) -> None:
         self.calib_max[...] = jnp.zeros(self.in_features, jnp.float32)
         self.calib_seen = 0
+
+    def abort_calibration(self) -> None:
+        self.calib_seen = -1
 
     def finish_calibration(self) -> bool:
         """Freezes `a_scale`; False (unchanged) when no batch was seen."""
@@ -150,28 +152,8 @@ def quantize(model: nnx.Module, config: DuQuantConfig = DuQuantConfig(), filter_
     return replaced
 
 
-@contextlib.contextmanager
-def calibrate(model: nnx.Module) -> Iterator[dict[str, DuQuantLinear]]:
-    """Inside: every DuQuantLinear records SPEC's statistics; on a clean exit, freezes its scales.
-
-    A layer that saw no batch stays uncalibrated (with a warning); on an exception nothing is frozen.
-    """
+def calibrate(model: nnx.Module):
+    """A context manager: inside, every DuQuantLinear of `model` records SPEC's statistics on the
+    batches you run; on a clean exit each freezes its activation scales (duquant_jax.calibration)."""
     layers = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, DuQuantLinear)}
-    if not layers:
-        raise ValueError("calibrate: the model has no DuQuantLinear layer (run quantize first)")
-    for m in layers.values():
-        m.start_calibration()
-    ok = False
-    try:
-        yield layers
-        ok = True
-    finally:
-        if ok:
-            missed = [n for n, m in layers.items() if not m.finish_calibration()]
-            if len(missed) == len(layers):
-                raise RuntimeError("calibrate: no batch reached any DuQuantLinear inside the block")
-            if missed:
-                warnings.warn(f"calibrate: these layers saw no batch and stay uncalibrated: {missed}", stacklevel=3)
-        else:
-            for m in layers.values():
-                m.calib_seen = -1
+    return calibration_session(layers, "quantize")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
-from typing import Callable, Iterator
+from typing import Callable
 
 from torch import nn
 
 from duquant_jax import DuQuantConfig
+from duquant_jax.calibration import calibration_session
 from interop.linear import DuQuantLinear
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -73,9 +72,8 @@ def quantize_(
     return replaced
 
 
-@contextlib.contextmanager
-def calibrate(model: nn.Module) -> Iterator[dict[str, DuQuantLinear]]:
-    """Calibrates every `DuQuantLinear` of `model` on the batches run inside the block.
+def calibrate(model: nn.Module):
+    """A context manager that calibrates every `DuQuantLinear` of `model` on the batches run inside it.
 
     Inside, each layer records SPEC's statistics (the per-batch percentile of
     `|x2|`, element-wise max over at most `calib_batches` batches) and runs
@@ -84,21 +82,4 @@ def calibrate(model: nn.Module) -> Iterator[dict[str, DuQuantLinear]]:
     warning), and its W*A8 forward will raise. On an exception nothing is frozen.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DuQuantLinear)}
-    if not layers:
-        raise ValueError("calibrate: the model has no DuQuantLinear layer (run quantize_ first)")
-    for m in layers.values():
-        m.start_calibration()
-    ok = False
-    try:
-        yield layers
-        ok = True
-    finally:
-        if ok:
-            missed = [n for n, m in layers.items() if not m.finish_calibration()]
-            if len(missed) == len(layers):
-                raise RuntimeError("calibrate: no batch reached any DuQuantLinear inside the block")
-            if missed:
-                warnings.warn(f"calibrate: these layers saw no batch and stay uncalibrated: {missed}", stacklevel=3)
-        else:
-            for m in layers.values():
-                m._stats, m._stat_batches = None, -1
+    return calibration_session(layers, "quantize_")

@@ -132,6 +132,9 @@ class DuQuantLinear(nn.Module):
     def start_calibration(self) -> None:
         self._stats, self._stat_batches = None, 0
 
+    def abort_calibration(self) -> None:
+        self._stats, self._stat_batches = None, -1
+
     def finish_calibration(self) -> bool:
         """Freezes `a_scale` from the statistics; False (and unchanged) if no batch was seen."""
         stats, self._stats, self._stat_batches = self._stats, None, -1

@@ -159,3 +159,15 @@ def test_torch_compile_runs_the_layer():
     compiled = torch.compile(layer)
     xt = torch.from_numpy(x)
     torch.testing.assert_close(compiled(xt), layer(xt), rtol=1e-5, atol=1e-5)
+
+
+def test_an_exception_inside_calibrate_freezes_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    quantize_(model, progress=False)
+    with pytest.raises(KeyError):
+        with calibrate_model(model):
+            model(torch.randn(4, 16))
+            raise KeyError("user code failed")
+    assert not bool(model[0].calibrated)
+    with pytest.raises(RuntimeError, match="never calibrated"):  # recording stopped, scales not guessed
+        model(torch.randn(4, 16))
