@@ -72,6 +72,41 @@ def quantize_(
     return replaced
 
 
+def from_pack_dir(model: nn.Module, packs_dir, progress: bool = True) -> dict[str, DuQuantLinear]:
+    """Swaps `model`'s `nn.Linear` layers for the packs of a `duquant pack` output directory, in place.
+
+    A module matches the pack of tensor `T` when `T == name + ".weight"` or, for
+    a model that wraps the checkpoint's (sentence-transformers' `0.auto_model.`),
+    when `name + ".weight"` ends with `"." + T`. Each pack must fit the layer's
+    shape; the layer's bias is kept. Returns {module name: new layer}.
+    """
+    from tqdm import tqdm
+
+    from duquant_jax.checkpoint import iter_pack_dir, pack_dir_layers
+
+    tensors = set(pack_dir_layers(packs_dir))
+    matches = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        key = name + ".weight"
+        hits = [t for t in tensors if key == t or key.endswith("." + t)]
+        if len(hits) == 1:
+            matches[hits[0]] = (name, m)
+    if not matches:
+        raise ValueError(f"from_pack_dir: no nn.Linear of the model matches a layer of {packs_dir}")
+    replaced = {}
+    for tensor, pack in tqdm(iter_pack_dir(packs_dir, list(matches)), total=len(matches), desc="duquant load", disable=not progress):
+        name, linear = matches[tensor]
+        if (pack.out_features, pack.in_features) != tuple(linear.weight.shape):
+            raise ValueError(f"pack {tensor} is {pack.out_features}x{pack.in_features}; layer {name} is {tuple(linear.weight.shape)}")
+        new = DuQuantLinear.from_pack(pack, bias=linear.bias, dtype=linear.weight.dtype, name=name)
+        new.train(linear.training)
+        _set_child(model, name, new)
+        replaced[name] = new
+    return replaced
+
+
 def calibrate(model: nn.Module):
     """A context manager that calibrates every `DuQuantLinear` of `model` on the batches run inside it.
 

@@ -143,3 +143,20 @@ def test_demo_packs_the_real_minilm_checkpoint_within_spec(capsys):
     assert main(["demo", "--model", "minilm"]) == 0
     out = capsys.readouterr().out
     assert "layers packed         37" in out and out.rstrip().endswith("PASS")
+
+
+def test_from_pack_dir_names_mismatches(checkpoint, tmp_path):
+    torch = pytest.importorskip("torch")
+    from interop import from_pack_dir
+
+    ckpt, _ = checkpoint
+    pack_checkpoint(ckpt, tmp_path / "p", progress=False)
+    with pytest.raises(ValueError, match="no nn.Linear of the model matches"):
+        from_pack_dir(torch.nn.Sequential(torch.nn.Linear(64, 64)), tmp_path / "p", progress=False)
+    wrong = torch.nn.Module()
+    wrong.model = torch.nn.Module()
+    wrong.model.norm = torch.nn.Linear(1, 1)
+    layers = torch.nn.ModuleDict({"0": torch.nn.ModuleDict({"mlp": torch.nn.ModuleDict({"up_proj": torch.nn.Linear(64, 50)})})})
+    wrong.model.layers = layers
+    with pytest.raises(ValueError, match=r"pack model.layers.0.mlp.up_proj.weight is 96x64; layer model.layers.0.mlp.up_proj is \(50, 64\)"):
+        from_pack_dir(wrong, tmp_path / "p", progress=False)

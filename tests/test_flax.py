@@ -94,7 +94,7 @@ def _torch_twin(model: Model):
         t = torch.nn.Linear(*l.kernel[...].shape)
         with torch.no_grad():
             t.weight.copy_(torch.from_numpy(np.asarray(l.kernel[...]).T.copy()))
-            t.bias.copy_(torch.from_numpy(np.asarray(l.bias[...])))
+            t.bias.copy_(torch.from_numpy(np.array(l.bias[...])))
         return t
 
     class TBlock(torch.nn.Module):

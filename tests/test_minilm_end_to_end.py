@@ -126,3 +126,18 @@ def test_w8a8_keeps_cosine_similarity_above_099():
 def test_w4a8_does_not_regress():
     cos, _ = _quantized_cosine(DuQuantConfig(weight_bits=4, act_bits=8))
     assert cos >= W4A8_MIN_COSINE, cos
+
+
+def test_packs_from_duquant_pack_load_into_the_pytorch_model(tmp_path):
+    """The JAX command-line path (`duquant pack` of the checkpoint) and `quantize_` give the same model."""
+    from duquant_jax.checkpoint import pack_checkpoint
+    from interop import from_pack_dir
+
+    cfg = DuQuantConfig(weight_bits=8, act_bits=16)
+    pack_checkpoint(minilm.get_model_path() / "model.safetensors", tmp_path, cfg, include=r"^encoder\..*(query|key|value|dense)\.weight$", progress=False)
+    loaded = _model()
+    replaced = from_pack_dir(loaded, tmp_path, progress=False)
+    assert len(replaced) == 36 and all(n.endswith(("query", "key", "value", "dense")) for n in replaced)
+    swapped = _model()
+    quantize_(swapped, cfg, name_filter(include=r"encoder\."), progress=False)
+    np.testing.assert_allclose(_embed(loaded, HELD_OUT), _embed(swapped, HELD_OUT), atol=1e-6)
