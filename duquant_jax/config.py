@@ -5,10 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 ROW_ROT_MODES = ("restore", "propagate", "none")
 ROTATION_METHODS = ("qr-svd", "svd", "eigh")
+ROTATIONS = ("svd", "hadamard", "duquant", "none")
+ACT_SCHEMES = ("static-channel", "dynamic-token", "static-tensor")
+WEIGHT_METHODS = ("rtn", "gptq")
+SCALE_METHODS = ("mse", "minmax")
+CONFIG_VERSION = 2
 _UNQUANTIZED_BITS = (0, 16)
 
 
@@ -24,23 +29,65 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}")
 
 
+def _check_number(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if ok:
+        ok = (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class DuQuantConfig:
-    """Settings of one DuQuant pack (SPEC "Packing a weight").
+    """Settings of one DuQuant pack. `DuQuantConfig()` is SPEC's algorithm exactly
+    (docs/ALGORITHM.md); every other option is added beside it and is off by default.
 
-    Attributes:
+    SPEC's fields:
       weight_bits: weight code width, 2..8; 0 or 16 keeps weights unquantized.
-      act_bits: activation fake-quant width, 2..8; 0 or 16 turns it off.
-      block_size: `B`, channels per input rotation block.
+      act_bits: activation quantization width, 2..8; 0 or 16 turns it off.
+      block_size: `B`, channels per input rotation block (for "hadamard" a power of two).
       block_out_size: `Bo`, rows per output rotation block; None means `B`.
-      enable_permute: apply the zigzag channel permutation.
+      enable_permute: apply the family's channel permutation (SPEC's zigzag by weight
+        energy for "svd", "hadamard" and "none"; the paper's zigzag by activation
+        magnitude for "duquant").
       lambda_smooth: energy smoothing `λ` in [0, 1] (never changes the order).
-      act_percentile: percentile of `|x2|` per channel for activation scales, in (0, 100].
+      act_percentile: percentile of `|x2|` per channel for static activation scales, in (0, 100].
       calib_batches: at most this many batches count towards calibration.
       row_rot_mode: "restore", "propagate" or "none" (SPEC "Forward pass").
-      rotation_method: how each block's left singular vectors are computed:
+      rotation_method: how the "svd" family's left singular vectors are computed:
         "qr-svd" (default: QR's R factor, then the SVD of that b x b factor),
         "svd" (vmapped SVD of each b x N block) or "eigh" (of the b x b Gram matrix).
+
+    Options added beside SPEC (docs/ALGORITHM.md "Options"):
+      rotation: the rotation family: "svd" (SPEC, default), "hadamard" (block-diagonal
+        randomized Hadamard), "duquant" (the DuQuant paper's greedy rotations and
+        zigzag, fitted on activation statistics) or "none" (no rotation at all, of
+        inputs or rows, whatever row_rot_mode says).
+      seed: seed of every random draw (Hadamard signs, the greedy rotation's base).
+      smooth_alpha: SmoothQuant migration strength in [0, 1]; None (default) turns
+        smoothing off. Needs activation statistics.
+      greedy_steps: most greedy rotation steps of the "duquant" family.
+      weight_group_size: one weight scale per row and per group of this many
+        consecutive input channels (in the rotated basis); None (default): per row.
+      scale_method: "mse" (SPEC's grid of five candidates, default) or "minmax".
+      weight_method: "rtn" (round to nearest, default) or "gptq" (needs statistics with XᵀX).
+      gptq_damp: GPTQ dampening, a fraction of the mean diagonal of H, in [0, 1].
+      gptq_block: GPTQ lazy-batch block size (columns).
+      gptq_act_order: GPTQ rounds columns in descending order of diag(H).
+      act_scheme: "static-channel" (SPEC, default: calibrated per-channel scales),
+        "dynamic-token" (per-token absmax at run time) or "static-tensor" (one
+        calibrated scale per layer).
+      act_clip: "dynamic-token" scales are `act_clip * max|x2|` per token, in (0, 1].
     """
 
     weight_bits: int = 4
@@ -53,6 +100,20 @@ class DuQuantConfig:
     calib_batches: int = 32
     row_rot_mode: str = "restore"
     rotation_method: str = "qr-svd"
+    rotation: str = "svd"
+    seed: int = 0
+    smooth_alpha: float | None = None
+    greedy_steps: int = 256
+    weight_group_size: int | None = None
+    scale_method: str = "mse"
+    weight_method: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    gptq_act_order: bool = False
+    act_scheme: str = "static-channel"
+    act_clip: float = 1.0
+
+    VERSION: ClassVar[int] = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)
@@ -61,27 +122,31 @@ class DuQuantConfig:
         if self.block_out_size is not None:
             _check_positive_int("block_out_size", self.block_out_size)
         _check_positive_int("calib_batches", self.calib_batches)
-        if not isinstance(self.enable_permute, bool):
-            raise ValueError(f"enable_permute must be a bool; got {self.enable_permute!r}")
-        if (
-            isinstance(self.lambda_smooth, bool)
-            or not isinstance(self.lambda_smooth, (int, float))
-            or not 0.0 <= self.lambda_smooth <= 1.0
-        ):
-            raise ValueError(f"lambda_smooth must be a number in [0, 1]; got {self.lambda_smooth!r}")
-        if (
-            isinstance(self.act_percentile, bool)
-            or not isinstance(self.act_percentile, (int, float))
-            or not (0.0 < self.act_percentile <= 100.0)
-            or math.isnan(self.act_percentile)
-        ):
-            raise ValueError(f"act_percentile must be in (0, 100]; got {self.act_percentile!r}")
-        if self.row_rot_mode not in ROW_ROT_MODES:
-            raise ValueError(f"row_rot_mode must be one of {ROW_ROT_MODES}; got {self.row_rot_mode!r}")
-        if self.rotation_method not in ROTATION_METHODS:
-            raise ValueError(
-                f"rotation_method must be one of {ROTATION_METHODS}; got {self.rotation_method!r}"
-            )
+        for name in ("enable_permute", "gptq_act_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        _check_number("lambda_smooth", self.lambda_smooth, 0.0, 1.0)
+        _check_number("act_percentile", self.act_percentile, 0.0, 100.0, lo_open=True)
+        _check_choice("row_rot_mode", self.row_rot_mode, ROW_ROT_MODES)
+        _check_choice("rotation_method", self.rotation_method, ROTATION_METHODS)
+        _check_choice("rotation", self.rotation, ROTATIONS)
+        _check_choice("act_scheme", self.act_scheme, ACT_SCHEMES)
+        _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        _check_choice("scale_method", self.scale_method, SCALE_METHODS)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32); got {self.seed!r}")
+        if self.smooth_alpha is not None:
+            _check_number("smooth_alpha", self.smooth_alpha, 0.0, 1.0)
+        _check_positive_int("greedy_steps", self.greedy_steps)
+        if self.weight_group_size is not None:
+            _check_positive_int("weight_group_size", self.weight_group_size)
+        _check_number("gptq_damp", self.gptq_damp, 0.0, 1.0)
+        _check_positive_int("gptq_block", self.gptq_block)
+        _check_number("act_clip", self.act_clip, 0.0, 1.0, lo_open=True)
+        if self.rotation == "hadamard":
+            for name, size in (("block_size", self.block_size), ("block_out_size", self.out_block_size)):
+                if not _is_power_of_two(size):
+                    raise ValueError(f'rotation "hadamard" needs {name} to be a power of two; got {size!r}')
 
     @property
     def out_block_size(self) -> int:
@@ -98,7 +163,31 @@ class DuQuantConfig:
 
     @property
     def rotate_rows(self) -> bool:
-        return self.row_rot_mode != "none"
+        """Whether output rows are rotated: row_rot_mode is not "none" and rotation is not "none"."""
+        return self.row_rot_mode != "none" and self.rotation != "none"
+
+    @property
+    def rotate_inputs(self) -> bool:
+        return self.rotation != "none"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a forward needs calibrated activation scales (static schemes with act_bits 2..8)."""
+        return self.quantize_acts and self.act_scheme != "dynamic-token"
+
+    @property
+    def needs_act_absmax(self) -> bool:
+        """Whether packing needs per-channel activation maxima (smoothing, the "duquant" family)."""
+        return self.smooth_alpha is not None or self.rotation == "duquant"
+
+    @property
+    def needs_xtx(self) -> bool:
+        """Whether packing needs the input second-moment matrix XᵀX (GPTQ)."""
+        return self.weight_method == "gptq" and self.quantize_weights
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.needs_act_absmax or self.needs_xtx
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,7 +197,13 @@ class DuQuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DuQuantConfig:
-        """Build from a dict; unknown keys are an error that names them."""
+        """Build from a dict; unknown keys are an error that names them.
+
+        Dicts written by version 1 (SPEC's fields only) load with every new
+        option at its default, which is SPEC's behaviour.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a DuQuantConfig must be read from a dict; got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -118,6 +213,10 @@ class DuQuantConfig:
     @classmethod
     def from_json(cls, s: str) -> DuQuantConfig:
         return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> DuQuantConfig:
+        """A copy with `changes` applied (validated)."""
+        return dataclasses.replace(self, **changes)
 
 
 def qmax(bits: int) -> int:
