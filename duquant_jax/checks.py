@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duquant_jax.config import DuQuantConfig
+from duquant_jax.stats import LayerStats
+
 
 @jax.jit
 def _count_nonfinite(a: jax.Array) -> jax.Array:
@@ -74,3 +77,36 @@ def require_scales(a_scale: Any, where: str = "this pack") -> None:
             f"{where} quantizes activations (act_bits in 2..8) but has no activation scales: "
             "run calibrate(...) on representative batches first"
         )
+
+
+COLLECT_HINT = (
+    "collect them on representative batches with `with interop.observe(model) as stats:` (PyTorch) or "
+    "`with duquant_jax.nn.observe(model) as stats:` (Flax NNX), pass `stats[layer]` to pack_weight / "
+    "`stats=` to quantize_, or `duquant pack CHECKPOINT --stats STATS`"
+)
+
+
+def check_stats(stats: Any, config: DuQuantConfig, shape: tuple[int, int], name: str = "") -> None:
+    """Raises a ValueError naming the layer when `config` needs statistics `stats` does not hold."""
+    where = f"layer {name}: " if name else ""
+    if not config.needs_stats:
+        return
+    needs = [n for n, on in (("smooth_alpha", config.smooth_alpha is not None), ('rotation "duquant"', config.rotation == "duquant"), ('weight_method "gptq"', config.needs_xtx)) if on]
+    if stats is None:
+        raise ValueError(f"{where}{' and '.join(needs)} needs activation statistics and none were given: {COLLECT_HINT}")
+    if not isinstance(stats, LayerStats):
+        raise TypeError(f"{where}stats must be a duquant_jax.stats.LayerStats; got {type(stats).__name__}")
+    out, n_in = shape
+    if config.needs_act_absmax:
+        a = stats.act_absmax
+        if a is None or tuple(np.shape(a)) != (n_in,):
+            raise ValueError(f"{where}act_absmax must have shape ({n_in},); got {None if a is None else tuple(np.shape(a))}")
+        a = np.asarray(a)
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise ValueError(f"{where}act_absmax must be finite and non-negative")
+    if config.needs_xtx:
+        h = stats.xtx
+        if h is None:
+            raise ValueError(f'{where}weight_method "gptq" needs XᵀX in the statistics (observe with xtx=True): {COLLECT_HINT}')
+        if tuple(np.shape(h)) != (n_in, n_in):
+            raise ValueError(f"{where}xtx must have shape ({n_in}, {n_in}); got {tuple(np.shape(h))}")

@@ -1,4 +1,10 @@
-"""The JAX path: `pack_weight`, `forward` and `calibrate` (SPEC), jitted, batched over blocks."""
+"""The JAX path: `pack_weight`, `forward` and `calibrate`, jitted, batched over blocks.
+
+`pack_weight` composes (docs/ALGORITHM.md "Packing"): smoothing -> the rotation
+family's input transform (`in_diag`, `r_pre`, `perm`, `r_in`) -> output rows
+(`out_diag`, `r_out`) -> weight scales -> rounding (round-to-nearest or GPTQ).
+With `DuQuantConfig()` this is SPEC's algorithm exactly.
+"""
 
 from __future__ import annotations
 
@@ -9,121 +15,228 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.checks import check_bias, check_input, check_weight, require_scales
-from duquant_jax.config import DuQuantConfig, qmax
+from duquant_jax.activations import quantize_activations, static_scales
+from duquant_jax.checks import (
+    check_bias,
+    check_input,
+    check_stats,
+    check_weight,
+    require_scales,
+)
+from duquant_jax.config import DuQuantConfig
+from duquant_jax.fit import fit
 from duquant_jax.packed import Pack
-from duquant_jax.permutation import input_permutation
-from duquant_jax.quantize import fake_quantize, quantize, weight_scales
-from duquant_jax.rotation import HIGHEST, block_rotations, rotate_columns, rotate_rows
+from duquant_jax.quantize import column_scales, quantize, weight_scales
+from duquant_jax.rotation import (
+    HIGHEST,
+    after,
+    block_rotations,
+    rotate_columns,
+    rotate_rows,
+)
+from duquant_jax.stats import LayerStats
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _pack(w: jax.Array, perm: jax.Array, config: DuQuantConfig) -> Pack:
+def input_transform(x: jax.Array, perm, r_in, in_diag=None, r_pre=None) -> jax.Array:
+    """x: (..., in) -> x2 = rot(rot(x * in_diag, r_pre)[..., perm], r_in): (..., in).
+
+    Absent pieces (None) are skipped. This is `x -> x T` for the layer's input transform T.
+    """
+    if in_diag is not None:
+        x = x * in_diag.astype(x.dtype)
+    if r_pre is not None:
+        x = rotate_columns(x, r_pre)
+    x = x[..., perm]
+    return x if r_in is None else rotate_columns(x, r_in)
+
+
+def _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config: DuQuantConfig):
+    """w: (out, in) -> (r_in, r_out, w2): the weight in the basis its codes live in.
+
+    `W1 = rot(rot(W / in_diag, r_pre)[:, perm], r_in)` (so that `x2 W1ᵀ = x Wᵀ`) and
+    `W2 = diag(r_out) diag(out_diag) W1`. For the "svd" family `r_in` (and `r_out`)
+    are None on entry and fitted here: SPEC steps 3-6.
+    """
     w = w.astype(jnp.float32)
+    if in_diag is not None:
+        w = w / in_diag
+    if r_pre is not None:
+        w = rotate_columns(w, r_pre)
     wp = w[:, perm]
-    r_in = block_rotations(wp.T, config.block_size, config.rotation_method)
-    w2 = rotate_columns(wp, r_in)
-    r_out = None
-    if config.rotate_rows:
+    if r_in is None and config.rotate_inputs:
+        r_in = block_rotations(wp.T, config.block_size, config.rotation_method)
+    w2 = wp if r_in is None else rotate_columns(wp, r_in)
+    if not config.rotate_rows:
+        return r_in, None, w2
+    if r_out is None:
         # SPEC step 5: the U of W1's row blocks equals the U of W's. Taking W1
         # also runs these LAPACK calls after the input ones (see rotation.after).
         r_out = block_rotations(w2, config.out_block_size, config.rotation_method)
-        w2 = rotate_rows(w2, r_out)
-    w_scale, w_codes = _scales_and_codes(w2, config)
-    return Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=w_codes, a_scale=None, config=config)
+    if out_diag is not None:
+        w2 = w2 * out_diag[:, None]
+    return r_in, r_out, rotate_rows(w2, r_out)
 
 
-def _scales_and_codes(w2: jax.Array, config: DuQuantConfig, w_scale: jax.Array | None = None):
-    """SPEC steps 7-8: (w_scale (out,), w_codes (out, in) int8); W2 itself and scale 1 when unquantized."""
+def _scales(w2: jax.Array, config: DuQuantConfig, w_scale: jax.Array | None) -> jax.Array:
     if not config.quantize_weights:
-        return jnp.ones(w2.shape[0], jnp.float32), w2
+        return jnp.ones(w2.shape[0], jnp.float32)
     if w_scale is None:
-        w_scale = weight_scales(w2, config.weight_bits)
-    return w_scale, quantize(w2, w_scale[:, None], config.weight_bits).astype(jnp.int8)
+        w_scale = weight_scales(w2, config.weight_bits, group_size=config.weight_group_size, method=config.scale_method)
+    return w_scale
 
 
-def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig(), device: jax.Device | None = None, wait: bool = True) -> Pack:
-    """Packs one weight by SPEC with every block's rotation computed at once.
+def _rtn_codes(w2: jax.Array, w_scale: jax.Array, config: DuQuantConfig) -> jax.Array:
+    """SPEC step 8, per row or group; W2 itself (float32) when weights are unquantized."""
+    if not config.quantize_weights:
+        return w2
+    scale = column_scales(w_scale, w2.shape[1], config.weight_group_size)
+    return quantize(w2, scale, config.weight_bits).astype(jnp.int8)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _pack_rtn(w, perm, in_diag, r_pre, r_in, r_out, out_diag, w_scale, config: DuQuantConfig) -> Pack:
+    r_in, r_out, w2 = _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config)
+    w_scale = _scales(w2, config, w_scale)
+    codes = _rtn_codes(w2, w_scale, config)
+    return Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=codes, a_scale=None, config=config,
+                in_diag=in_diag, r_pre=r_pre, out_diag=out_diag)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _prepare_gptq(w, perm, in_diag, r_pre, r_in, r_out, out_diag, w_scale, xtx, config: DuQuantConfig):
+    """-> (Pack without codes, w2, h2): GPTQ's inputs in the basis the codes live in."""
+    r_in, r_out, w2 = _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config)
+    w_scale = _scales(w2, config, w_scale)
+    h = after(xtx.astype(jnp.float32), w2)  # after every SVD of this program (rotation.after)
+    h_t = input_transform(h, perm, r_in, in_diag, r_pre)  # H T
+    h2 = input_transform(h_t.T, perm, r_in, in_diag, r_pre)  # Tᵀ H T
+    pack = Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=None, a_scale=None, config=config,
+                in_diag=in_diag, r_pre=r_pre, out_diag=out_diag)
+    return pack, w2, (h2 + h2.T) / 2
+
+
+def pack_weight(
+    w: Any,
+    config: DuQuantConfig = DuQuantConfig(),
+    stats: LayerStats | None = None,
+    *,
+    device: jax.Device | None = None,
+    wait: bool = True,
+    name: str = "",
+) -> Pack:
+    """Packs one weight, every block's rotation computed at once.
 
     Args:
-      w: (out, in) weight of a linear layer `y = x W^T + b`, any float dtype
+      w: (out, in) weight of a linear layer `y = x Wᵀ + b`, any float dtype
         (NumPy or JAX, bfloat16 included); computed in float32.
       config: the settings; one compiled program per (shape, dtype, config).
+        `DuQuantConfig()` is SPEC's algorithm.
+      stats: the layer's input statistics (`duquant_jax.stats.LayerStats`), needed
+        by smoothing, the "duquant" rotation (`act_absmax`) and GPTQ (`xtx`).
       device: run on this device (default: where `w` is, else the default device).
       wait: return only once the pack is computed. On CPU it always waits: two
         pack programs in flight at once could run their LAPACK kernels
         concurrently, which deadlocks jaxlib 0.10.2 (see rotation.after). On an
         accelerator, `wait=False` lets packs on several devices overlap.
+      name: the layer's name, used in error messages.
 
     Returns:
-      A Pack of JAX arrays: perm (in,), r_in (n_in, B, B), r_out (n_out, Bo, Bo)
-      or None, w_scale (out,), w_codes (out, in), a_scale None.
+      A Pack of JAX arrays (see `duquant_jax.packed.Pack` for every field's shape).
     """
     if not isinstance(config, DuQuantConfig):
         raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
-    check_weight(w)
-    perm = input_permutation(w, config.enable_permute, config.lambda_smooth)
-    w, perm = (jnp.asarray(w), jnp.asarray(perm)) if device is None else jax.device_put((w, perm), device)
-    pack = _pack(w, perm, config)
-    if wait or next(iter(w.devices())).platform == "cpu":
+    try:
+        check_weight(w)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {name}: {e}" if name else str(e)) from None
+    check_stats(stats, config, tuple(w.shape), name)
+    fitted = fit(w, config, stats)
+    arrays = (w, fitted.perm, fitted.in_diag, fitted.r_pre, fitted.r_in, fitted.r_out, fitted.out_diag)
+    arrays = jax.tree.map(jnp.asarray, arrays) if device is None else jax.device_put(arrays, device)
+    if config.needs_xtx:
+        return _gptq_pack(arrays, stats, config, name)
+    pack = _pack_rtn(*arrays, None, config)
+    if wait or next(iter(arrays[0].devices())).platform == "cpu":
         jax.block_until_ready(pack)
     return pack
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _pack_given(w, perm, r_in, r_out, w_scale, config: DuQuantConfig) -> Pack:
-    w = w.astype(jnp.float32)
-    w2 = rotate_columns(w[:, perm], r_in)
-    if config.rotate_rows:
-        w2 = rotate_rows(w2, r_out)
-    w_scale, w_codes = _scales_and_codes(w2, config, w_scale)
-    return Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=w_codes, a_scale=None, config=config)
+def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: str) -> Pack:
+    from duquant_jax.gptq import gptq_codes
+
+    xtx = jnp.asarray(stats.xtx, jnp.float32)
+    if arrays[0].devices() != xtx.devices():
+        xtx = jax.device_put(xtx, next(iter(arrays[0].devices())))
+    pack, w2, h2 = jax.block_until_ready(_prepare_gptq(*arrays, None, xtx, config))
+    codes = gptq_codes(
+        w2, h2, pack.w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
+        block=config.gptq_block, act_order=config.gptq_act_order, name=name,
+    )
+    return jax.block_until_ready(pack.replace(w_codes=codes))
 
 
 def pack_with_rotations(w: Any, perm: Any, r_in: Any, r_out: Any, config: DuQuantConfig, w_scale: Any = None) -> Pack:
-    """Packs `w: (out, in)` with given `perm (in,)`, stacked `r_in (n_in, B, B)` and
-    `r_out (n_out, Bo, Bo)` (None with row_rot_mode "none"), e.g. read from another
-    tool. Rotations of any sign give an exact forward, since W2 is computed from them.
-    `w_scale (out,)` is used as given; None chooses it by SPEC step 7.
+    """Packs `w: (out, in)` with a given `perm (in,)`, stacked `r_in (n_in, B, B)` and
+    `r_out (n_out, Bo, Bo)` (None when rows are not rotated), e.g. read from another
+    tool, for SPEC's "svd" family. Rotations of any sign give an exact forward, since
+    W2 is computed from them. `w_scale` (as config's granularity) is used as given;
+    None chooses it by SPEC step 7.
     """
     out, n_in = check_weight(w)
     n_in_blocks, n_out_blocks = -(-n_in // config.block_size), -(-out // config.out_block_size)
     B, Bo = config.block_size, config.out_block_size
+    if config.rotation != "svd" or config.smooth_alpha is not None or config.weight_method != "rtn":
+        raise ValueError("pack_with_rotations takes SPEC's svd-family rotations with rtn rounding and no smoothing; "
+                         f"got rotation={config.rotation!r}, smooth_alpha={config.smooth_alpha!r}, weight_method={config.weight_method!r}")
     if tuple(np.shape(perm)) != (n_in,):
         raise ValueError(f"perm must have shape ({n_in},); got {np.shape(perm)}")
     if tuple(np.shape(r_in)) != (n_in_blocks, B, B):
         raise ValueError(f"r_in must have shape {(n_in_blocks, B, B)}; got {np.shape(r_in)}")
     if config.rotate_rows and tuple(np.shape(r_out)) != (n_out_blocks, Bo, Bo):
         raise ValueError(f"r_out must have shape {(n_out_blocks, Bo, Bo)}; got {np.shape(r_out)}")
-    if w_scale is not None and tuple(np.shape(w_scale)) != (out,):
-        raise ValueError(f"w_scale must have shape ({out},); got {np.shape(w_scale)}")
+    if w_scale is not None:
+        want = (out,) if config.weight_group_size is None else (out, -(-n_in // config.weight_group_size))
+        if tuple(np.shape(w_scale)) != want:
+            raise ValueError(f"w_scale must have shape {want}; got {np.shape(w_scale)}")
     f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
     r_out = f32(r_out) if config.rotate_rows else None
-    pack = _pack_given(jnp.asarray(w), jnp.asarray(perm, jnp.int32), f32(r_in), r_out, f32(w_scale), config)
+    pack = _pack_rtn(jnp.asarray(w), jnp.asarray(perm, jnp.int32), None, None, f32(r_in), r_out, None, f32(w_scale), config)
     return jax.block_until_ready(pack)
 
 
 def rotate_input(pack: Pack, x: jax.Array) -> jax.Array:
-    """Forward steps 1-2. x: (..., in) -> x2 = x[..., perm] diag(R_in): (..., in), float32."""
-    return rotate_columns(jnp.asarray(x, jnp.float32)[..., pack.perm], pack.r_in)
+    """Forward steps 1-2. x: (..., in) -> x2 = x T: (..., in), float32."""
+    return input_transform(jnp.asarray(x, jnp.float32), pack.perm, pack.r_in, pack.in_diag, pack.r_pre)
 
 
 def dequantized_weight(pack: Pack) -> jax.Array:
-    """`W_hat = Q * s`: (out, in) float32."""
-    return pack.w_codes.astype(jnp.float32) * pack.w_scale.astype(jnp.float32)[:, None]
+    """`W_hat = Q * scale` (each code times its row's or group's scale): (out, in) float32."""
+    scale = column_scales(pack.w_scale.astype(jnp.float32), pack.in_features, pack.group_size)
+    return pack.w_codes.astype(jnp.float32) * scale
+
+
+def restore_output(pack: Pack, y: jax.Array) -> jax.Array:
+    """y1: (..., out) in the rotated row basis -> `y1 diag(r_out) diag(out_diag)`."""
+    y = rotate_columns(y, pack.r_out)
+    return y if pack.out_diag is None else y * pack.out_diag.astype(y.dtype)
+
+
+def rotated_bias(pack: Pack, b: jax.Array) -> jax.Array:
+    """b: (out,) -> `diag(r_out) diag(out_diag) b`, the bias in the rotated row basis ("propagate")."""
+    if pack.out_diag is not None:
+        b = b * pack.out_diag.astype(b.dtype)
+    return rotate_columns(b, jnp.swapaxes(pack.r_out, -1, -2))
 
 
 def _forward(pack: Pack, x: jax.Array, bias: jax.Array | None) -> jax.Array:
     cfg = pack.config
-    x2 = rotate_input(pack, x)
-    if cfg.quantize_acts:
-        x2 = fake_quantize(x2, pack.a_scale.astype(jnp.float32), cfg.act_bits)
+    x2 = quantize_activations(rotate_input(pack, x), pack.a_scale, cfg)
     y = jnp.einsum("...i,oi->...o", x2, dequantized_weight(pack), precision=HIGHEST)
     b = None if bias is None else jnp.asarray(bias, jnp.float32)
-    if cfg.row_rot_mode == "restore":
-        y = rotate_columns(y, pack.r_out)
-    elif cfg.row_rot_mode == "propagate" and b is not None:
-        b = rotate_columns(b, jnp.swapaxes(pack.r_out, -1, -2))  # diag(R_out) b
+    if cfg.rotate_rows and cfg.row_rot_mode == "restore":
+        y = restore_output(pack, y)
+    elif cfg.rotate_rows and cfg.row_rot_mode == "propagate" and b is not None:
+        b = rotated_bias(pack, b)
     return y if b is None else y + b
 
 
@@ -131,10 +244,10 @@ _forward_jit = jax.jit(_forward)
 
 
 def forward(pack: Pack, x: Any, bias: Any = None) -> jax.Array:
-    """SPEC's forward pass.
+    """The forward pass of a packed layer (docs/ALGORITHM.md "Forward").
 
     Args:
-      pack: a Pack; with act_bits in 2..8 it must be calibrated.
+      pack: a Pack; with a static activation scheme and act_bits in 2..8 it must be calibrated.
       x: (..., in) float input, any leading shape.
       bias: optional (out,) bias of the original layer.
 
@@ -143,7 +256,7 @@ def forward(pack: Pack, x: Any, bias: Any = None) -> jax.Array:
     """
     check_input(x, pack.in_features)
     check_bias(bias, pack.out_features)
-    if pack.config.quantize_acts:
+    if pack.config.needs_calibration:
         require_scales(pack.a_scale)
     y = _forward_jit(pack, jnp.asarray(x), bias)
     return y.astype(jnp.result_type(x))
@@ -156,10 +269,11 @@ def _abs_percentile(pack: Pack, x: jax.Array, percentile: float) -> jax.Array:
 
 
 class ActivationStats:
-    """Running SPEC calibration statistics: the element-wise max of per-batch percentiles.
+    """Running calibration statistics: the element-wise max of per-batch percentiles of |x2|.
 
     `update(x)` takes one batch `(..., in)`; batches past `calib_batches` are
-    ignored. `scales()` returns `s_a = max(p / qa, 1e-6)`: (in,) float32.
+    ignored. `scales()` returns the activation scales of the pack's static scheme:
+    (in,) for "static-channel", (1,) for "static-tensor".
     """
 
     def __init__(self, pack: Pack):
@@ -178,13 +292,14 @@ class ActivationStats:
     def scales(self) -> jax.Array:
         if self.running is None:
             raise ValueError("calibration saw no batch: run at least one batch through it")
-        return jnp.maximum(self.running / qmax(self.pack.config.act_bits), 1e-6).astype(jnp.float32)
+        return static_scales(self.running, self.pack.config)
 
 
 def calibrate(pack: Pack, batches: Iterable[Any]) -> Pack:
-    """SPEC's activation calibration over `batches` (each `(..., in)`).
+    """Activation calibration over `batches` (each `(..., in)`) for the static schemes.
 
-    Returns the pack with `a_scale` (in,) set; unchanged when act_bits is 0/16.
+    Returns the pack with `a_scale` set ((in,) "static-channel", (1,) "static-tensor");
+    unchanged when activations are not quantized or the scheme is "dynamic-token".
     An empty iterable, a NaN/Inf or a wrong last dimension is an error.
     """
     stats = ActivationStats(pack)
@@ -193,4 +308,4 @@ def calibrate(pack: Pack, batches: Iterable[Any]) -> Pack:
             break
         stats.update(x)
     scales = stats.scales()
-    return pack.replace(a_scale=scales) if pack.config.quantize_acts else pack
+    return pack.replace(a_scale=scales) if pack.config.needs_calibration else pack

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from duquant_jax.reference import channel_energy
+from duquant_jax.reference.spec import channel_energy
 
 
 def zigzag_order(e: np.ndarray) -> np.ndarray:

@@ -25,13 +25,27 @@ def fake_quantize(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
 CPU_SCALE_ROWS = 16
 
 
-def weight_scales(w2: jax.Array, bits: int) -> jax.Array:
-    """w2: (out, in) -> (out,): per row, the `base / alpha` with the least MSE (first on a tie).
+def weight_scales(w2: jax.Array, bits: int, *, group_size: int | None = None, method: str = "mse") -> jax.Array:
+    """w2: (out, in) -> scales: (out,), or (out, ceil(in / group_size)) with groups.
 
-    `base = max(max_j |w2_ij| / qmax, 1e-8)`, alpha in SCALE_ALPHAS (SPEC step 7).
-    On CPU the rows go through in chunks of CPU_SCALE_ROWS, so each chunk stays in
-    cache for all five candidates (4x faster at 16384 x 2048; the same values).
+    "mse" (SPEC step 7): per row (or group), the `base / alpha` with the least
+    squared error, first on a tie, where `base = max(max |w2| / qmax, 1e-8)` and
+    alpha in SCALE_ALPHAS. "minmax": `base` itself. A short last group is padded
+    with zeros, which change neither its maximum nor which candidate errs least.
     """
+    if group_size is not None:
+        out, n = w2.shape
+        groups = -(-n // group_size)
+        padded = jnp.pad(w2, ((0, 0), (0, groups * group_size - n)))
+        return weight_scales(padded.reshape(out * groups, group_size), bits, method=method).reshape(out, groups)
+    if method == "minmax":
+        return jnp.maximum(jnp.max(jnp.abs(w2), axis=1) / qmax(bits), 1e-8)
+    return _mse_scales(w2, bits)
+
+
+def _mse_scales(w2: jax.Array, bits: int) -> jax.Array:
+    """SPEC step 7 per row. On CPU the rows go through in chunks of CPU_SCALE_ROWS, so each
+    chunk stays in cache for all five candidates (4x faster at 16384 x 2048; the same values)."""
     out, n = w2.shape
     if jax.default_backend() == "cpu" and out > CPU_SCALE_ROWS:
         pad = (-out) % CPU_SCALE_ROWS
@@ -51,6 +65,13 @@ def _row_scales(w2: jax.Array, bits: int) -> jax.Array:
         best = jnp.where(better, s, best)
         best_err = jnp.where(better, err, best_err)
     return best
+
+
+def column_scales(w_scale: jax.Array, n: int, group_size: int | None) -> jax.Array:
+    """w_scale: (out,) or (out, ceil(n / group_size)) -> each code's scale: (out, 1) or (out, n)."""
+    if group_size is None:
+        return w_scale[:, None]
+    return jnp.repeat(w_scale, group_size, axis=1, total_repeat_length=w_scale.shape[1] * group_size)[:, :n]
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:

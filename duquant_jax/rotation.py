@@ -110,23 +110,33 @@ def block_rotations(m: jax.Array, size: int, method: str) -> jax.Array:
 
 
 def rotate_columns(m: jax.Array, r: jax.Array) -> jax.Array:
-    """m: (..., C), r: (n, B, B) with n*B >= C -> `m diag(r_0, r_1, ...)`: (..., C).
+    """m: (..., C), r: (n, B, B) -> `m diag(r_0, r_1, ...)`: (..., C).
 
-    The last block is zero-padded, rotated and truncated; with identity padding in
-    `r` this equals rotating by the short block's own `U`.
+    With n*B >= C, block k of the columns is multiplied by `r[k]`; the last block
+    is zero-padded, rotated and truncated (with identity padding in `r` this equals
+    rotating by the short block's own `U`). With n == 1 and C a multiple of B, the
+    one matrix `r[0]` serves every block.
     """
     n, size, _ = r.shape
     c = m.shape[-1]
     lead = m.shape[:-1]
+    r = r.astype(m.dtype)
+    if n == 1 and c % size == 0:
+        y = jnp.einsum("...nb,bc->...nc", m.reshape(*lead, c // size, size), r[0], precision=HIGHEST)
+        return y.reshape(*lead, c)
     mp = jnp.pad(m, [(0, 0)] * len(lead) + [(0, n * size - c)])
-    y = jnp.einsum("...nb,nbc->...nc", mp.reshape(*lead, n, size), r.astype(m.dtype), precision=HIGHEST)
+    y = jnp.einsum("...nb,nbc->...nc", mp.reshape(*lead, n, size), r, precision=HIGHEST)
     return y.reshape(*lead, n * size)[..., :c]
 
 
 def rotate_rows(m: jax.Array, r: jax.Array) -> jax.Array:
-    """m: (R, C), r: (n, B, B) with n*B >= R -> `diag(r_0, r_1, ...) m`: (R, C)."""
+    """m: (R, C), r: (n, B, B) -> `diag(r_0, r_1, ...) m`: (R, C) (one shared matrix when n == 1)."""
     n, size, _ = r.shape
     rows, cols = m.shape
+    r = r.astype(m.dtype)
+    if n == 1 and rows % size == 0:
+        y = jnp.einsum("ij,njc->nic", r[0], m.reshape(rows // size, size, cols), precision=HIGHEST)
+        return y.reshape(rows, cols)
     mp = jnp.pad(m, ((0, n * size - rows), (0, 0))).reshape(n, size, cols)
-    y = jnp.einsum("nij,njc->nic", r.astype(m.dtype), mp, precision=HIGHEST)
+    y = jnp.einsum("nij,njc->nic", r, mp, precision=HIGHEST)
     return y.reshape(n * size, cols)[:rows]

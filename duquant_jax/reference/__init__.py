@@ -1,26 +1,32 @@
 """The literal float64 reference path: NumPy, loops over blocks and columns, written to be read
 against docs/ALGORITHM.md line by line. The JAX and PyTorch paths are tested against it.
 
-`spec` holds the SPEC algorithm (SVD rotations, per-row MSE scales, static
-per-channel activations); sibling modules hold the options added beside it.
+`spec` holds SPEC's building blocks, `options` the literal forms of the options
+added beside it, and `pipeline` composes them into `pack_weight`, `forward` and
+`calibrate` for any `DuQuantConfig`.
 """
 
-from duquant_jax.reference.spec import (
-    block_ranges,
+from duquant_jax.quantize import SCALE_ALPHAS
+from duquant_jax.reference.pipeline import (
     calibrate,
-    canonical_signs,
-    channel_energy,
     dequantized_weight,
     forward,
-    left_rotation,
     pack_weight,
     rotate_input,
+    transform_matrix,
+)
+from duquant_jax.reference.spec import (
+    block_ranges,
+    canonical_signs,
+    channel_energy,
+    left_rotation,
     stack_blocks,
     weight_scales,
     zigzag,
 )
 
 __all__ = [
+    "SCALE_ALPHAS",
     "block_ranges",
     "calibrate",
     "canonical_signs",
@@ -31,6 +37,7 @@ __all__ = [
     "pack_weight",
     "rotate_input",
     "stack_blocks",
+    "transform_matrix",
     "weight_scales",
     "zigzag",
 ]
