@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 from torch import nn
 
 from duquant_jax import DuQuantConfig
 from duquant_jax.calibration import calibration_session
+from duquant_jax.stats import LayerStats
 from interop.linear import DuQuantLinear
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -39,6 +40,7 @@ def quantize_(
     config: DuQuantConfig = DuQuantConfig(),
     filter_fn: FilterFn | None = None,
     progress: bool = True,
+    stats: Mapping[str, LayerStats] | None = None,
 ) -> dict[str, DuQuantLinear]:
     """Replaces every selected `nn.Linear` of `model` by a `DuQuantLinear`, in place.
 
@@ -47,6 +49,9 @@ def quantize_(
       config: the packing settings.
       filter_fn: `(name, module) -> bool`; default: every `nn.Linear`.
       progress: show a progress bar over the layers.
+      stats: {module name: LayerStats} from `interop.observe`, for configs that need
+        activation statistics (smoothing, the "duquant" rotation, GPTQ). A selected
+        layer without statistics is an error that names it and says how to collect them.
 
     Returns:
       {name: the new DuQuantLinear} for every layer replaced.
@@ -62,10 +67,8 @@ def quantize_(
         raise ValueError("quantize_: no nn.Linear of the model passed the filter")
     replaced = {}
     for name, linear in tqdm(selected, desc="duquant pack", unit="layer", disable=not progress):
-        try:
-            new = DuQuantLinear.from_linear(linear, config, name=name)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"layer {name}: {e}") from e
+        layer_stats = None if stats is None else stats.get(name)
+        new = DuQuantLinear.from_linear(linear, config, name=name, stats=layer_stats)
         new.train(linear.training)
         _set_child(model, name, new)
         replaced[name] = new
