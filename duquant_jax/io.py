@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from duquant_jax import integrity
+from duquant_jax.atomic import atomic_write  # noqa: F401  (re-exported: duquant_jax.io.atomic_write)
 from duquant_jax.config import DuQuantConfig
 from duquant_jax.packed import ARRAY_FIELDS, Pack
 from duquant_jax.quantize import pack_int4, unpack_int4
@@ -80,26 +80,6 @@ def save_packs(path: str | os.PathLike, packs: Mapping[str, Pack]) -> Path:
     checksums = integrity.checksum_metadata({k: integrity.array_digest(v) for k, v in tensors.items()}, {"layers": layer_table})
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": layer_table, integrity.METADATA_KEY: checksums}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Calls `write(tmp)` on a temporary file beside `path`, then renames it to `path`.
-
-    `path` either keeps its old content or gets the whole new file; on an error
-    the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _open(path: Path):

@@ -1,0 +1,573 @@
+"""The quantized product of `DuQuantLinear`, by the fastest correct path of this machine.
+
+For rotated activations `x2: (T, in)` (float32, bfloat16 or float16) and a
+`QuantizedWeight` (`W_hat = Q * s_w`, per row or per group),
+`quantized_matmul(x2, weight, act)` computes `y = x3 @ W_hatᵀ` (T, out) in
+x2's dtype, where `x3` is x2 after the activation handling `act` (`ActQuant`):
+
+- `"none"` (A16, weight-only): `x3 = x2`.
+- `"dynamic-token"`, `act_bits` a, `clip` c: per token, in float32,
+  `s_t = max(c * max_j |x2[t, j]| / qa, 1e-8)` with `qa = 2^(a-1) - 1`,
+  `xq = clamp(round_half_even(x2 / s_t), -qa-1, qa)`, `x3 = xq * s_t`
+  (an all-zero row gives zeros).
+- `"static-tensor"`: the same with one calibrated scale `s_t = s_a` for every token.
+- `"static-channel"`: per-channel calibrated scales `s_a (in,)`:
+  `x3 = clamp(round(x2 / s_a), ...) * s_a`. Its scales do not factor out of an
+  integer product, so it only has float paths: a simulation of A8, not a speed-up.
+
+Paths (`PATHS`), each checked against the oracle by `tests/test_kernels.py`:
+
+| path | activations | weights | arithmetic |
+| --- | --- | --- | --- |
+| `fake-quant` | all | all | float32: `x3` and `W_hat` tiles in float32, float32 GEMM: the oracle |
+| `dequant-bf16` | all | all | `W_hat` tiles rounded to bfloat16, times `xq` (exact in bfloat16; `s_t` applied to the output in float32) or x2 / `x3` rounded to bfloat16; bfloat16 GEMM |
+| `int-mm` | dynamic-token, static-tensor | all | `torch._int_mm` on int8 `xq` and int8 code tiles: exact int32 sums, then `s_t * s_w` in float32; groups: one int32 product per group |
+| `int8pack` | none, dynamic-token, static-tensor | int8 layout, per row, CPU | `torch._weight_int8pack_mm`: bfloat16 input (`xq` is exact in it), bfloat16 scales and output |
+| `int4pack` | none, dynamic-token, static-tensor | int4pack layout, CPU | `_weight_int4pack_mm_for_cpu`: bfloat16 input, bfloat16 group scales, float32 accumulation, bfloat16 output |
+
+Error against a float64 oracle, per output element and relative to
+`|x3| @ |W_hat|ᵀ` (the scale of a dot product's rounding errors): `fake-quant`
+and `int-mm` <= 1e-5 with float32 inputs (the integer sums are exact; only the
+float32 scaling rounds); the bfloat16 paths <= 2e-2 (bfloat16 rounding of
+activations, scales and outputs, unit roundoff 2^-8 each; measured <= 5e-3
+norm-wise). "int4pack" with dynamic-token A8 is the int4 kernel fed the integer
+activations `xq` as bfloat16 (exact up to 256) with `s_t` applied afterwards:
+its float32 accumulation of integers is exact (|sum| < 2^24 for in <= 16384), but
+the kernel rounds its output and the scales to bfloat16, so it is a bfloat16
+path, not an exact one. The bfloat16 paths are allowed only under
+`precision="any"` (the default; see `KernelOptions`): a float32 model then may
+be computed in bfloat16 where that is faster, as the issue asks ("the fastest
+float dtype of the machine").
+
+Temporaries: weight tiles of at most TILE_ROWS rows are unpacked per call into
+per-thread scratch buffers that are reused (`interop.qweight.scratch`;
+`release_scratch()` frees them); no float copy of a whole weight is ever made.
+
+Which path runs: the one forced per call (`path=`), else per weight
+(`weight.path`), else globally (`set_kernel_options(path=...)`); otherwise the
+`interop.kernel_tuning` autotuner's fastest candidate for this machine, shape,
+dtype, token-count bucket and configuration, measured once and cached (memory;
+disk after `kernel_tuning.enable_disk_cache()`). `weight.last_path` tells which
+path the last call took. Inference only: no gradients flow through the codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+from interop import kernel_tuning
+from interop.qweight import INT4PACK_GROUPS, QuantizedWeight, natural_view, release_scratch, rows_view, scratch, to_tile_order
+
+__all__ = [
+    "ACT_SCHEMES", "PATHS", "ActQuant", "KernelOptions", "KernelPath", "QuantizedWeight", "candidates", "choose_path",
+    "fake_quantize", "get_kernel_options", "kernel_options", "quantize_tokens", "quantized_matmul", "release_scratch",
+    "set_kernel_options", "unavailable",
+]
+
+ACT_SCHEMES = ("none", "dynamic-token", "static-tensor", "static-channel")
+PRECISIONS = ("any", "float32")
+DYNAMIC_EPS = 1e-8  # float32 floor of a dynamic per-token scale
+# Weight tiles: 1024 rows (2 MiB of int8 codes at in = 2048, 16 MiB at 16384) measured fastest for
+# int-mm on the Gemma-2B shapes here (bench/RESULTS.md); at most TILE_BYTES of int8 codes.
+TILE_ROWS = 1024
+TILE_BYTES = 16 << 20
+
+
+# -- activation handling ------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+    """How activations are quantized before the product (module docstring).
+
+    Attributes:
+      scheme: "none", "dynamic-token", "static-tensor" or "static-channel".
+      bits: activation code width, 2..8 (ignored with "none").
+      clip: "dynamic-token" clips the per-token max by this factor, in (0, 1].
+    """
+
+    scheme: str = "none"
+    bits: int = 8
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ACT_SCHEMES:
+            raise ValueError(f"act scheme must be one of {ACT_SCHEMES}; got {self.scheme!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"act bits must be an int in 2..8; got {self.bits!r}")
+        if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not 0 < self.clip <= 1:
+            raise ValueError(f"act clip must be a number in (0, 1]; got {self.clip!r}")
+
+    @property
+    def qa(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def integer(self) -> bool:
+        """Whether the scale factors out of the product, so that it can run on integer codes."""
+        return self.scheme in ("dynamic-token", "static-tensor")
+
+    @classmethod
+    def from_config(cls, config) -> ActQuant:
+        """From a `DuQuantConfig` (its `act_bits`, `act_scheme`, `act_clip`)."""
+        if not config.quantize_acts:
+            return cls("none")
+        return cls(config.act_scheme, config.act_bits, float(config.act_clip))
+
+
+def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2: (T, in) -> (`xq` (T, in) int8, `s_t` (T, 1) float32) for "dynamic-token" / "static-tensor".
+
+    Every path that needs integer activations takes them from here, so all of
+    them see the same codes and scales (computed in float32).
+    """
+    shape, device = tuple(x2.shape), x2.device
+    xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else scratch("act", shape, torch.float32, device).copy_(x2)
+    qa = act.qa
+    if act.scheme == "dynamic-token":
+        s = torch.abs(xf, out=scratch("act_abs", shape, torch.float32, device)).amax(dim=1, keepdim=True)
+        s = (s if act.clip == 1 else s.mul_(act.clip)).div_(qa).clamp_(min=DYNAMIC_EPS)  # (c * max) / qa
+    else:
+        s = act_scale.reshape(1, 1).float().expand(xf.shape[0], 1)
+    xq = torch.div(xf, s, out=scratch("act_q", shape, torch.float32, device)).round_().clamp_(-qa - 1, qa).to(torch.int8)
+    return xq, s
+
+
+def fake_quantize(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x2: (T, in) -> `x3` (T, in) float32, the activations every path multiplies (module docstring)."""
+    if act.scheme == "none":
+        return x2.float()
+    if act.integer:
+        xq, s = quantize_tokens(x2, act, act_scale)
+        return xq.float().mul_(s)
+    s = act_scale.float()
+    return torch.div(x2.float(), s).round_().clamp_(-act.qa - 1, act.qa).mul_(s)
+
+
+# -- paths ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelPath:
+    """One way to compute the product.
+
+    Attributes:
+      name: the name a user forces it by.
+      precision: "float32" (float32 or exact integer arithmetic) or "bfloat16".
+      unavailable: `(weight, act, dtype, device, tokens) -> reason or None`, where
+        `tokens` is the token count of the call (or of the bucket measured).
+      run: `(x2 (T, in), weight, act, act_scale) -> y (T, out)` in x2's dtype.
+    """
+
+    name: str
+    precision: str
+    unavailable: Callable[[QuantizedWeight, ActQuant, torch.dtype, torch.device, int], str | None]
+    run: Callable[[torch.Tensor, QuantizedWeight, ActQuant, torch.Tensor | None], torch.Tensor]
+
+
+def _tile_rows(weight: QuantizedWeight) -> int:
+    """Rows per weight tile: TILE_ROWS, fewer where `in` is so large that a tile would pass TILE_BYTES."""
+    return max(64, min(TILE_ROWS, TILE_BYTES // max(1, weight.in_features)))
+
+
+def _tiles(weight: QuantizedWeight) -> Iterator[tuple[int, int]]:
+    return weight.row_tiles(_tile_rows(weight))
+
+
+def _output(tokens: int, weight: QuantizedWeight, dtype: torch.dtype, final: torch.dtype) -> torch.Tensor:
+    """The (T, out) product buffer: fresh when it is what the caller gets, scratch when `_finish` converts it."""
+    shape = (tokens, weight.out_features)
+    if dtype == final:
+        return torch.empty(shape, dtype=dtype, device=weight.qdata.device)
+    return scratch("y", shape, dtype, weight.qdata.device)
+
+
+def _float_product(x3: torch.Tensor, weight: QuantizedWeight, dtype: torch.dtype, final: torch.dtype) -> torch.Tensor:
+    """x3 (T, in) in `dtype` @ W_hat tiles in `dtype` -> (T, out) in `dtype` (per-row scales applied to the product)."""
+    y = _output(x3.shape[0], weight, dtype, final)
+    x_split, per_row = None, weight.group_size is None
+    for r0, r1 in _tiles(weight):
+        w, tile = weight.float_tile(r0, r1, dtype, split=True)
+        if tile.split:
+            x_split = split_columns(x3) if x_split is None else x_split
+        a = x_split if tile.split else x3
+        out = y[:, r0:r1]
+        if tile.lanes:
+            prod = torch.mm(a, w, out=scratch("prod", (a.shape[0], r1 - r0), dtype, a.device))
+            if per_row:
+                torch.mul(natural_view(prod, tile.lanes), _per_row(weight.scales[r0:r1], tile.lanes), out=rows_view(out, tile.lanes))
+            else:
+                rows_view(out, tile.lanes).copy_(natural_view(prod, tile.lanes))
+        else:
+            torch.mm(a, w, out=out)
+            if per_row:
+                out.mul_(weight.scales[r0:r1])
+    return y
+
+
+def _run_fake_quant(x2, weight, act, act_scale):
+    return _float_product(fake_quantize(x2, act, act_scale), weight, torch.float32, x2.dtype).to(x2.dtype)
+
+
+def _run_dequant_bf16(x2, weight, act, act_scale):
+    if act.scheme == "static-channel":
+        x3, s_t = fake_quantize(x2, act, act_scale).to(torch.bfloat16), None
+    else:
+        x3, s_t = _bf16_input(x2, act, act_scale)
+    return _finish(_float_product(x3, weight, torch.bfloat16, x2.dtype), s_t, x2.dtype)
+
+
+def split_columns(x: torch.Tensor) -> torch.Tensor:
+    """x: (T, in) -> (T, 2 * ceil(in/2)): the even columns, then the odd ones (a zero column pads an odd `in`).
+
+    The order `QuantizedWeight.code_tile(split=True)` gives the nibble layout's codes.
+    """
+    if x.shape[1] % 2:
+        x = torch.nn.functional.pad(x, (0, 1))
+    return torch.cat((x[:, 0::2], x[:, 1::2]), dim=1)
+
+
+def _per_row(s: torch.Tensor, lanes: int) -> torch.Tensor:
+    """(n,) row scales, shaped to broadcast against `natural_view` of a tile."""
+    return s.view(-1, 2, lanes) if lanes else s
+
+
+def _run_int_mm(x2, weight, act, act_scale):
+    xq, s_t = quantize_tokens(x2, act, act_scale)
+    if weight.group_size is not None:
+        y = _output(xq.shape[0], weight, torch.float32, x2.dtype)
+        _grouped_int_mm(xq, weight, y)
+        return _finish(y, s_t, x2.dtype)
+    # per tile, while it is in cache: exact int32 product, offset, `* s_t` and `* s_w` into the output
+    tokens, device = xq.shape[0], xq.device
+    y = torch.empty(tokens, weight.out_features, dtype=x2.dtype, device=device)
+    x_split, offset_sum = None, None
+    for r0, r1 in _tiles(weight):
+        tile = weight.code_tile(r0, r1, split=True)
+        if tile.split:
+            x_split = split_columns(xq) if x_split is None else x_split
+        acc = torch._int_mm(x_split if tile.split else xq, tile.b, out=scratch("acc", (tokens, r1 - r0), torch.int32, device))
+        if tile.offset:  # b holds Q + o: xq (Q + o) = xq Q + o * sum(xq), exact in int32
+            if offset_sum is None:
+                offset_sum = xq.sum(dim=1, keepdim=True, dtype=torch.int32) * tile.offset
+            acc.sub_(offset_sum)
+        scaled = torch.mul(acc, s_t, out=scratch("acc_f", (tokens, r1 - r0), torch.float32, device))
+        out = rows_view(y[:, r0:r1], tile.lanes)
+        torch.mul(natural_view(scaled, tile.lanes), _per_row(weight.scales[r0:r1], tile.lanes), out=out)
+    return y
+
+
+def _grouped_int_mm(xq: torch.Tensor, weight: QuantizedWeight, y: torch.Tensor) -> None:
+    """Per group g: exact int32 `xq[:, g] · Q[:, g]`, scaled by `s_w[:, g]` and summed in float32 into y."""
+    g, n = weight.group_size, weight.in_features
+    bounds = [(c, min(c + g, n)) for c in range(0, n, g)]
+    sums = None
+    for r0, r1 in _tiles(weight):
+        tile = weight.code_tile(r0, r1)
+        if tile.offset and sums is None:
+            sums = [xq[:, c0:c1].sum(dim=1, keepdim=True, dtype=torch.int32) * tile.offset for c0, c1 in bounds]
+        scales = to_tile_order(weight.scales_2d()[r0:r1], tile.lanes)
+        acc_f = y[:, r0:r1] if not tile.lanes else scratch("acc_g", (y.shape[0], r1 - r0), torch.float32, y.device)
+        acc_f.zero_()
+        acc = scratch("acc", (y.shape[0], r1 - r0), torch.int32, y.device)
+        for k, (c0, c1) in enumerate(bounds):  # one exact product per scale group
+            torch._int_mm(xq[:, c0:c1], tile.b[c0:c1], out=acc)
+            if tile.offset:
+                acc.sub_(sums[k])
+            acc_f.addcmul_(acc, scales[:, k])
+        if tile.lanes:
+            rows_view(y[:, r0:r1], tile.lanes).copy_(natural_view(acc_f, tile.lanes))
+
+
+def _bf16_input(x2, act, act_scale):
+    """(bfloat16 GEMM input, float32 per-token factor or None): `xq` (exact in bfloat16) or x2 itself."""
+    if act.scheme == "none":
+        return x2.to(torch.bfloat16).contiguous(), None
+    xq, s_t = quantize_tokens(x2, act, act_scale)
+    return xq.to(torch.bfloat16), s_t
+
+
+def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """y times the per-token scales (computed in float32, one pass), in `dtype`, in a tensor of the caller's own
+    (y is scaled in place only when it already has `dtype`: then it is a fresh buffer, never scratch)."""
+    if s_t is None:
+        return y.to(dtype)
+    if y.dtype == dtype:
+        return y.mul_(s_t)
+    return torch.mul(y, s_t, out=torch.empty(y.shape, dtype=dtype, device=y.device))
+
+
+def _run_int8pack(x2, weight, act, act_scale):
+    xb, s_t = _bf16_input(x2, act, act_scale)
+    scales = weight.derived("scales_bf16", lambda: weight.scales.to(torch.bfloat16))
+    return _finish(torch._weight_int8pack_mm(xb, weight.qdata, scales), s_t, x2.dtype)
+
+
+def int4pack_group(weight: QuantizedWeight) -> int | None:
+    """The group size the int4 CPU kernel runs this weight with: the largest of 256, 128, 64, 32
+    that divides both `in` and the weight's group (per row: `in`), or None."""
+    g = weight.effective_group
+    for k in INT4PACK_GROUPS:
+        if weight.in_features % k == 0 and g % k == 0:
+            return k
+    return None
+
+
+def _int4pack_scales(weight: QuantizedWeight, k: int) -> torch.Tensor:
+    """(in / k, out, 2) bfloat16 `[scale, zero]` per kernel group: the weight's scale, zero 0 (codes are `Q + 8`)."""
+    starts = torch.arange(0, weight.in_features, k, device=weight.scales.device)
+    s = weight.scales_2d()[:, starts // weight.effective_group]  # (out, in / k)
+    sz = torch.zeros(s.shape[1], s.shape[0], 2, dtype=torch.bfloat16, device=s.device)
+    sz[..., 0] = s.t()
+    return sz
+
+
+def _run_int4pack(x2, weight, act, act_scale):
+    xb, s_t = _bf16_input(x2, act, act_scale)
+    k = int4pack_group(weight)
+    sz = weight.derived("int4pack_scales", lambda: _int4pack_scales(weight, k))
+    return _finish(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, weight.qdata, k, sz), s_t, x2.dtype)
+
+
+def _always(weight, act, dtype, device, tokens):
+    return None
+
+
+def _int_mm_unavailable(weight, act, dtype, device, tokens):
+    if not act.integer:
+        return f"int-mm needs integer activations (dynamic-token or static-tensor); got {act.scheme!r}"
+    if not hasattr(torch, "_int_mm"):
+        return "this torch has no torch._int_mm"
+    if device.type == "cuda":  # cuBLASLt's int8 GEMM constraints
+        if tokens <= 16:
+            return "torch._int_mm on CUDA needs more than 16 tokens"
+        if weight.in_features % 8 or weight.out_features % 8:
+            return "torch._int_mm on CUDA needs in and out multiples of 8"
+    elif device.type != "cpu":
+        return f"int-mm runs on CPU and CUDA; the weight is on {device}"
+    return None
+
+
+def _packed_unavailable(name: str, layout: str):
+    def check(weight, act, dtype, device, tokens):
+        if act.scheme == "static-channel":
+            return f"{name} cannot apply per-channel activation scales"
+        if device.type != "cpu":
+            return f"{name} is a CPU kernel; the weight is on {device}"
+        if weight.layout != layout:
+            return f"{name} needs the {layout!r} layout; the weight is stored as {weight.layout!r}"
+        if name == "int8pack" and weight.group_size is not None:
+            return "int8pack takes one scale per row; this weight has groups"
+        if name == "int8pack" and weight.in_features % 16:  # torch 2.13's kernel crashes otherwise
+            return f"int8pack needs in % 16 == 0; in={weight.in_features}"
+        if name == "int4pack" and int4pack_group(weight) is None:
+            return f"int4pack needs a group size in {INT4PACK_GROUPS} dividing in={weight.in_features} and the weight's group {weight.effective_group}"
+        return None
+
+    return check
+
+
+PATHS: dict[str, KernelPath] = {
+    p.name: p
+    for p in (
+        KernelPath("fake-quant", "float32", _always, _run_fake_quant),
+        KernelPath("int-mm", "float32", _int_mm_unavailable, _run_int_mm),
+        KernelPath("dequant-bf16", "bfloat16", _always, _run_dequant_bf16),
+        KernelPath("int8pack", "bfloat16", _packed_unavailable("int8pack", "int8"), _run_int8pack),
+        KernelPath("int4pack", "bfloat16", _packed_unavailable("int4pack", "int4pack"), _run_int4pack),
+    )
+}
+
+# Without autotuning: the first available path of these (measured on a Zen 4 CPU, bench/RESULTS.md).
+FALLBACK_ORDER = {
+    "1": ("int4pack", "int-mm", "int8pack", "dequant-bf16", "fake-quant"),
+    "2-16": ("int-mm", "int4pack", "dequant-bf16", "int8pack", "fake-quant"),
+    "other": ("int-mm", "dequant-bf16", "int4pack", "int8pack", "fake-quant"),
+}
+
+
+# -- options ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Process-wide kernel settings (`set_kernel_options`, `kernel_options`).
+
+    Attributes:
+      path: force this path for every product (None: choose).
+      autotune: measure candidates per key (True) or take the first available of
+        `FALLBACK_ORDER` without measuring (False).
+      precision: "any" (default: bfloat16 paths may serve float32 inputs) or
+        "float32" (only paths with float32 or exact integer arithmetic).
+    """
+
+    path: str | None = None
+    autotune: bool = True
+    precision: str = "any"
+
+    def __post_init__(self) -> None:
+        if self.path is not None and self.path not in PATHS:
+            raise ValueError(f"kernel path must be one of {tuple(PATHS)} or None; got {self.path!r}")
+        if not isinstance(self.autotune, bool):
+            raise ValueError(f"autotune must be a bool; got {self.autotune!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
+
+
+_OPTIONS = KernelOptions()
+
+
+def get_kernel_options() -> KernelOptions:
+    return _OPTIONS
+
+
+def set_kernel_options(**changes) -> KernelOptions:
+    """Changes the process-wide options (validated); returns the previous ones."""
+    global _OPTIONS
+    old, _OPTIONS = _OPTIONS, dataclasses.replace(_OPTIONS, **changes)
+    return old
+
+
+@contextlib.contextmanager
+def kernel_options(**changes) -> Iterator[KernelOptions]:
+    """`with kernel_options(path="int-mm"): ...` applies `changes` inside the block only."""
+    old = set_kernel_options(**changes)
+    try:
+        yield _OPTIONS
+    finally:
+        set_kernel_options(**dataclasses.asdict(old))
+
+
+# -- choosing and running -----------------------------------------------------------
+def unavailable(name: str, weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int) -> str | None:
+    """Why path `name` cannot compute this product (None if it can)."""
+    if name not in PATHS:
+        return f"unknown kernel path {name!r}; the paths are {tuple(PATHS)}"
+    return PATHS[name].unavailable(weight, act, dtype, weight.qdata.device, tokens)
+
+
+def candidates(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int, precision: str = "any") -> list[str]:
+    """The paths that can compute this product under `precision`, in `PATHS` order."""
+    return [
+        name
+        for name, p in PATHS.items()
+        if (precision == "any" or p.precision == "float32") and p.unavailable(weight, act, dtype, weight.qdata.device, tokens) is None
+    ]
+
+
+def choice_key(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, bucket: str, precision: str) -> str:
+    """The autotuner's key: machine, threads, shape, codes, layout, activations, dtype, token bucket, precision."""
+    device = weight.qdata.device
+    machine = kernel_tuning.machine_id(device.type, device.index or 0)
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    group = "row" if weight.group_size is None else f"g{weight.group_size}"
+    a = "a16" if act.scheme == "none" else f"{act.scheme}{act.bits}"
+    return (
+        f"{machine} | {threads}t | {weight.out_features}x{weight.in_features} w{weight.bits} {group} {weight.layout} | "
+        f"{a} | {str(dtype).replace('torch.', '')} | T{bucket} | {precision}"
+    )
+
+
+def choose_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int, act_scale: torch.Tensor | None = None) -> str:
+    """The path a product of `tokens` tokens takes when none is forced: cached, measured, or the fallback order."""
+    opts, tuner = _OPTIONS, kernel_tuning.get_tuner()
+    bucket, rep = kernel_tuning.token_bucket(tokens)
+    # the weight remembers its choices (dropped when it moves or changes layout), so that a call
+    # costs one dict lookup; the tuner's generation changes when it forgets or changes its file
+    memo = (bucket, dtype, act, opts.precision, opts.autotune, torch.get_num_threads(), id(tuner), tuner.generation)
+    name = weight.choices.get(memo)
+    if name is not None:
+        return name
+    names = candidates(weight, act, dtype, rep, opts.precision)
+    names = [n for n in names if PATHS[n].unavailable(weight, act, dtype, weight.qdata.device, tokens) is None]
+    if not opts.autotune:
+        order = FALLBACK_ORDER.get(bucket, FALLBACK_ORDER["other"])
+        name = next(n for n in order if n in names)
+    else:
+        key = choice_key(weight, act, dtype, bucket, opts.precision)
+        known = tuner.lookup(key)
+        if known is not None and known.path in names:
+            name = known.path
+        else:
+            name = tuner.choose(key, _probes(names, weight, act, dtype, rep, act_scale)).path
+    weight.choices[memo] = name
+    return name
+
+
+def _probes(names, weight, act, dtype, tokens, act_scale) -> dict[str, Callable[[], object]]:
+    """One closure per candidate that runs it on a fixed random input of `tokens` tokens."""
+    device = weight.qdata.device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(tokens, weight.in_features, generator=gen).to(device=device, dtype=dtype)
+    if act.scheme == "static-channel" and act_scale is None:
+        act_scale = torch.full((weight.in_features,), 0.05, device=device)
+    elif act.scheme == "static-tensor" and act_scale is None:
+        act_scale = torch.tensor([0.05], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def probe(name):
+        run = PATHS[name].run
+
+        def call():
+            with torch.inference_mode():
+                y = run(x, weight, act, act_scale)
+            sync()
+            return y
+
+        return call
+
+    return {name: probe(name) for name in names}
+
+
+def _check_inputs(x2: torch.Tensor, weight: QuantizedWeight, act: ActQuant, act_scale: torch.Tensor | None) -> None:
+    who = f"weight {weight.name!r}" if weight.name else "quantized_matmul"
+    if not isinstance(x2, torch.Tensor) or not x2.dtype.is_floating_point or x2.dtype == torch.float64:
+        raise ValueError(f"{who}: x2 must be a float32, bfloat16 or float16 tensor; got {getattr(x2, 'dtype', type(x2).__name__)}")
+    if x2.dim() < 1 or x2.shape[-1] != weight.in_features:
+        raise ValueError(f"{who}: x2 must have last dimension {weight.in_features}; got shape {tuple(x2.shape)}")
+    if act.scheme == "static-tensor":
+        if act_scale is None or act_scale.numel() != 1:
+            raise ValueError(f"{who}: static-tensor activations need one scale; got {None if act_scale is None else tuple(act_scale.shape)}")
+    elif act.scheme == "static-channel":
+        if act_scale is None or tuple(act_scale.shape) != (weight.in_features,):
+            raise ValueError(
+                f"{who}: static-channel activations need scales of shape ({weight.in_features},); "
+                f"got {None if act_scale is None else tuple(act_scale.shape)}"
+            )
+
+
+def quantized_matmul(
+    x2: torch.Tensor,
+    weight: QuantizedWeight,
+    act: ActQuant = ActQuant(),
+    act_scale: torch.Tensor | None = None,
+    *,
+    path: str | None = None,
+) -> torch.Tensor:
+    """`y = x3 @ W_hatᵀ` (module docstring): x2 (..., in) -> y (..., out) in x2's dtype.
+
+    Args:
+      x2: rotated activations, float32, bfloat16 or float16, any leading shape.
+      weight: the layer's `QuantizedWeight`.
+      act: the activation handling.
+      act_scale: the calibrated scale: one value for "static-tensor", (in,) for
+        "static-channel"; unused otherwise.
+      path: force this path for this call (else `weight.path`, else the global
+        option, else the autotuner's choice).
+    """
+    _check_inputs(x2, weight, act, act_scale)
+    lead = x2.shape[:-1]
+    x = x2.reshape(-1, weight.in_features)
+    tokens = x.shape[0]
+    if tokens == 0:
+        return x2.new_zeros(*lead, weight.out_features)
+    name = path or weight.path or _OPTIONS.path
+    if name is not None:
+        why = unavailable(name, weight, act, x.dtype, tokens)
+        if why:
+            who = f"weight {weight.name!r}" if weight.name else "quantized_matmul"
+            raise ValueError(f"{who}: kernel path {name!r} cannot run here: {why}")
+    else:
+        name = choose_path(weight, act, x.dtype, tokens, act_scale)
+    weight.last_path = name
+    with torch.no_grad():
+        y = PATHS[name].run(x, weight, act, act_scale)
+    return y.reshape(*lead, weight.out_features)
