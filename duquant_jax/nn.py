@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,13 @@ from flax import nnx
 
 from duquant_jax.calibration import calibration_session
 from duquant_jax.checks import check_input
-from duquant_jax.config import DuQuantConfig, qmax
+from duquant_jax.activations import static_scales
+from duquant_jax.config import DuQuantConfig
 from duquant_jax.pack import _abs_percentile, forward, pack_weight
-from duquant_jax.packed import Pack
+from duquant_jax.packed import ARRAY_FIELDS, Pack
+from duquant_jax.stats import LayerStats
+
+PACK_FIELDS = tuple(f for f in ARRAY_FIELDS if f != "a_scale")
 
 FilterFn = Callable[[str, nnx.Module], bool]
 
@@ -30,46 +34,42 @@ class ActStat(nnx.Variable):
 class DuQuantLinear(nnx.Module):
     """A DuQuant-packed linear layer for NNX models, running SPEC's forward.
 
-    Variables: `perm (in,)`, `r_in (n_in, B, B)`, `r_out (n_out, Bo, Bo)` (None with
-    "none"), `w_codes (out, in)`, `w_scale (out,)` as PackVariable; `a_scale (in,)`
-    and the calibration running max as ActStat; `bias (out,)` as a Param.
+    Variables: the Pack's arrays (`perm`, `r_in`, `r_out`, `w_codes`, `w_scale` and,
+    when present, `in_diag`, `r_pre`, `out_diag`; see `duquant_jax.packed.Pack`) as
+    PackVariable, absent ones None; `a_scale` ((in,) or (1,)) and the calibration
+    running max as ActStat; `bias (out,)` as a Param.
     """
 
     def __init__(self, pack: Pack, bias: Any = None, name: str = ""):
         self.config = pack.config
         self.in_features, self.out_features = pack.in_features, pack.out_features
         self.name = name
-        self.perm = PackVariable(jnp.asarray(pack.perm))
-        self.r_in = PackVariable(jnp.asarray(pack.r_in))
-        self.r_out = None if pack.r_out is None else PackVariable(jnp.asarray(pack.r_out))
-        self.w_codes = PackVariable(jnp.asarray(pack.w_codes))
-        self.w_scale = PackVariable(jnp.asarray(pack.w_scale))
+        for field in PACK_FIELDS:
+            value = getattr(pack, field)
+            setattr(self, field, None if value is None else PackVariable(jnp.asarray(value)))
         self.calibrated = pack.a_scale is not None
         zeros = jnp.zeros(self.in_features, jnp.float32)
-        self.a_scale = ActStat(jnp.asarray(pack.a_scale) if self.calibrated else zeros)
+        n_scales = 1 if self.config.act_scheme == "static-tensor" else self.in_features
+        self.a_scale = ActStat(jnp.asarray(pack.a_scale) if self.calibrated else jnp.zeros(n_scales, jnp.float32))
         self.calib_max = ActStat(zeros)
         self.calib_seen = -1  # -1: not calibrating
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
 
     @classmethod
-    def from_linear(cls, linear: nnx.Linear, config: DuQuantConfig = DuQuantConfig(), name: str = "") -> DuQuantLinear:
-        """Packs an `nnx.Linear`, whose kernel is `(in, out)`: the weight is its transpose."""
+    def from_linear(
+        cls, linear: nnx.Linear, config: DuQuantConfig = DuQuantConfig(), name: str = "", stats: LayerStats | None = None
+    ) -> DuQuantLinear:
+        """Packs an `nnx.Linear`, whose kernel is `(in, out)`: the weight is its transpose.
+        `stats`: the layer's input statistics, when the config needs them."""
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"from_linear needs an nnx.Linear; got {type(linear).__name__}")
         bias = None if linear.bias is None else linear.bias[...]
-        return cls(pack_weight(linear.kernel[...].T, config), bias=bias, name=name)
+        return cls(pack_weight(linear.kernel[...].T, config, stats, name=name), bias=bias, name=name)
 
     def pack(self) -> Pack:
         """The layer's Pack (with `a_scale` once calibrated)."""
-        return Pack(
-            perm=self.perm[...],
-            r_in=self.r_in[...],
-            r_out=None if self.r_out is None else self.r_out[...],
-            w_scale=self.w_scale[...],
-            w_codes=self.w_codes[...],
-            a_scale=self.a_scale[...] if self.calibrated else None,
-            config=self.config,
-        )
+        arrays = {f: None if getattr(self, f) is None else getattr(self, f)[...] for f in PACK_FIELDS}
+        return Pack(**arrays, a_scale=self.a_scale[...] if self.calibrated else None, config=self.config)
 
     def start_calibration(self) -> None:
         self.calib_max[...] = jnp.zeros(self.in_features, jnp.float32)
@@ -83,8 +83,8 @@ class DuQuantLinear(nnx.Module):
         seen, self.calib_seen = self.calib_seen, -1
         if seen <= 0:
             return False
-        if self.config.quantize_acts:
-            self.a_scale[...] = jnp.maximum(self.calib_max[...] / qmax(self.config.act_bits), 1e-6)
+        if self.config.needs_calibration:
+            self.a_scale[...] = static_scales(self.calib_max[...], self.config)
             self.calibrated = True
         return True
 
@@ -99,7 +99,7 @@ class DuQuantLinear(nnx.Module):
                 self.calib_seen += 1
             unquantized = dataclasses.replace(self.config, act_bits=16)
             return forward(pack.replace(config=unquantized, a_scale=None), x, bias)
-        if self.config.quantize_acts and not self.calibrated:
+        if self.config.needs_calibration and not self.calibrated:
             raise RuntimeError(
                 f"layer {self.name or '(unnamed)'} quantizes activations (A{self.config.act_bits}) but was "
                 "never calibrated: run batches inside `with duquant_jax.nn.calibrate(model):` first"
@@ -125,10 +125,17 @@ def _set(node: Any, key: Any, value: Any) -> None:
         setattr(node, key, value)
 
 
-def quantize(model: nnx.Module, config: DuQuantConfig = DuQuantConfig(), filter_fn: FilterFn | None = None) -> dict[str, DuQuantLinear]:
+def quantize(
+    model: nnx.Module,
+    config: DuQuantConfig = DuQuantConfig(),
+    filter_fn: FilterFn | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
+) -> dict[str, DuQuantLinear]:
     """Swaps every selected `nnx.Linear` of `model` for a `DuQuantLinear`, in place.
 
     Modules are found by walking the NNX graph; names are their paths joined by ".".
+    `stats` maps those names to the layers' input statistics (from `observe`), for
+    configs that need them; a selected layer missing from it is an error naming it.
     Returns {name: new layer}.
     """
     selected = []
@@ -143,10 +150,8 @@ def quantize(model: nnx.Module, config: DuQuantConfig = DuQuantConfig(), filter_
         parent = model
         for key in path[:-1]:
             parent = _get(parent, key)
-        try:
-            new = DuQuantLinear.from_linear(linear, config, name=name)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"layer {name}: {e}") from e
+        layer_stats = None if stats is None else stats.get(name)
+        new = DuQuantLinear.from_linear(linear, config, name=name, stats=layer_stats)
         _set(parent, path[-1], new)
         replaced[name] = new
     return replaced
@@ -157,3 +162,6 @@ def calibrate(model: nnx.Module):
     batches you run; on a clean exit each freezes its activation scales (duquant_jax.calibration)."""
     layers = {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, DuQuantLinear)}
     return calibration_session(layers, "quantize")
+
+
+from duquant_jax.nn_observe import ObservedLinear, observe  # noqa: E402,F401  (the observe pass for NNX models)

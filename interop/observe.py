@@ -1,0 +1,95 @@
+"""The observe pass in PyTorch: input statistics of a float model's `nn.Linear` layers.
+
+```python
+with interop.observe(model, filter_fn, xtx=True) as stats:
+    for batch in calib_batches:
+        model(batch)
+stats.save("stats.safetensors")       # duquant_jax.stats.load_stats reads it back
+```
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from duquant_jax.stats import LayerStats, ModelStats, observe_session
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+class _Recorder:
+    """Forward pre-hook of one `nn.Linear`: accumulates its input's statistics in torch, on its device.
+
+    `absmax (in,)` by element-wise maximum and `xtx (in, in)` by `addmm_` of each
+    batch's `xᵀx`, both float32; the activations themselves are never kept.
+    """
+
+    def __init__(self, name: str, linear: nn.Linear, xtx: bool):
+        self.name = name
+        n, device = linear.in_features, linear.weight.device
+        self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(n, n, dtype=torch.float32, device=device) if xtx else None
+        self.tokens = 0
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.absmax.shape[0]:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"observe: layer {self.name}: input must have shape (..., {self.absmax.shape[0]}); got {shape}")
+        with torch.no_grad():
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(device=self.absmax.device, dtype=torch.float32)
+            if x2.shape[0] == 0:
+                return
+            torch.maximum(self.absmax, x2.abs().amax(dim=0), out=self.absmax)
+            if self.xtx is not None:
+                self.xtx.addmm_(x2.T, x2)
+        self.tokens += x2.shape[0]
+
+    def result(self) -> LayerStats:
+        xtx = None
+        if self.xtx is not None:
+            xtx = (0.5 * (self.xtx + self.xtx.T)).cpu().numpy()
+        return LayerStats(self.absmax.cpu().numpy(), xtx, self.tokens, layer=self.name)
+
+
+def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = False) -> ContextManager[ModelStats]:
+    """Records the input statistics of every selected `nn.Linear` on the batches run inside the block.
+
+    Args:
+      model: a float torch model; run your calibration batches through it inside
+        the `with` block (under `torch.no_grad()` or not: nothing is kept for autograd).
+      filter_fn: `(name, module) -> bool` over `named_modules()` names, as for
+        `interop.quantize_`; default: every `nn.Linear`.
+      xtx: also accumulate `XᵀX` (in, in) in float32 per layer (GPTQ needs it).
+
+    Returns:
+      a context manager whose `as` target is a `ModelStats`, filled on a clean exit
+      with {name: LayerStats}: `act_absmax` `max|x_j|`, `xtx` or None, `tokens`.
+      A layer that saw no batch is left out (with a warning); no batch at all is
+      an error. The hooks are removed on exit, also on an exception, and then the
+      statistics stay empty and say they are incomplete.
+    """
+    selected = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
+    ]
+    if not selected:
+        raise ValueError("observe: no nn.Linear of the model passed the filter")
+    recorders: list[_Recorder] = []
+    handles: list = []
+
+    def start() -> None:
+        for name, linear in selected:
+            recorders.append(_Recorder(name, linear, xtx))
+            handles.append(linear.register_forward_pre_hook(recorders[-1], with_kwargs=True))
+
+    def stop() -> None:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+    return observe_session(start, stop, lambda: {r.name: r.result() for r in recorders}, "nn.Linear")
