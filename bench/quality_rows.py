@@ -1,0 +1,123 @@
+"""The rows of the quality table: named configurations, and named lists of them for `--configs`.
+
+A row is a recipe for every bit width column: `Row.config(weight_bits, act_bits)`
+gives the `DuQuantConfig` (None for the float model). Its labels (rotation,
+smoothing, activation scheme, scale granularity, weight method) are read off
+that config, so a row is described by what it runs. Add rows to `ROWS` and name
+lists of them in `LISTS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from duquant_jax import DuQuantConfig
+
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A16": (4, 16), "W4A4": (4, 4)}
+LABELS = ("rotation", "smoothing", "act scheme", "granularity", "weight method")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One table row.
+
+    Attributes:
+      name: unique key (`--configs`, the JSON lines records).
+      kind: "config" (a `DuQuantConfig` through `interop.quantize_`), "float" (no
+        quantization) or "rtn" (the harness's own per-row RTN baseline, `rtn_baseline.py`)
+        or "preset" (`DuQuantConfig.preset(column)` where the core has it).
+      options: `DuQuantConfig` fields beside the bit widths.
+    """
+
+    name: str
+    kind: str = "config"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def config(self, weight_bits: int, act_bits: int, column: str = "") -> DuQuantConfig | None:
+        if self.kind == "float":
+            return None
+        if self.kind == "preset":
+            if not hasattr(DuQuantConfig, "preset"):
+                raise NotImplementedError("DuQuantConfig.preset does not exist yet")
+            return DuQuantConfig.preset(column.lower())
+        return DuQuantConfig(weight_bits=weight_bits, act_bits=act_bits, **dict(self.options))
+
+    def labels(self, config: DuQuantConfig | None) -> dict[str, str]:
+        if self.kind == "float":
+            return dict.fromkeys(LABELS, "float model")
+        if self.kind == "rtn":
+            return {"rotation": "none (harness RTN)", "smoothing": "-", "act scheme": "static-channel",
+                    "granularity": "row", "weight method": "rtn"}
+        c = config
+        rotation = c.rotation if c.rotation == "none" else f"{c.rotation} B={c.block_size}"
+        if c.rotation != "none" and c.enable_permute:
+            rotation += " +perm"
+        act = c.act_scheme + (f" clip {c.act_clip}" if c.act_scheme == "dynamic-token" and c.act_clip != 1.0 else "")
+        labels = {
+            "rotation": rotation,
+            "smoothing": "-" if c.smooth_alpha is None else f"α={c.smooth_alpha}",
+            "act scheme": act,
+            "granularity": "row" if c.weight_group_size is None else f"g{c.weight_group_size}",
+            "weight method": c.weight_method,
+        }
+        if self.kind == "preset":
+            labels["rotation"] = f"preset: {labels['rotation']}"
+        return labels
+
+
+def _row(name: str, **options: Any) -> Row:
+    DuQuantConfig(**options)  # validate now, not in the middle of a run
+    return Row(name, "config", tuple(sorted(options.items())))
+
+
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in [
+        Row("float", "float"),
+        Row("rtn", "rtn"),
+        _row("spec"),  # SPEC's algorithm: DuQuantConfig(weight_bits, act_bits)
+        _row("none", rotation="none", enable_permute=False),
+        _row("svd-b128", block_size=128),
+        _row("hadamard", rotation="hadamard", block_size=128),
+        _row("duquant", rotation="duquant", block_size=128),
+        _row("none+smooth", rotation="none", enable_permute=False, smooth_alpha=0.5),
+        _row("hadamard+smooth", rotation="hadamard", block_size=128, smooth_alpha=0.5),
+        _row("duquant+smooth", rotation="duquant", block_size=128, smooth_alpha=0.5),
+        _row("hadamard+dyn", rotation="hadamard", block_size=128, act_scheme="dynamic-token"),
+        _row("hadamard+tensor", rotation="hadamard", block_size=128, act_scheme="static-tensor"),
+        _row("duquant+smooth+dyn", rotation="duquant", block_size=128, smooth_alpha=0.5, act_scheme="dynamic-token"),
+        _row("hadamard+g128", rotation="hadamard", block_size=128, weight_group_size=128),
+        _row("hadamard+dyn+g128", rotation="hadamard", block_size=128, act_scheme="dynamic-token", weight_group_size=128),
+        _row("duquant+smooth+dyn+g128", rotation="duquant", block_size=128, smooth_alpha=0.5,
+             act_scheme="dynamic-token", weight_group_size=128),
+        _row("hadamard+gptq", rotation="hadamard", block_size=128, weight_method="gptq"),
+        _row("hadamard+dyn+g128+gptq", rotation="hadamard", block_size=128, act_scheme="dynamic-token",
+             weight_group_size=128, weight_method="gptq"),
+        Row("presets", "preset"),
+    ]
+}
+
+LISTS: dict[str, list[str]] = {
+    "baselines": ["float", "rtn", "spec"],
+    "rotations": ["none", "svd-b128", "hadamard", "duquant"],
+    "smoothing": ["none+smooth", "hadamard+smooth", "duquant+smooth"],
+    "act-schemes": ["hadamard+dyn", "hadamard+tensor", "duquant+smooth+dyn"],
+    "groups": ["hadamard+g128", "hadamard+dyn+g128", "duquant+smooth+dyn+g128"],
+    "gptq": ["hadamard+gptq", "hadamard+dyn+g128+gptq"],
+    "presets": ["presets"],
+}
+LISTS["all"] = [name for names in LISTS.values() for name in names]
+
+
+def select(spec: str) -> list[Row]:
+    """Rows named by a comma-separated list of list names (`LISTS`) and row names (`ROWS`), in order, once each."""
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in LISTS:
+            names += LISTS[item]
+        elif item in ROWS:
+            names.append(item)
+        else:
+            raise SystemExit(f"--configs: unknown row or list {item!r}; lists: {sorted(LISTS)}; rows: {sorted(ROWS)}")
+    return [ROWS[n] for n in dict.fromkeys(names)]
