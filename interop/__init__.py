@@ -1,11 +1,39 @@
-"""PyTorch side of duquant-jax: DLPack bridge, DuQuantLinear, model conversion.
+"""PyTorch side of duquant-jax: DuQuantLinear on integer kernels, model conversion, the observe pass,
+saving and loading quantized models, the DLPack bridge.
 
-Depends on `duquant_jax`; `duquant_jax` never imports torch.
+Depends on `duquant_jax`; `duquant_jax` never imports torch. Names are imported
+lazily: loading a saved quantized model (`interop.load_quantized`) imports no JAX.
 """
 
-from interop.convert import calibrate, from_pack_dir, name_filter, quantize_
-from interop.dlpack import jax_to_torch, torch_to_jax
-from interop.linear import DuQuantLinear
+from __future__ import annotations
 
-__all__ = ["DuQuantLinear", "calibrate",
-    "from_pack_dir", "jax_to_torch", "name_filter", "quantize_", "torch_to_jax"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DuQuantLinear": "interop.linear",
+    "calibrate": "interop.convert",
+    "from_pack_dir": "interop.convert",
+    "name_filter": "interop.convert",
+    "quantize_": "interop.convert",
+    "observe": "interop.observe",
+    "jax_to_torch": "interop.dlpack",
+    "torch_to_jax": "interop.dlpack",
+    "save_quantized": "interop.serialize",
+    "load_quantized": "interop.serialize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,20 +1,33 @@
-"""`DuQuantLinear`: SPEC's forward in PyTorch, from a pack made in JAX."""
+"""`DuQuantLinear`: a packed layer's forward in PyTorch, on the integer kernels of `interop.kernels`.
+
+The layer holds its weight only in quantized form (a `QuantizedWeight`: 4-bit
+codes two a byte, or int8 codes, plus scales) with the rotations and scales of
+its pack; no float copy of the weight is kept, persistent or derived. The
+forward rotates the input, multiplies through the fastest correct kernel path of
+the machine (`interop.kernels`), and rotates the output rows back where the row
+mode asks. Constructing one from saved state needs no JAX (`DuQuantLinear.empty`
+then `load_state_dict`, as `interop.serialize.load_quantized` does); packing a
+weight (`from_linear`, `from_pack`) uses the JAX path.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
-from duquant_jax import DuQuantConfig, Pack, pack_weight
-from duquant_jax.config import qmax
-from duquant_jax.stats import LayerStats
+from duquant_jax.config import DuQuantConfig, qmax
+from interop.kernels import ActQuant, fake_quantize, quantized_matmul
+from interop.qweight import QuantizedWeight
 
-STATIC_EPS = 1e-6  # duquant_jax.activations
-DYNAMIC_EPS = 1e-8
-from interop.dlpack import jax_to_torch, torch_to_jax
+if TYPE_CHECKING:  # the JAX side, imported only where a Pack is packed or converted
+    from duquant_jax.packed import Pack
+    from duquant_jax.stats import LayerStats
+
+STATIC_EPS = 1e-6  # as duquant_jax.activations
+ROTATION_FIELDS = ("in_diag", "r_pre", "r_in", "r_out", "out_diag")
 
 
 def _as_tensor(a: Any) -> torch.Tensor:
@@ -22,13 +35,15 @@ def _as_tensor(a: Any) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a
     if hasattr(a, "__dlpack__") and not hasattr(a, "__array_interface__"):
+        from interop.dlpack import jax_to_torch
+
         return jax_to_torch(a)
     return torch.from_numpy(a.copy() if not a.flags.writeable else a)
 
 
-def _rotate_columns(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """x: (..., C), r: (n, B, B) -> `x diag(r)` (..., C): pad, one batched einsum, truncate.
-    With n == 1 and C a multiple of B, the one matrix serves every block."""
+def rotate_blocks(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x: (..., C), r: (n, B, B) -> `x diag(r)` (..., C): each block of B channels times its matrix;
+    one matrix for every block when n == 1 (C a multiple of B); a short last block zero-padded."""
     n, size, _ = r.shape
     c = x.shape[-1]
     if n == 1 and c % size == 0:
@@ -37,13 +52,6 @@ def _rotate_columns(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         x = nn.functional.pad(x, (0, n * size - c))
     y = torch.einsum("...nb,nbc->...nc", x.reshape(*x.shape[:-1], n, size), r)
     return y.reshape(*x.shape[:-1], n * size)[..., :c]
-
-
-def _code_scales(w_scale: torch.Tensor, n: int, config: DuQuantConfig) -> torch.Tensor:
-    """(out,) or (out, groups) -> each code's scale: (out, 1) or (out, n)."""
-    if w_scale.dim() == 1:
-        return w_scale[:, None]
-    return w_scale.repeat_interleave(config.weight_group_size, dim=1)[:, :n]
 
 
 def abs_percentile(x2: torch.Tensor, q: float) -> torch.Tensor:
@@ -55,58 +63,86 @@ def abs_percentile(x2: torch.Tensor, q: float) -> torch.Tensor:
 
 
 class DuQuantLinear(nn.Module):
-    """A DuQuant-packed linear layer (SPEC "Forward pass").
+    """A DuQuant-packed linear layer (docs/ALGORITHM.md "Forward pass").
 
-    Buffers (all in `state_dict`): `perm (in,)`, `r_in (n_in, B, B)`,
-    `r_out (n_out, Bo, Bo)` (absent with row_rot_mode "none"), `w_codes (out, in)`,
-    `w_scale (out,)`, `a_scale (in,)` and `calibrated` (a bool).
+    State (`state_dict`): `perm (in,)` int64; the rotation fields of the pack that
+    are present (`in_diag`, `r_pre`, `r_in`, `r_out`, `out_diag`, see
+    `duquant_jax.packed.Pack`), in the module's dtype; the weight as
+    `qweight.codes` (uint8 nibbles for 2..4 bits, int8 for 5..8) and
+    `qweight.scales` (float32, `(out,)` or `(out, groups)`), or `w2 (out, in)` in
+    the module's dtype when weights are unquantized; `a_scale` (float32, `(in,)`
+    or `(1,)`), `calibrated` and `bias`.
 
-    Derived, non-persistent buffers, computed once and again only when the module
-    is moved or loaded: `r_in_t` (each `R_in` block transposed), `w_eff` (out, in)
-    and `b_eff` (out,). `w_eff` is the dequantized weight `Q * s`, with "restore"'s
-    output rotation folded in (`y1 diag(R_out) = x3 (diag(R_out)^T W_hat)^T`), and
-    `b_eff` the bias, rotated by `R_out` for "propagate"; so the forward is one
-    gather, one batched block product, the fake quantization and one `linear`.
+    Derived, non-persistent buffers (recomputed on `.to()` and load): `r_in_t`
+    (each input rotation transposed) and `b_eff` (the bias, rotated into the row
+    basis for "propagate").
     """
 
-    def __init__(self, pack: Pack, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, name: str = ""):
+    def __init__(
+        self,
+        config: DuQuantConfig,
+        in_features: int,
+        out_features: int,
+        fields: Mapping[str, torch.Tensor],
+        *,
+        a_scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        name: str = "",
+    ):
+        """Low-level constructor; use `from_pack`, `from_linear`, `from_file` or `empty`.
+
+        `fields` holds `perm`, `w_codes` ((out, in) integer codes, or the float W2
+        when weights are unquantized), `w_scale`, and the present rotation fields.
+        """
         super().__init__()
-        self.config: DuQuantConfig = pack.config
-        self.in_features, self.out_features = pack.in_features, pack.out_features
+        if not isinstance(config, DuQuantConfig):
+            raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
+        self.config = config
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.name = name
         dtype = dtype or torch.float32
-        self.register_buffer("perm", _as_tensor(pack.perm).to(torch.int64))
-        for field in ("in_diag", "r_pre", "r_in", "r_out", "out_diag"):
-            value = getattr(pack, field)
-            self.register_buffer(field, None if value is None else _as_tensor(value).to(dtype))
-        codes = _as_tensor(pack.w_codes)
-        self.register_buffer("w_codes", codes if codes.dtype == torch.int8 else codes.to(dtype))
-        self.register_buffer("w_scale", _as_tensor(pack.w_scale).to(dtype))
-        calibrated = pack.a_scale is not None
-        n_scales = 1 if self.config.act_scheme == "static-tensor" else self.in_features
-        a_scale = _as_tensor(pack.a_scale).to(dtype) if calibrated else torch.zeros(n_scales, dtype=dtype)
-        self.register_buffer("a_scale", a_scale)
+        self.register_buffer("perm", fields["perm"].to(torch.int64))
+        for field in ROTATION_FIELDS:
+            value = fields.get(field)
+            self.register_buffer(field, None if value is None else value.to(dtype))
+        codes = fields["w_codes"]
+        if config.quantize_weights:
+            self.qweight = QuantizedWeight(
+                codes.to(torch.int8), fields["w_scale"].float(), bits=config.weight_bits,
+                group_size=config.weight_group_size, name=name,
+            )
+            self.register_buffer("w2", None)
+        else:
+            self.qweight = None
+            self.register_buffer("w2", codes.to(dtype))
+        calibrated = a_scale is not None
+        n_scales = 1 if config.act_scheme == "static-tensor" else self.in_features
+        self.register_buffer("a_scale", a_scale.float() if calibrated else torch.zeros(n_scales))
         self.register_buffer("calibrated", torch.tensor(calibrated))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
-        for derived in ("r_in_t", "w_eff", "b_eff"):
+        self.act = ActQuant.from_config(config)
+        for derived in ("r_in_t", "b_eff"):
             self.register_buffer(derived, None, persistent=False)
         self._stats: torch.Tensor | None = None
         self._stat_batches = -1  # -1: not calibrating
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_weight())
-        self._refresh_weight()
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_derived())
+        self._refresh_derived()
 
     # -- construction -------------------------------------------------------
     @classmethod
     def from_pack(cls, pack: Pack, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None, name: str = "") -> DuQuantLinear:
         """From a Pack (JAX arrays arrive through DLPack without copies on CPU)."""
-        return cls(pack, bias=bias, dtype=dtype, name=name)
+        fields = {f: _as_tensor(getattr(pack, f)) for f in ("perm", "w_codes", "w_scale", *ROTATION_FIELDS) if getattr(pack, f) is not None}
+        a_scale = None if pack.a_scale is None else _as_tensor(pack.a_scale)
+        return cls(pack.config, pack.in_features, pack.out_features, fields, a_scale=a_scale, bias=bias, dtype=dtype, name=name)
 
     @classmethod
     def from_file(cls, path, layer: str, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> DuQuantLinear:
         """From layer `layer` of a pack file written by `duquant_jax.io.save_packs`."""
         from duquant_jax.io import load_packs
 
-        return cls(load_packs(path, [layer])[layer], bias=bias, dtype=dtype, name=layer)
+        return cls.from_pack(load_packs(path, [layer])[layer], bias=bias, dtype=dtype, name=layer)
 
     @classmethod
     def from_linear(
@@ -114,33 +150,67 @@ class DuQuantLinear(nn.Module):
     ) -> DuQuantLinear:
         """Packs `linear.weight` with the JAX path and carries the result over.
         `stats`: the layer's input statistics, for configs that need them (`interop.observe`)."""
+        from duquant_jax.pack import pack_weight
+        from interop.dlpack import torch_to_jax
+
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
         pack = pack_weight(torch_to_jax(linear.weight.detach()), config, stats, name=name)
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
-        return cls(pack, bias=linear.bias, dtype=dtype, name=name).to(linear.weight.device)
+        return cls.from_pack(pack, bias=linear.bias, dtype=dtype, name=name).to(linear.weight.device)
+
+    @classmethod
+    def empty(
+        cls,
+        config: DuQuantConfig,
+        in_features: int,
+        out_features: int,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        name: str = "",
+    ) -> DuQuantLinear:
+        """A layer with zero state of the given field `shapes` (`layout()`), to `load_state_dict` into.
+
+        Needs no JAX: this is how saved quantized models are rebuilt.
+        """
+        fields = {f: torch.zeros(tuple(s)) for f, s in shapes.items() if f in ROTATION_FIELDS}
+        fields["perm"] = torch.arange(in_features)
+        fields["w_codes"] = torch.zeros(out_features, in_features, dtype=torch.int8 if config.quantize_weights else torch.float32)
+        fields["w_scale"] = torch.ones(tuple(shapes.get("w_scale", (out_features,))))
+        b = torch.zeros(out_features) if bias else None
+        layer = cls(config, in_features, out_features, fields, bias=b, dtype=dtype, name=name)
+        if config.needs_calibration:
+            layer.a_scale = torch.zeros(tuple(shapes["a_scale"]))
+        return layer
+
+    def layout(self) -> dict[str, list[int]]:
+        """The shapes of the fields that vary between packs (for `empty`): rotations, w_scale, a_scale."""
+        shapes = {f: list(getattr(self, f).shape) for f in ROTATION_FIELDS if getattr(self, f) is not None}
+        if self.qweight is not None:
+            shapes["w_scale"] = list(self.qweight.scales.shape)
+        shapes["a_scale"] = list(self.a_scale.shape)
+        return shapes
+
+    def codes(self) -> torch.Tensor:
+        """The weight codes `Q`: (out, in) int8 (the float W2 when weights are unquantized)."""
+        return self.w2 if self.qweight is None else self.qweight.codes()
 
     # -- state ---------------------------------------------------------------
-    def _refresh_weight(self) -> None:
-        """Recomputes the derived buffers (in float32, then the module's dtype)."""
-        dtype = self.w_scale.dtype
-        w_hat = self.w_codes.float() * _code_scales(self.w_scale.float(), self.in_features, self.config)
-        bias = None if self.bias is None else self.bias.detach().float()
-        sign = None if self.out_diag is None else self.out_diag.float()
-        if self.config.rotate_rows and self.config.row_rot_mode == "restore":
-            # y = (y1 diag(r_out)) * sign = x3 (sign * diag(r_out)ᵀ W_hat)ᵀ
-            w_hat = _rotate_columns(w_hat.T, self.r_out.float()).T
-            if sign is not None:
-                w_hat = w_hat * sign[:, None]
-        elif self.config.rotate_rows and self.config.row_rot_mode == "propagate" and bias is not None:
-            bias = _rotate_columns(bias if sign is None else bias * sign, self.r_out.float().transpose(-1, -2))
-        self.w_eff = w_hat.to(dtype).contiguous()
-        self.b_eff = None if bias is None else bias.to(dtype)
+    def _refresh_derived(self) -> None:
         self.r_in_t = None if self.r_in is None else self.r_in.transpose(-1, -2).contiguous()
+        bias = self.bias
+        if bias is not None and self.config.rotate_rows and self.config.row_rot_mode == "propagate":
+            b = bias.detach().float()
+            if self.out_diag is not None:
+                b = b * self.out_diag.float()
+            bias = rotate_blocks(b, self.r_out.float().transpose(-1, -2)).to(bias.dtype)
+        self.b_eff = None if bias is None else bias.detach()
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16() ...
         out = super()._apply(fn, recurse)
-        self._refresh_weight()
+        self._refresh_derived()
         return out
 
     def extra_repr(self) -> str:
@@ -167,11 +237,21 @@ class DuQuantLinear(nn.Module):
         if self.config.needs_calibration:
             if self.config.act_scheme == "static-tensor":
                 stats = stats.max().reshape(1)
-            s = torch.clamp(stats / qmax(self.config.act_bits), min=STATIC_EPS)
-            self.a_scale.copy_(s.to(self.a_scale.dtype))
+            self.a_scale.copy_(torch.clamp(stats / qmax(self.config.act_bits), min=STATIC_EPS))
             self.calibrated.fill_(True)
         return True
 
+    def _record(self, x2: torch.Tensor) -> None:
+        cfg = self.config
+        if self._stat_batches >= cfg.calib_batches:
+            return
+        if not torch.isfinite(x2).all():
+            raise ValueError(f"{self.name or 'DuQuantLinear'}: calibration batch {self._stat_batches} holds NaN/Inf")
+        p = abs_percentile(x2, cfg.act_percentile)
+        self._stats = p if self._stats is None else torch.maximum(self._stats, p)
+        self._stat_batches += 1
+
+    # -- forward -------------------------------------------------------------
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """Forward steps 1-2: x (..., in) -> `rot(rot(x * in_diag, r_pre)[..., perm], r_in)` (..., in).
 
@@ -183,12 +263,12 @@ class DuQuantLinear(nn.Module):
         if self.in_diag is not None:
             x = x * self.in_diag.to(x.dtype)
         if self.r_pre is not None:
-            x = _rotate_columns(x, self.r_pre.to(x.dtype))
+            x = rotate_blocks(x, self.r_pre.to(x.dtype))
         xt = x.reshape(-1, n_in).t().contiguous().index_select(0, self.perm)  # (in, T)
+        tokens = xt.shape[1]
         if self.r_in_t is None:
             return xt.t().reshape(*lead, n_in)
         n, size, _ = self.r_in_t.shape
-        tokens = xt.shape[1]
         r = self.r_in_t.to(x.dtype)
         if n == 1:
             x2t = (r[0] @ xt.view(n_in // size, size, tokens)).view(n_in, tokens)
@@ -198,30 +278,33 @@ class DuQuantLinear(nn.Module):
         x2t = torch.bmm(r, xt.view(n, size, tokens)).view(n * size, tokens)
         return x2t[:n_in].t().reshape(*lead, n_in)
 
-    # -- forward -------------------------------------------------------------
+    def restore_output(self, y1: torch.Tensor) -> torch.Tensor:
+        """y1: (..., out) in the rotated row basis -> `(y1 diag(r_out)) * out_diag`."""
+        y = rotate_blocks(y1, self.r_out.to(y1.dtype))
+        return y if self.out_diag is None else y * self.out_diag.to(y.dtype)
+
+    def _product(self, x2: torch.Tensor, act: ActQuant) -> torch.Tensor:
+        if self.qweight is not None:
+            scale = self.a_scale if act.scheme in ("static-channel", "static-tensor") else None
+            return quantized_matmul(x2, self.qweight, act, scale)
+        x3 = x2 if act.scheme == "none" else fake_quantize(x2, act, self.a_scale if act.scheme.startswith("static") else None)
+        return nn.functional.linear(x3, self.w2.to(x2.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'DuQuantLinear'}: input must have last dimension {self.in_features}; got shape {tuple(x.shape)}")
         cfg = self.config
         x2 = self.rotate_input(x)
+        act = self.act
         if self._stat_batches >= 0:
-            if self._stat_batches < cfg.calib_batches:
-                if not torch.isfinite(x2).all():
-                    raise ValueError(f"{self.name or 'DuQuantLinear'}: calibration batch {self._stat_batches} holds NaN/Inf")
-                p = abs_percentile(x2, cfg.act_percentile)
-                self._stats = p if self._stats is None else torch.maximum(self._stats, p)
-                self._stat_batches += 1
-        elif cfg.quantize_acts:
-            qa = qmax(cfg.act_bits)
-            if cfg.act_scheme == "dynamic-token":
-                s = torch.clamp(cfg.act_clip * x2.abs().amax(dim=-1, keepdim=True) / qa, min=DYNAMIC_EPS)
-            elif not bool(self.calibrated):
-                raise RuntimeError(
-                    f"layer {self.name or '(unnamed)'} quantizes activations (A{cfg.act_bits}) but was never "
-                    "calibrated: run batches inside `with interop.calibrate(model):` first"
-                )
-            else:
-                s = self.a_scale.to(x2.dtype)
-            x2 = torch.clamp(torch.round(x2 / s), -qa - 1, qa) * s
-        b = None if self.b_eff is None else self.b_eff.to(x2.dtype)
-        return nn.functional.linear(x2, self.w_eff.to(x2.dtype), b)
+            self._record(x2)
+            act = ActQuant()  # calibration runs with float activations
+        elif cfg.needs_calibration and not bool(self.calibrated):
+            raise RuntimeError(
+                f"layer {self.name or '(unnamed)'} quantizes activations (A{cfg.act_bits}) but was never "
+                "calibrated: run batches inside `with interop.calibrate(model):` first"
+            )
+        y = self._product(x2, act)
+        if cfg.rotate_rows and cfg.row_rot_mode == "restore":
+            y = self.restore_output(y)
+        return y if self.b_eff is None else y + self.b_eff.to(y.dtype)

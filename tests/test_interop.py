@@ -98,7 +98,8 @@ def test_bfloat16_layer_stays_close_to_float32():
     pack = calibrate(pack_weight(w, cfg), calib)
     f32 = DuQuantLinear.from_pack(pack, bias=torch.from_numpy(b))
     bf16 = DuQuantLinear.from_pack(pack, bias=torch.from_numpy(b)).to(torch.bfloat16)
-    assert bf16.w_eff.dtype == torch.bfloat16 and bf16.w_codes.dtype == torch.int8
+    assert bf16.r_in.dtype == torch.bfloat16 and bf16.qweight.scales.dtype == torch.float32  # scales never rounded
+    assert not [n for n, t in bf16.state_dict().items() if t.dtype.is_floating_point and t.shape == (48, 70)]  # no float weight
     y32 = f32(torch.from_numpy(x))
     y16 = bf16(torch.from_numpy(x).to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
@@ -110,8 +111,9 @@ def test_state_dict_round_trips_into_a_fresh_layer():
     w, b, cfg, calib, x = _layer("restore")
     layer = DuQuantLinear.from_pack(calibrate(pack_weight(w, cfg), calib), bias=torch.from_numpy(b))
     sd = layer.state_dict()
-    assert {"perm", "r_in", "r_out", "w_codes", "w_scale", "a_scale", "calibrated", "bias"} <= set(sd)
-    assert not {"w_eff", "b_eff", "r_in_t"} & set(sd)
+    assert {"perm", "r_in", "r_out", "qweight.codes", "qweight.scales", "a_scale", "calibrated", "bias"} <= set(sd)
+    assert sd["qweight.codes"].dtype == torch.uint8 and sd["qweight.codes"].shape == (48, 35)  # 4-bit: two codes a byte
+    assert not {"b_eff", "r_in_t"} & set(sd)
     fresh = DuQuantLinear.from_pack(pack_weight(np.zeros_like(w) + 1, cfg), bias=torch.zeros(48))
     fresh.load_state_dict(sd)
     xt = torch.from_numpy(x)

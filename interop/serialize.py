@@ -1,0 +1,246 @@
+"""Saved quantized models: `save_quantized(model, directory)` and `load_quantized(model, directory)`.
+
+Directory layout (transformers' sharded layout, plus one JSON of our own):
+
+  model.safetensors                     every tensor of `model.state_dict()`, or, above
+                                        `max_shard_bytes`, model-00001-of-0000N.safetensors ...
+  model.safetensors.index.json          (sharded only) {"metadata": {"total_size": N}, "weight_map": {key: file}}
+  duquant_quantized.json                written last: the format, every DuQuantLinear's name,
+                                        config, shape, dtype and field shapes, and tied aliases
+
+Each `DuQuantLinear` contributes its packed state (`qweight.codes` as 4-bit
+nibbles or int8, `qweight.scales`, the rotations, `a_scale`, `calibrated`,
+`bias`); the rest of the model's weights are stored as they are. Every shard
+records a CRC-32 of every tensor (`duquant_jax.integrity`), checked on load.
+
+Loading needs no JAX: it imports torch, safetensors, `duquant_jax.config`,
+`duquant_jax.integrity` and `duquant_jax.paths` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from duquant_jax.atomic import atomic_write, atomic_write_text
+from duquant_jax.config import DuQuantConfig
+from duquant_jax.integrity import ChecksumError, checksum_metadata, digest, dtype_code, verify_file
+from duquant_jax.paths import contained
+from interop.linear import DuQuantLinear
+
+FORMAT = "duquant-quantized-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "duquant_quantized.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
+
+
+class SavedModelError(ValueError):
+    """A saved quantized model that cannot be loaded: missing, damaged, or not matching the model."""
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return digest(t.reshape(-1).view(torch.uint8).numpy(), dtype_code(t.dtype), t.shape)
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without tied duplicates (safetensors stores no shared memory): (tensors, {alias: kept key})."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Tensors in state-dict order, cut into shards of at most `max_bytes` (a larger tensor alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += n
+    return shards
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes `model` (with its `DuQuantLinear` layers) to `directory`; returns the directory.
+
+    Args:
+      model: a torch model quantized by `interop.quantize_` (or `from_pack_dir`).
+      directory: created if needed. A previous save there is replaced: its
+        `duquant_quantized.json` is removed first and written last, so an
+        interrupted save is never mistaken for a complete one.
+      max_shard_bytes: the largest shard; above it the tensors are sharded with
+        an index like transformers'.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be an int >= 1; got {max_shard_bytes!r}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DuQuantLinear)}
+    if not layers:
+        raise ValueError("save_quantized: the model has no DuQuantLinear layer (run interop.quantize_ first)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).unlink(missing_ok=True)
+    tensors, aliases = _unique_state(model)
+    shards = _shards(tensors, max_shard_bytes)
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    for name, shard in zip(names, shards):
+        meta = {"format": FORMAT}
+        meta["checksums"] = checksum_metadata({k: _tensor_digest(t) for k, t in shard.items()}, meta)
+        atomic_write(directory / name, lambda tmp, shard=shard, meta=meta: save_file(shard, tmp, metadata=meta))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
+        }
+        atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=1))
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layers": {
+            name: {
+                "config": m.config.to_dict(),
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "bias": m.bias is not None,
+                "dtype": str(m.r_in.dtype if m.r_in is not None else m.a_scale.dtype).removeprefix("torch."),
+                "shapes": m.layout(),
+            }
+            for name, m in layers.items()
+        },
+        "aliases": aliases,
+        "files": names,
+        "torch_version": torch.__version__,
+    }
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(record, indent=1))
+    return directory
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise SavedModelError(
+            f"{directory} holds no {CONFIG_FILE}: not a saved quantized model, or its save did not finish "
+            "(run save_quantized again)"
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SavedModelError(f"{path} is not readable JSON ({e}): the save is damaged") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise SavedModelError(f"{path} is not a duquant quantized-model record (format={record.get('format') if isinstance(record, dict) else None!r})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise SavedModelError(f"{path} has format_version {record.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+    for key, kind in (("layers", dict), ("aliases", dict), ("files", list)):
+        if not isinstance(record.get(key), kind):
+            raise SavedModelError(f"{path}: {key!r} is missing or not a {kind.__name__}")
+    return record
+
+
+def _layer_from_record(name: str, info: Any, module: nn.Module, source: Path) -> DuQuantLinear:
+    try:
+        config = DuQuantConfig.from_dict(info["config"])
+        n_in, n_out, shapes = int(info["in_features"]), int(info["out_features"]), info["shapes"]
+        dtype = getattr(torch, str(info["dtype"]))
+        if not isinstance(dtype, torch.dtype) or not isinstance(shapes, dict):
+            raise TypeError("bad dtype or shapes")
+        bias = bool(info["bias"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SavedModelError(f"{source}: layer {name!r} has a bad record ({e})") from None
+    have = (module.in_features, module.out_features) if isinstance(module, (nn.Linear, DuQuantLinear)) else None
+    if have != (n_in, n_out):
+        raise SavedModelError(
+            f"{source}: layer {name!r} was saved as a {n_out}x{n_in} linear; the model has "
+            f"{'no linear there' if have is None else f'a {have[1]}x{have[0]} one'}: build the same architecture"
+        )
+    return DuQuantLinear.empty(config, n_in, n_out, shapes, bias=bias, dtype=dtype, name=name)
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
+    """Loads a saved quantized model into `model`, a freshly built float model of the same architecture.
+
+    Every saved `DuQuantLinear` replaces the `nn.Linear` of the same name (no
+    re-packing), then every tensor is loaded as saved (dtypes included), so the
+    outputs equal the saved model's bit for bit. Imports no JAX.
+
+    Args:
+      model: the float model; changed in place and returned.
+      directory: written by `save_quantized`.
+      verify: check every tensor's CRC-32 (on by default; `False` skips it for speed).
+
+    Raises:
+      SavedModelError: a missing or damaged file, a path outside `directory`, or a
+        layer that does not match the model (the message names it).
+      ChecksumError: a tensor whose bytes do not match their checksum.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    record = _read_record(directory)
+    source = directory / CONFIG_FILE
+    files = [contained(directory, f, what="shard", source=source) for f in record["files"]]
+    for name, info in record["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise SavedModelError(f"{source}: layer {name!r} is not a module of the model: build the same architecture") from None
+        _set_child(model, name, _layer_from_record(name, info, module, source))
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise SavedModelError(f"{directory}: shard {path.name} is missing: the save is incomplete")
+        try:
+            if verify:
+                verify_file(path)
+            state.update(load_file(str(path)))
+        except ChecksumError:
+            raise
+        except Exception as e:  # safetensors' own errors for a damaged header
+            raise SavedModelError(f"{path} is not a readable safetensors file ({e}): the save is damaged") from None
+    aliases = record["aliases"]
+    for alias, key in aliases.items():
+        if not isinstance(key, str) or key not in state:
+            raise SavedModelError(f"{source}: alias {alias!r} points at {key!r}, which no shard holds")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k not in aliases]
+    if missing or result.unexpected_keys:
+        raise SavedModelError(
+            f"{directory} does not match the model: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
+        )
+    for alias, key in aliases.items():  # tied tensors: the alias becomes the very same object again
+        _set_child(model, alias, _get_tensor(model, key))
+    return model
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    owner, _, attr = key.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
