@@ -94,6 +94,12 @@ ROWS: dict[str, Row] = {
         _row("hadamard+gptq", rotation="hadamard", block_size=128, weight_method="gptq"),
         _row("hadamard+dyn+g128+gptq", rotation="hadamard", block_size=128, act_scheme="dynamic-token",
              weight_group_size=128, weight_method="gptq"),
+        _row("none+dyn", rotation="none", enable_permute=False, act_scheme="dynamic-token"),
+        _row("spec+dyn", act_scheme="dynamic-token"),
+        _row("hadamard+dyn-norows", rotation="hadamard", block_size=128, act_scheme="dynamic-token", row_rot_mode="none"),
+        _row("hadamard2048+dyn", rotation="hadamard", block_size=2048, act_scheme="dynamic-token"),
+        _row("hadamard+smooth+dyn", rotation="hadamard", block_size=128, smooth_alpha=0.5, act_scheme="dynamic-token"),
+        _row("duquant+dyn", rotation="duquant", block_size=128, act_scheme="dynamic-token"),
         Row("presets", "preset"),
     ]
 }
@@ -106,8 +112,11 @@ LISTS: dict[str, list[str]] = {
     "groups": ["hadamard+g128", "hadamard+dyn+g128", "duquant+smooth+dyn+g128"],
     "gptq": ["hadamard+gptq", "hadamard+dyn+g128+gptq"],
     "presets": ["presets"],
+    "stage1": ["float", "rtn", "spec", "none", "none+dyn", "spec+dyn", "hadamard", "hadamard+dyn", "hadamard+dyn-norows",
+               "hadamard2048+dyn", "hadamard+smooth", "hadamard+smooth+dyn", "duquant", "duquant+dyn", "duquant+smooth",
+               "duquant+smooth+dyn", "hadamard+g128", "hadamard+dyn+g128"],
 }
-LISTS["all"] = [name for names in LISTS.values() for name in names]
+LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 
 def select(spec: str) -> list[Row]:

@@ -27,18 +27,25 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 
 from duquant_jax import integrity
 from duquant_jax.config import DuQuantConfig
-from duquant_jax.io import PackFileError, atomic_write, load_packs, read_metadata, save_packs
+from duquant_jax.io import (
+    PackFileError,
+    atomic_write,
+    load_packs,
+    read_metadata,
+    save_packs,
+)
 from duquant_jax.lock import exclusive
 from duquant_jax.pack import pack_weight
 from duquant_jax.packed import Pack
 from duquant_jax.paths import contained, hf_blobs_root, safe_file_name
+from duquant_jax.stats import LayerStats, layer_for_tensor, stats_for_layer
 
 INDEX = "index.json"
 INDEX_FORMAT = "duquant-jax-pack-dir"
@@ -210,6 +217,7 @@ def pack_checkpoint(
     on_layer: Callable[[str], None] | None = None,
     devices: list | None = None,
     echo: Callable[[str], None] = _stderr,
+    stats: Mapping[str, LayerStats] | None = None,
 ) -> PackSummary:
     """Packs every selected layer of `checkpoint` into `out_dir`, one tensor in memory at a time.
 
@@ -224,6 +232,8 @@ def pack_checkpoint(
     lock under `jax.distributed`) and has no `index.json`. A layer file that is
     intact and holds this config's pack of the same shape is kept; any other is
     repacked. `echo` receives notes (a stale lock taken over, a layer repacked).
+    `stats` ({layer: LayerStats}, e.g. `load_stats(path)`) serves configs that need
+    activation statistics; a tensor matches its layer as in `stats.layer_for_tensor`.
 
     Raises:
       BusyError: another run is writing `out_dir`.
@@ -235,13 +245,22 @@ def pack_checkpoint(
     names = select_layers(ckpt, include, exclude)
     shapes = {n: ckpt.shape(n) for n in names}
     files = {n: layer_file(out_dir, n) for n in names}
+    layer_stats = {n: _stats_for(n, shapes[n], config, stats) for n in names}  # every layer checked before any is written
+    args = (ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo, layer_stats)
     if jax.process_count() > 1:  # the lock is process 0's; the others write under it
-        return _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo)
+        return _pack_locked(*args)
     with exclusive(out_dir, echo=echo):
-        return _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo)
+        return _pack_locked(*args)
 
 
-def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo) -> PackSummary:
+def _stats_for(tensor: str, shape: tuple[int, ...], config: DuQuantConfig, stats: Mapping[str, LayerStats] | None) -> LayerStats | None:
+    if not config.needs_stats:
+        return None
+    layer = None if stats is None else layer_for_tensor(stats, tensor)
+    return stats_for_layer(config, stats, layer or tensor.removesuffix(".weight"), shape[1])
+
+
+def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo, layer_stats) -> PackSummary:
     from tqdm import tqdm
 
     single = jax.process_count() == 1
@@ -282,7 +301,7 @@ def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer
                 echo(f"note: repacking {name}: {files[name]} is there but {why}")
             device = devices[(counts["packed"] + len(in_flight)) % len(devices)]
             try:
-                pack = pack_weight(ckpt.tensor(name), config, device=device, wait=False)
+                pack = pack_weight(ckpt.tensor(name), config, layer_stats[name], device=device, wait=False)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"tensor {name}: {e}") from e
             in_flight.append((name, pack))

@@ -14,7 +14,14 @@ import errno
 import sys
 import traceback
 
-from duquant_jax.config import ROTATION_METHODS, DuQuantConfig
+from duquant_jax.config import (
+    ACT_SCHEMES,
+    PRESETS,
+    ROTATION_METHODS,
+    ROTATIONS,
+    WEIGHT_METHODS,
+    DuQuantConfig,
+)
 from duquant_jax.lock import BusyError
 
 EXIT_FAILED, EXIT_ERROR = 1, 2
@@ -29,20 +36,42 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-_CONFIG_FLAGS = {"weight_bits": "--weight-bits", "act_bits": "--act-bits", "block_size": "--block-size", "rotation_method": "--method"}
+# DuQuantConfig field -> its flag; every flag defaults to the preset's (or SPEC's) value.
+_CONFIG_FLAGS = {
+    "weight_bits": "--weight-bits",
+    "act_bits": "--act-bits",
+    "block_size": "--block-size",
+    "rotation_method": "--method",
+    "rotation": "--rotation",
+    "smooth_alpha": "--smooth-alpha",
+    "weight_group_size": "--group-size",
+    "weight_method": "--weight-method",
+    "act_scheme": "--act-scheme",
+    "act_clip": "--act-clip",
+}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weight-bits", type=int, default=4)
-    p.add_argument("--act-bits", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--method", choices=ROTATION_METHODS, default=DuQuantConfig().rotation_method)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a recommended configuration (README \"Presets\"); the flags below override it")
+    p.add_argument("--weight-bits", type=int, help="2..8, or 16 for unquantized weights (default 4)")
+    p.add_argument("--act-bits", type=int, help="2..8, or 16 for unquantized activations (default 8)")
+    p.add_argument("--block-size", type=int, help="rotation block (default 16)")
+    p.add_argument("--method", choices=ROTATION_METHODS, help="how the svd family's rotations are computed (default qr-svd)")
+    p.add_argument("--rotation", choices=ROTATIONS, help="rotation family (default svd, SPEC's)")
+    p.add_argument("--smooth-alpha", type=float, help="SmoothQuant migration strength in [0, 1] (needs --stats)")
+    p.add_argument("--group-size", type=int, help="one weight scale per group of this many input channels")
+    p.add_argument("--weight-method", choices=WEIGHT_METHODS, help="rtn or gptq (gptq needs --stats with XᵀX)")
+    p.add_argument("--act-scheme", choices=ACT_SCHEMES, help="activation scheme (default static-channel)")
+    p.add_argument("--act-clip", type=float, help="dynamic-token clip ratio in (0, 1]")
 
 
 def _config(a: argparse.Namespace) -> DuQuantConfig:
-    """The DuQuantConfig the flags ask for; a bad value is a UsageError naming its flag."""
+    """The DuQuantConfig the flags ask for: the preset (or SPEC's default) with the given flags
+    applied; a bad value is a UsageError naming its flag."""
+    changes = {field: getattr(a, flag[2:].replace("-", "_")) for field, flag in _CONFIG_FLAGS.items()}
+    changes = {k: v for k, v in changes.items() if v is not None}
     try:
-        return DuQuantConfig(weight_bits=a.weight_bits, act_bits=a.act_bits, block_size=a.block_size, rotation_method=a.method)
+        return DuQuantConfig.preset(a.preset, **changes) if a.preset else DuQuantConfig(**changes)
     except ValueError as e:
         flag = next((f for field, f in _CONFIG_FLAGS.items() if str(e).startswith(field)), "the config flags")
         raise UsageError(f"{flag}: {e}") from None
@@ -51,7 +80,18 @@ def _config(a: argparse.Namespace) -> DuQuantConfig:
 def _pack(a: argparse.Namespace) -> int:
     from duquant_jax.checkpoint import pack_checkpoint
 
-    summary = pack_checkpoint(a.checkpoint, a.out, _config(a), include=a.include, exclude=a.exclude)
+    config = _config(a)
+    stats = None
+    if a.stats is not None:
+        from duquant_jax.stats import load_stats
+
+        stats = load_stats(a.stats)
+    elif config.needs_stats:
+        raise UsageError(
+            "this configuration needs activation statistics (smoothing, rotation duquant or gptq): record them with "
+            "`interop.observe(model)` / `duquant_jax.nn.observe(model)`, `stats.save(PATH)`, then pass --stats PATH"
+        )
+    summary = pack_checkpoint(a.checkpoint, a.out, config, include=a.include, exclude=a.exclude, stats=stats)
     print(summary.table())
     print(f"packs written to {a.out}")
     return 0
@@ -152,6 +192,7 @@ def parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="output directory (layers/*.safetensors and index.json)")
     pack.add_argument("--include", help="regex over tensor names to pack (default: every 2-D *.weight)")
     pack.add_argument("--exclude", help="regex over tensor names to skip (default: 'embed|lm_head'; '' for none)")
+    pack.add_argument("--stats", help="activation statistics (a file saved by the observe pass), for configs that need them")
     _config_args(pack)
     pack.set_defaults(run=_pack)
 

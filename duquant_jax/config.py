@@ -218,6 +218,26 @@ class DuQuantConfig:
         """A copy with `changes` applied (validated)."""
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DuQuantConfig:
+        """The recommended configuration for `name` in PRESETS ("w8a8", "w4a8", "w4a16", "w4a4"),
+        chosen from the measured quality table (README "Presets", bench/RESULTS.md "Quality"),
+        with `overrides` applied. Presets that round with GPTQ need statistics with XᵀX.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; the presets are {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# The recommended configurations (DuQuantConfig.preset), from bench/RESULTS.md "Quality".
+_DEPLOY = dict(rotation="hadamard", block_size=128, row_rot_mode="none", act_scheme="dynamic-token")
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8a8": dict(_DEPLOY, weight_bits=8, act_bits=8),
+    "w4a8": dict(_DEPLOY, weight_bits=4, act_bits=8, weight_group_size=128, weight_method="gptq"),
+    "w4a16": dict(_DEPLOY, weight_bits=4, act_bits=16, weight_group_size=128, weight_method="gptq"),
+    "w4a4": dict(_DEPLOY, weight_bits=4, act_bits=4, weight_group_size=128, weight_method="gptq", act_clip=0.9),
+}
+
 
 def qmax(bits: int) -> int:
     """Largest positive code of a signed `bits`-bit integer: 2^(bits-1) - 1."""
