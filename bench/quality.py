@@ -467,6 +467,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stability-items", type=int, default=96, help="held-out items measured one by one by --stability")
     args = ap.parse_args(argv)
     args.out = args.out.resolve()
+    # Quality is measured with exact products (float32 or integer kernels), by a fixed path
+    # order: which kernel is fastest is bench/kernel_speed.py's question, not this one's.
+    from interop.kernels import set_kernel_options
+
+    set_kernel_options(autotune=False, precision="float32")
     if args.report:
         report(args)
     elif args.stability:

@@ -10,10 +10,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from duquant_jax.activations import static_scales
 from duquant_jax.calibration import calibration_session
 from duquant_jax.checks import check_input
-from duquant_jax.activations import static_scales
 from duquant_jax.config import DuQuantConfig
+from duquant_jax.integer import (
+    packed_forward,
+    packs_nibbles,
+    stored_codes,
+    unpack_nibbles,
+)
 from duquant_jax.pack import _abs_percentile, forward, pack_weight
 from duquant_jax.packed import ARRAY_FIELDS, Pack
 from duquant_jax.stats import LayerStats
@@ -34,10 +40,13 @@ class ActStat(nnx.Variable):
 class DuQuantLinear(nnx.Module):
     """A DuQuant-packed linear layer for NNX models, running SPEC's forward.
 
-    Variables: the Pack's arrays (`perm`, `r_in`, `r_out`, `w_codes`, `w_scale` and,
-    when present, `in_diag`, `r_pre`, `out_diag`; see `duquant_jax.packed.Pack`) as
-    PackVariable, absent ones None; `a_scale` ((in,) or (1,)) and the calibration
-    running max as ActStat; `bias (out,)` as a Param.
+    Variables: the Pack's arrays (`perm`, `r_in`, `r_out`, `w_scale` and, when
+    present, `in_diag`, `r_pre`, `out_diag`; see `duquant_jax.packed.Pack`) as
+    PackVariable, absent ones None; the weight codes `w_codes` in their stored form
+    (2..4 bits: two a byte, `(out, ceil(in/2))` uint8; 5..8 bits: `(out, in)` int8);
+    `a_scale` ((in,) or (1,)) and the calibration running max as ActStat; `bias
+    (out,)` as a Param. The forward is `duquant_jax.integer.packed_forward`: integer
+    products for per-token and per-tensor activation scales, float32 otherwise.
     """
 
     def __init__(self, pack: Pack, bias: Any = None, name: str = ""):
@@ -45,7 +54,7 @@ class DuQuantLinear(nnx.Module):
         self.in_features, self.out_features = pack.in_features, pack.out_features
         self.name = name
         for field in PACK_FIELDS:
-            value = getattr(pack, field)
+            value = stored_codes(pack) if field == "w_codes" else getattr(pack, field)
             setattr(self, field, None if value is None else PackVariable(jnp.asarray(value)))
         self.calibrated = pack.a_scale is not None
         zeros = jnp.zeros(self.in_features, jnp.float32)
@@ -66,9 +75,14 @@ class DuQuantLinear(nnx.Module):
         bias = None if linear.bias is None else linear.bias[...]
         return cls(pack_weight(linear.kernel[...].T, config, stats, name=name), bias=bias, name=name)
 
+    def _arrays(self) -> dict[str, Any]:
+        return {f: getattr(self, f)[...] for f in PACK_FIELDS if getattr(self, f) is not None}
+
     def pack(self) -> Pack:
-        """The layer's Pack (with `a_scale` once calibrated)."""
-        arrays = {f: None if getattr(self, f) is None else getattr(self, f)[...] for f in PACK_FIELDS}
+        """The layer's Pack, codes unpacked to int8 (with `a_scale` once calibrated)."""
+        arrays = dict.fromkeys(PACK_FIELDS) | self._arrays()
+        if packs_nibbles(self.config):
+            arrays["w_codes"] = unpack_nibbles(arrays["w_codes"], self.in_features)
         return Pack(**arrays, a_scale=self.a_scale[...] if self.calibrated else None, config=self.config)
 
     def start_calibration(self) -> None:
@@ -104,7 +118,10 @@ class DuQuantLinear(nnx.Module):
                 f"layer {self.name or '(unnamed)'} quantizes activations (A{self.config.act_bits}) but was "
                 "never calibrated: run batches inside `with duquant_jax.nn.calibrate(model):` first"
             )
-        return forward(self.pack(), x, bias)
+        check_input(x, self.in_features, name=self.name or "x")
+        a_scale = self.a_scale[...] if self.config.needs_calibration else None
+        y = packed_forward(self._arrays(), a_scale, jnp.asarray(x), bias, self.config, self.in_features)
+        return y.astype(jnp.result_type(x))
 
 
 def path_filter(include: str | None = None, exclude: str | None = None) -> FilterFn:

@@ -144,7 +144,7 @@ def test_jax_model_matches_the_same_weights_quantized_in_pytorch(bits):
             np.asarray(model.blocks[0].q_proj.a_scale[...]), twin.blocks[0].q_proj.a_scale.numpy(), rtol=1e-5
         )
     # Identical packs on both sides (both pack the same float32 weights with the JAX path).
-    np.testing.assert_array_equal(np.asarray(model.blocks[1].up_proj.w_codes[...]), twin.blocks[1].up_proj.codes().numpy())
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].up_proj.pack().w_codes), twin.blocks[1].up_proj.codes().numpy())
     y_jax = np.asarray(model(x))
     with torch.no_grad():
         y_torch = twin(torch.from_numpy(x)).numpy()
