@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.config import DuQuantConfig
-from duquant_jax.stats import LayerStats
+from duquant_jax.stats import COLLECT_HINT, LayerStats
 
 
 @jax.jit
@@ -77,13 +77,6 @@ def require_scales(a_scale: Any, where: str = "this pack") -> None:
             f"{where} quantizes activations (act_bits in 2..8) but has no activation scales: "
             "run calibrate(...) on representative batches first"
         )
-
-
-COLLECT_HINT = (
-    "collect them on representative batches with `with interop.observe(model) as stats:` (PyTorch) or "
-    "`with duquant_jax.nn.observe(model) as stats:` (Flax NNX), pass `stats[layer]` to pack_weight / "
-    "`stats=` to quantize_, or `duquant pack CHECKPOINT --stats STATS`"
-)
 
 
 def check_stats(stats: Any, config: DuQuantConfig, shape: tuple[int, int], name: str = "") -> None:

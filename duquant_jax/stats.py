@@ -32,7 +32,8 @@ DIAG_TOL = 1e-3
 COLLECT_HINT = (
     "collect them with `with interop.observe(model, xtx=...) as stats:` (PyTorch) or "
     "`with duquant_jax.nn.observe(model, xtx=...) as stats:` (Flax NNX), running calibration "
-    "batches through the float model inside the block, then `stats.save(path)`"
+    "batches through the float model inside the block; pass `stats=` to quantize_, `stats[layer]` "
+    "to pack_weight, or `stats.save(path)` and `duquant pack CHECKPOINT --stats path`"
 )
 
 
