@@ -1,0 +1,430 @@
+"""GPTQ weight rounding (Frantar et al., arXiv 2210.17323), jitted, in the basis the codes live in.
+
+The algorithm is the reference code's `GPTQ.fasterquant` (IST-DASLab/gptq, `gptq.py`;
+ModelCloud/GPTQModel maintains it) with static scales (its `static_groups`): columns
+with `diag(h) == 0` are dead (their diagonal set to 1, their weight to 0); with
+`act_order` columns are rounded in descending order of `diag(h)`; `damp * mean(diag(h))`
+is added to the diagonal; `U` is the upper Cholesky factor of `h⁻¹` (in the rounding
+order); each column is rounded and its error `(w - q s) / U_ii` is pushed onto the
+later columns by row `i` of `U`, lazily: within blocks of `block` columns, and by one
+matrix product between blocks.
+
+How this module computes the same thing without forming `h⁻¹`:
+
+- `U` is the inverse of `M`, the upper triangular factor of `h = M Mᵀ` (a Cholesky
+  factorization from the bottom up). With `J` the reversal, `J h J = L Lᵀ` (one
+  ordinary Cholesky, `L` kept as the factor) gives `M = J L J`. Only `M`'s diagonal
+  `block x block` blocks are inverted (one batched triangular solve); `U` itself is
+  never formed (the reference computes chol, cholesky_inverse and chol of `h`).
+- The rounding state at column `j` is `W_j - sum_{i<j} e_i U_ij`, with `E U = W - Q̂`
+  (`e_i` the pushed errors, `Q̂` the dequantized codes). For block `b` this is
+  `W_b + (D_{<b} M_{<b,b}) U_bb` with `D = W - Q̂` of the columns already rounded: a
+  product with `M`, not with `U`.
+- Columns go in panels of `PANEL` (static slices in Python): a panel's share from the
+  panels before it is one product `D[:, :a] M[:a, panel]`; inside the panel a
+  `lax.scan` over its blocks adds `D_panel M[panel, block]` (columns not yet rounded
+  hold 0 in `D_panel`). Within a block the reference's column loop runs `SUB` columns
+  at a time (`lax.fori_loop`, batched over rows), one product passing each group's
+  errors on to the rest of the block, so the loop's state stays in cache.
+
+Two entry points: `gptq_codes` (factor and round), or `gptq_factor` once per Hessian
+and `gptq_round` per layer (q/k/v share their input, gate/up too).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from duquant_jax.checks import count_nonfinite, is_float_dtype
+from duquant_jax.config import qmax
+
+HIGHEST = lax.Precision.HIGHEST
+PANEL = 1024  # columns per panel: a multiple of `block` near this
+SUB = 16  # columns per inner step of a block's column loop
+
+
+class GPTQFactor(NamedTuple):
+    """The factor of one damped Hessian, shared by every layer that reads the same input.
+
+    Attributes:
+      order: (in,) int32, the rounding order: step `k` rounds column `order[k]`
+        (descending `diag(h)`, ties by index, with act_order; else the identity).
+      dead: (in,) bool, columns with `diag(h) == 0` (their codes are 0).
+      l: (in, in) float32 lower triangular, `J hd[order][:, order] J = l lᵀ` with `hd`
+        the damped, dead-fixed `h` and `J` the reversal; `M = J l J` is upper with
+        `hd[order][:, order] = M Mᵀ`, and the reference code's `Hinv` is `M⁻¹`.
+      act_order: whether `order` is a permutation (False: the identity).
+    """
+
+    order: jax.Array
+    dead: jax.Array
+    l: jax.Array
+    act_order: bool = False
+
+
+def _who(name: str) -> str:
+    return f"GPTQ of layer {name!r}" if name else "GPTQ"
+
+
+def _check_int(value: Any, arg: str, lo: int, hi: int | None, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{_who(name)}: {arg} must be an int in {rng}; got {value!r}")
+
+
+def _check_matrix(a: Any, arg: str, shape: tuple[int, ...], name: str) -> None:
+    got = tuple(getattr(a, "shape", ()))
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        raise ValueError(f"{_who(name)}: {arg} must be a NumPy or JAX array; got {type(a).__name__}")
+    if got != shape:
+        raise ValueError(f"{_who(name)}: {arg} must have shape {shape}; got {got}")
+    if not is_float_dtype(dtype):
+        raise ValueError(f"{_who(name)}: {arg} must have a floating dtype; got {dtype}")
+    bad = count_nonfinite(a)
+    if bad:
+        raise ValueError(f"{_who(name)}: {arg} of shape {got} holds {bad} NaN/Inf entries")
+
+
+def _check_weight(w2: Any, name: str) -> tuple[int, int]:
+    shape = tuple(getattr(w2, "shape", ()))
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"{_who(name)}: w2 must be a non-empty 2-D (out, in) array; got shape {shape}")
+    _check_matrix(w2, "w2", shape, name)
+    return shape[0], shape[1]
+
+
+def check_hessian(h: Any, n_in: int, name: str = "") -> None:
+    """Raises ValueError naming `name` unless `h` is a finite float `(n_in, n_in)` array."""
+    _check_matrix(h, "h (the input second moment XᵀX)", (n_in, n_in), name)
+
+
+@partial(jax.jit, static_argnames=("act_order",))
+def _factor(h: jax.Array, damp: jax.Array, *, act_order: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    n = h.shape[0]
+    d = jnp.diagonal(h)
+    dead = d == 0
+    d = jnp.where(dead, 1.0, d)
+    if act_order:
+        order = jnp.argsort(-d, stable=True).astype(jnp.int32)
+        rev = order[::-1]
+        a = jnp.take(jnp.take(h, rev, axis=0), rev, axis=1)
+    else:
+        order = jnp.arange(n, dtype=jnp.int32)
+        rev = order[::-1]
+        a = jnp.flip(h)
+    # Dead diagonals to 1, plus the dampening: a scatter on the diagonal. No symmetrization
+    # (a transpose of `h` costs more than the flip): the Cholesky reads `a`'s lower triangle.
+    bump = jnp.where(dead, 1.0, 0.0)[rev] + damp * jnp.mean(d)
+    diag = jnp.arange(n)
+    a = a.at[diag, diag].add(bump)
+    l = lax.linalg.cholesky(a, symmetrize_input=False)
+    ld = jnp.diagonal(l)
+    ok = jnp.all(jnp.isfinite(ld) & (ld > 0))
+    return order, dead, l, ok
+
+
+def _check_factor_args(h: Any, damp: Any, act_order: Any, name: str) -> int:
+    shape = tuple(getattr(h, "shape", ()))
+    if h is None or len(shape) != 2 or shape[0] != shape[1] or shape[0] < 1:
+        raise ValueError(f"{_who(name)}: h must be a square (in, in) matrix; got {'None' if h is None else f'shape {shape}'}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.integer, np.floating)) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"{_who(name)}: damp must be a finite number >= 0; got {damp!r}")
+    if not isinstance(act_order, bool):
+        raise ValueError(f"{_who(name)}: act_order must be a bool; got {act_order!r}")
+    return shape[0]
+
+
+def _factor_checked(h: Any, damp: float, act_order: bool, name: str) -> GPTQFactor:
+    order, dead, l, ok = _factor(jnp.asarray(h, jnp.float32), jnp.float32(float(damp)), act_order=act_order)
+    if not bool(ok):  # waits for the Cholesky: no later LAPACK call overlaps it
+        raise ValueError(
+            f"{_who(name)}: h (shape {tuple(h.shape)}) is not positive definite even after dampening "
+            f"(damp={damp} of the mean diagonal): its Cholesky factorization failed; check the "
+            "statistics, or raise damp"
+        )
+    return GPTQFactor(order, dead, l, act_order)
+
+
+def gptq_factor(h: Any, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> GPTQFactor:
+    """Dead channels, act_order, dampening and the Cholesky factor of one Hessian.
+
+    Compute it once for layers that share their input (q/k/v, gate/up) and round
+    each with `gptq_round`.
+
+    Args:
+      h: (in, in) float input second moment `XᵀX` in the basis of the codes (not
+        normalized by the token count), symmetric: only the entries `h[order[p],
+        order[q]]` with `p <= q` are read (the upper triangle, in the rounding order).
+      damp: fraction of `mean(diag(h))` added to the diagonal, >= 0.
+      act_order: round columns in descending order of `diag(h)`.
+      name: the layer, for error messages.
+
+    Returns:
+      A `GPTQFactor` (holds one (in, in) float32 matrix).
+
+    Raises:
+      ValueError naming `name`: `h` missing, not square, not float, NaN/Inf, or not
+      positive definite even after dampening.
+    """
+    n_in = _check_factor_args(h, damp, act_order, name)
+    check_hessian(h, n_in, name)
+    return _factor_checked(h, damp, act_order, name)
+
+
+def _m_block(l: jax.Array, r0: int, r1: int, c0: int, c1: int) -> jax.Array:
+    """`M[r0:r1, c0:c1]` for `M = J l J` (static bounds)."""
+    n = l.shape[0]
+    return jnp.flip(l[n - r1 : n - r0, n - c1 : n - c0])
+
+
+def _round_columns(w1: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """w1: (out, c) state, u: (c, c) upper, s: (out, c) -> (codes, errors), both (out, c) float.
+
+    Column `i`: `q = clamp(round(w / s), -q_max - 1, q_max)`, `err = (w - q s) / u_ii`,
+    later columns `-= err u[i]`.
+    """
+
+    def column(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        w1, codes, errs = carry
+        w = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
+        si = lax.dynamic_index_in_dim(s, i, axis=1, keepdims=False)
+        q = jnp.clip(jnp.round(w / si), -q_max - 1, q_max)
+        err = (w - q * si) / u[i, i]
+        w1 = w1 - err[:, None] * u[i][None, :]  # u[i, :i] is 0: earlier columns unchanged
+        codes = lax.dynamic_update_index_in_dim(codes, q, i, axis=1)
+        errs = lax.dynamic_update_index_in_dim(errs, err, i, axis=1)
+        return w1, codes, errs
+
+    _, codes, errs = lax.fori_loop(0, w1.shape[1], column, (w1, jnp.zeros_like(w1), jnp.zeros_like(w1)))
+    return codes, errs
+
+
+def _round_block(wb: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) -> jax.Array:
+    """wb: (out, b) state, u: (b, b) upper, s: (out, b) scales -> (out, b) float codes.
+
+    The reference's column loop over one block, run `SUB` columns at a time (each
+    column's update reaches the rest of its sub-block; one product carries a
+    sub-block's errors to the rest of the block), so the loop's state stays in cache.
+    """
+    b = wb.shape[1]
+    sub = SUB if b % SUB == 0 else b
+
+    def sub_block(k: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        wb, codes = carry
+        a = k * sub
+        u_rows = lax.dynamic_slice_in_dim(u, a, sub, axis=0)  # (sub, b), zero left of column a
+        q, err = _round_columns(
+            lax.dynamic_slice_in_dim(wb, a, sub, axis=1),
+            lax.dynamic_slice_in_dim(u_rows, a, sub, axis=1),
+            lax.dynamic_slice_in_dim(s, a, sub, axis=1),
+            q_max,
+        )
+        # The sub-block's own (already rounded) columns change too; nothing reads them again.
+        wb = wb - jnp.dot(err, u_rows, precision=HIGHEST)
+        return wb, lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
+
+    return lax.fori_loop(0, b // sub, sub_block, (wb, jnp.zeros_like(wb)))[1]
+
+
+def _round_panel(
+    w_p: jax.Array,
+    g: jax.Array,
+    m_pp: jax.Array,
+    u_p: jax.Array,
+    scale: jax.Array,
+    g_idx: jax.Array,
+    q_max: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One panel of P columns, its blocks in a `lax.scan`.
+
+    Args:
+      w_p: (out, P) weights; g: (out, P) `D_before M[before, panel]` from earlier panels;
+      m_pp: (P, P) `M[panel, panel]`; u_p: (P / b, b, b) the blocks' `U_kk`;
+      scale: (out, n_groups); g_idx: (P,) group of each column; q_max: largest code.
+
+    Returns:
+      `D = W - Q̂` (out, P) float and the codes (out, P) int8.
+    """
+    out, width = w_p.shape
+    block = u_p.shape[1]
+
+    def step(d: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c0 = k * block
+        m_col = lax.dynamic_slice_in_dim(m_pp, c0, block, axis=1)
+        t = lax.dynamic_slice_in_dim(g, c0, block, axis=1) + jnp.dot(d, m_col, precision=HIGHEST)
+        wb = lax.dynamic_slice_in_dim(w_p, c0, block, axis=1)
+        s = jnp.take(scale, lax.dynamic_slice_in_dim(g_idx, c0, block), axis=1)
+        u = u_p[k]
+        q = _round_block(wb + jnp.dot(t, u, precision=HIGHEST), u, s, q_max)
+        d = lax.dynamic_update_slice_in_dim(d, wb - q * s, c0, axis=1)
+        return d, q.astype(jnp.int8)
+
+    d, q = lax.scan(step, jnp.zeros_like(w_p), jnp.arange(width // block))
+    return d, jnp.transpose(q, (1, 0, 2)).reshape(out, width)
+
+
+@partial(jax.jit, static_argnames=("block", "panel"))
+def _round(
+    w: jax.Array,
+    l: jax.Array,
+    order: jax.Array | None,
+    dead: jax.Array,
+    scale: jax.Array,
+    col_group: jax.Array,
+    q_max: jax.Array,
+    *,
+    block: int,
+    panel: int,
+) -> jax.Array:
+    """GPTQ codes (out, in) int8 of `w (out, in)` given the factor's `l`, `order` (None:
+    the identity) and `dead`; `scale (out, n_groups)`, `col_group (in,)` the group of each
+    column, `q_max` the largest code; `block` columns per block, `panel` per panel."""
+    out, n = w.shape
+    n_pad = -(-n // block) * block
+    pad = n_pad - n
+    w0 = jnp.where(dead[None, :], 0.0, w)
+    gidx = col_group
+    if order is not None:
+        w0, gidx = w0[:, order], gidx[order]
+    if pad:  # dead columns at the end: M = diag(M, I), i.e. l = diag(I, l)
+        w0 = jnp.pad(w0, ((0, 0), (0, pad)))
+        gidx = jnp.pad(gidx, (0, pad))
+        l = jnp.pad(l, ((pad, 0), (pad, 0))).at[jnp.arange(pad), jnp.arange(pad)].set(1.0)
+    nb = n_pad // block
+    # Diagonal blocks of M (M's block k is l's block nb-1-k, reversed) and their inverses U_kk.
+    l_diag = jax.vmap(lambda k: lax.dynamic_slice(l, (k * block, k * block), (block, block)))(jnp.arange(nb))
+    m_diag = jnp.flip(l_diag[::-1], axis=(1, 2))
+    eye = jnp.broadcast_to(jnp.eye(block, dtype=l.dtype), m_diag.shape)
+    u_diag = lax.linalg.triangular_solve(m_diag, eye, left_side=True, lower=False)
+
+    diffs, codes = [], []
+    for a in range(0, n_pad, panel):  # panels: static shapes
+        e = min(a + panel, n_pad)
+        m_pp = _m_block(l, a, e, a, e)
+        g = jnp.zeros((out, e - a), w.dtype)
+        if a:
+            g = jnp.dot(jnp.concatenate(diffs, axis=1), _m_block(l, 0, a, a, e), precision=HIGHEST)
+        d, q = _round_panel(w0[:, a:e], g, m_pp, u_diag[a // block : e // block], scale, gidx[a:e], q_max)
+        diffs.append(d)
+        codes.append(q)
+    q_all = jnp.concatenate(codes, axis=1)[:, :n]
+    if order is None:
+        return q_all
+    return q_all[:, jnp.argsort(order)]  # back to w's column order
+
+
+def _scales(w_scale: Any, out: int, n_in: int, group_size: int | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """w_scale -> ((out, n_groups) float32 scales, (in,) int32 group of each column), checked."""
+    if group_size is None:
+        _check_matrix(w_scale, "w_scale (per row)", (out,), name)
+        scale = np.asarray(w_scale, np.float32).reshape(out, 1)
+        groups = np.zeros(n_in, np.int32)
+    else:
+        _check_int(group_size, "group_size", 1, None, name)
+        n_groups = -(-n_in // group_size)
+        _check_matrix(w_scale, f"w_scale (per row and group of {group_size})", (out, n_groups), name)
+        scale = np.asarray(w_scale, np.float32)
+        groups = (np.arange(n_in) // group_size).astype(np.int32)
+    if not np.all(scale > 0):
+        raise ValueError(f"{_who(name)}: w_scale must be > 0 everywhere; got min {float(scale.min())!r}")
+    return scale, groups
+
+
+def gptq_round(
+    w2: Any,
+    factor: GPTQFactor,
+    w_scale: Any,
+    bits: int,
+    *,
+    group_size: int | None = None,
+    block: int = 128,
+    name: str = "",
+) -> jax.Array:
+    """GPTQ codes of `w2 (out, in)` given its Hessian's `gptq_factor` (arguments as `gptq_codes`)."""
+    out, n_in = _check_weight(w2, name)
+    if tuple(factor.l.shape) != (n_in, n_in):
+        raise ValueError(f"{_who(name)}: the factor is for {factor.l.shape[0]} inputs; w2 has shape {(out, n_in)}")
+    _check_int(bits, "bits", 2, 8, name)
+    _check_int(block, "block", 1, None, name)
+    scale, groups = _scales(w_scale, out, n_in, group_size, name)
+    return _round_checked(w2, factor, scale, groups, bits, block)
+
+
+def _round_checked(w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.ndarray, bits: int, block: int) -> jax.Array:
+    block = min(block, w2.shape[1])
+    panel = max(block, PANEL // block * block)
+    codes = _round(
+        jnp.asarray(w2, jnp.float32),
+        factor.l,
+        factor.order if factor.act_order else None,
+        factor.dead,
+        scale,
+        groups,
+        jnp.float32(qmax(bits)),
+        block=block,
+        panel=panel,
+    )
+    return codes.block_until_ready()  # no LAPACK call of a later pack overlaps this one
+
+
+def gptq_codes(
+    w2: Any,
+    h: Any,
+    w_scale: Any,
+    bits: int,
+    *,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+    name: str = "",
+) -> jax.Array:
+    """GPTQ rounding of one weight with fixed scales.
+
+    Args:
+      w2: (out, in) float weight in the basis the codes live in.
+      h: (in, in) float `XᵀX` of the layer's inputs in the same basis (not normalized),
+        symmetric (one triangle is read: see `gptq_factor`).
+      w_scale: (out,) per row, or (out, ceil(in / group_size)) per row and group of
+        `group_size` consecutive columns (a short last group allowed); fixed, > 0.
+      bits: 2..8; codes are `clamp(round_half_even(w / s), -2^(bits-1), 2^(bits-1) - 1)`.
+      group_size: columns per scale group, or None for per-row scales.
+      damp: dampening, a fraction of `mean(diag(h))`.
+      block: columns per lazy batch update (any value gives the same codes in exact
+        arithmetic; float32 may differ at rounding ties).
+      act_order: round columns in descending order of `diag(h)`; the codes are
+        returned in `w2`'s column order either way.
+      name: the layer, for error messages.
+
+    Returns:
+      (out, in) int8 codes (a JAX array); the dequantized weight is `codes * scale`.
+      Dead columns (`diag(h) == 0`) get code 0.
+
+    Raises:
+      ValueError naming `name`: wrong shapes, NaN/Inf, non-positive scales, bad
+      bits/block/group_size, or `h` not positive definite after dampening.
+    """
+    out, n_in = _check_weight(w2, name)
+    _check_factor_args(h, damp, act_order, name)
+    check_hessian(h, n_in, name)
+    _check_int(bits, "bits", 2, 8, name)
+    _check_int(block, "block", 1, None, name)
+    scale, groups = _scales(w_scale, out, n_in, group_size, name)  # every check before the factorization
+    factor = _factor_checked(h, damp, act_order, name)
+    return _round_checked(w2, factor, scale, groups, bits, block)
+
+
+def inverse_factor(factor: GPTQFactor) -> jax.Array:
+    """(in, in) `U = M⁻¹`: the reference code's `Hinv` (upper Cholesky factor of the
+    damped `h⁻¹`, in the rounding order). For checks; the rounding never forms it."""
+    m = jnp.flip(factor.l)
+    eye = jnp.eye(m.shape[0], dtype=m.dtype)
+    return lax.linalg.triangular_solve(m, eye, left_side=True, lower=False).block_until_ready()
