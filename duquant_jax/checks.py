@@ -28,8 +28,8 @@ def is_float_dtype(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def check_weight(w: Any, name: str = "w") -> tuple[int, int]:
-    """Checks a `(out, in)` float weight with no NaN/Inf; returns `(out, in)`."""
+def check_weight(w: Any, name: str = "w", finite: bool = True) -> tuple[int, int]:
+    """Checks a `(out, in)` float weight (and, with `finite`, that it has no NaN/Inf); returns `(out, in)`."""
     shape = tuple(getattr(w, "shape", ()))
     dtype = getattr(w, "dtype", None)
     if dtype is None:
@@ -40,7 +40,7 @@ def check_weight(w: Any, name: str = "w") -> tuple[int, int]:
         raise ValueError(f"{name} must have non-empty dimensions; got shape {shape}")
     if not is_float_dtype(dtype):
         raise TypeError(f"{name} must have a floating dtype; got {dtype} (cast it explicitly)")
-    bad = count_nonfinite(w)
+    bad = count_nonfinite(w) if finite else 0
     if bad:
         raise ValueError(f"{name} of shape {shape} holds {bad} NaN/Inf entries")
     return int(shape[0]), int(shape[1])

@@ -3,8 +3,8 @@
 The permutation is a sort of energies, and float32 energies of channels whose
 energies differ by ~1e-6 (common: a 2048 x 2048 layer has thousands of
 channels within a few percent) order differently from the float64 reference.
-So the energies are computed in float64 by the reference's own expression,
-which makes `perm` identical to the reference's, at ~0.1 s for 16384 x 2048.
+So the energies are computed in float64 by the reference's own function,
+which makes `perm` identical to the reference's, at ~50 ms for 16384 x 2048.
 """
 
 from __future__ import annotations
@@ -33,4 +33,4 @@ def input_permutation(w: Any, enable_permute: bool, lambda_smooth: float) -> np.
     n_in = w.shape[1]
     if not enable_permute:
         return np.arange(n_in, dtype=np.int32)
-    return zigzag_order(channel_energy(np.asarray(w, dtype=np.float64), lambda_smooth))
+    return zigzag_order(channel_energy(np.asarray(w), lambda_smooth))

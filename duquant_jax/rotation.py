@@ -5,6 +5,8 @@ All functions work on every block at once (no Python loop over blocks) and are j
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -125,8 +127,36 @@ def rotate_columns(m: jax.Array, r: jax.Array) -> jax.Array:
         y = jnp.einsum("...nb,bc->...nc", m.reshape(*lead, c // size, size), r[0], precision=HIGHEST)
         return y.reshape(*lead, c)
     mp = jnp.pad(m, [(0, 0)] * len(lead) + [(0, n * size - c)])
-    y = jnp.einsum("...nb,nbc->...nc", mp.reshape(*lead, n, size), r, precision=HIGHEST)
+    rows = math.prod(lead)
+    if jax.default_backend() == "cpu" and rows >= 2 * CPU_ROTATE_ROWS and size <= 32:
+        y = _rotate_blocks_cpu(mp.reshape(rows, n, size), r)
+    else:
+        y = jnp.einsum("...nb,nbc->...nc", mp.reshape(*lead, n, size), r, precision=HIGHEST)
     return y.reshape(*lead, n * size)[..., :c]
+
+
+CPU_ROTATE_ROWS = 128
+
+
+def _rotate_blocks_cpu(m: jax.Array, r: jax.Array) -> jax.Array:
+    """m: (R, n, b), r: (n, b, b) -> (R, n, b), each block times its matrix, as `b` fused
+    multiply-adds over chunks of CPU_ROTATE_ROWS rows that stay in cache.
+
+    XLA's CPU dot with a batch of n small (b x b) products runs at a few GFLOP/s; this
+    form runs 2-3x faster (16384 x 2048 with b = 16: ~110 ms instead of ~300 ms). The sums
+    are the same terms in another order.
+    """
+    rows, n, b = m.shape
+    pad = (-rows) % CPU_ROTATE_ROWS
+    chunks = jnp.pad(m, ((0, pad), (0, 0), (0, 0))).reshape(-1, CPU_ROTATE_ROWS, n, b)
+
+    def one(c: jax.Array) -> jax.Array:
+        y = c[:, :, 0:1] * r[None, :, 0, :]
+        for k in range(1, b):  # b multiply-adds, not a loop over blocks
+            y = y + c[:, :, k : k + 1] * r[None, :, k, :]
+        return y
+
+    return jax.lax.map(one, chunks).reshape(-1, n, b)[:rows]
 
 
 def rotate_rows(m: jax.Array, r: jax.Array) -> jax.Array:

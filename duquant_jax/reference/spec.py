@@ -15,9 +15,22 @@ from duquant_jax.config import qmax
 from duquant_jax.quantize import SCALE_ALPHAS
 
 
+ENERGY_ROWS = 512
+
+
 def channel_energy(w: np.ndarray, lambda_smooth: float) -> np.ndarray:
-    """SPEC step 1. w: (out, in) -> e: (in,)."""
-    e = np.mean(w**2, axis=0)
+    """SPEC step 1. w: (out, in), any float dtype -> e: (in,) float64, `mean_i w_ij²` then smoothing.
+
+    Squares are summed in float64, `ENERGY_ROWS` rows at a time (the same order on every
+    path: the JAX path calls this function too, so both permutations are identical), which
+    needs no float64 copy of the whole weight.
+    """
+    w = np.asarray(w)
+    total = np.zeros(w.shape[1])
+    for start in range(0, w.shape[0], ENERGY_ROWS):
+        chunk = w[start : start + ENERGY_ROWS].astype(np.float64)
+        total += np.einsum("ij,ij->j", chunk, chunk)
+    e = total / w.shape[0]
     if lambda_smooth > 0:
         e = (1.0 - lambda_smooth) * e + lambda_smooth * np.mean(e)
     return e
