@@ -131,6 +131,19 @@ def path_filter(include: str | None = None, exclude: str | None = None) -> Filte
     return lambda name, module: (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
 
 
+def selected_linears(model: nnx.Module, filter_fn: FilterFn | None, who: str) -> list[tuple[tuple, str, nnx.Linear]]:
+    """(path, name, layer) of every `nnx.Linear` of `model` that `filter_fn` keeps; names are paths
+    joined by "."; an error naming `who` when there is none."""
+    selected = []
+    for path, node in nnx.iter_graph(model):
+        name = ".".join(str(p) for p in path)
+        if path and isinstance(node, nnx.Linear) and (filter_fn is None or filter_fn(name, node)):
+            selected.append((path, name, node))
+    if not selected:
+        raise ValueError(f"{who}: no nnx.Linear of the model passed the filter")
+    return selected
+
+
 def _get(node: Any, key: Any) -> Any:
     return node[key] if isinstance(key, int) else getattr(node, key)
 
@@ -155,13 +168,7 @@ def quantize(
     configs that need them; a selected layer missing from it is an error naming it.
     Returns {name: new layer}.
     """
-    selected = []
-    for path, node in nnx.iter_graph(model):
-        name = ".".join(str(p) for p in path)
-        if path and isinstance(node, nnx.Linear) and (filter_fn is None or filter_fn(name, node)):
-            selected.append((path, name, node))
-    if not selected:
-        raise ValueError("quantize: no nnx.Linear of the model passed the filter")
+    selected = selected_linears(model, filter_fn, "quantize")
     replaced = {}
     for path, name, linear in selected:
         parent = model

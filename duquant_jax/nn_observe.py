@@ -81,15 +81,9 @@ def observe(model: nnx.Module, filter_fn: FilterFn | None = None, *, xtx: bool =
       (the same contract as `interop.observe`). The original layers are put back
       on exit, also on an exception.
     """
-    from duquant_jax.nn import _get, _set
+    from duquant_jax.nn import _get, _set, selected_linears
 
-    selected = []
-    for path, node in nnx.iter_graph(model):
-        name = ".".join(str(p) for p in path)
-        if path and isinstance(node, nnx.Linear) and (filter_fn is None or filter_fn(name, node)):
-            selected.append((path, name, node))
-    if not selected:
-        raise ValueError("observe: no nnx.Linear of the model passed the filter")
+    selected = selected_linears(model, filter_fn, "observe")
     swapped: list[tuple[Any, Any, nnx.Linear, ObservedLinear]] = []
 
     def start() -> None:

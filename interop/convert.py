@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from typing import Mapping
 
 from torch import nn
 
@@ -11,8 +11,8 @@ from duquant_jax import DuQuantConfig
 from duquant_jax.calibration import calibration_session
 from duquant_jax.stats import LayerStats
 from interop.linear import DuQuantLinear
+from interop.modules import FilterFn, selected_linears, set_child
 
-FilterFn = Callable[[str, nn.Module], bool]
 
 
 def name_filter(include: str | None = None, exclude: str | None = None) -> FilterFn:
@@ -27,12 +27,6 @@ def name_filter(include: str | None = None, exclude: str | None = None) -> Filte
         return (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
 
     return keep
-
-
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def quantize_(
@@ -58,19 +52,13 @@ def quantize_(
     """
     from tqdm import tqdm
 
-    selected = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
-    ]
-    if not selected:
-        raise ValueError("quantize_: no nn.Linear of the model passed the filter")
+    selected = selected_linears(model, filter_fn, "quantize_")
     replaced = {}
     for name, linear in tqdm(selected, desc="duquant pack", unit="layer", disable=not progress):
         layer_stats = None if stats is None else stats.get(name)
         new = DuQuantLinear.from_linear(linear, config, name=name, stats=layer_stats)
         new.train(linear.training)
-        _set_child(model, name, new)
+        set_child(model, name, new)
         replaced[name] = new
     return replaced
 
@@ -105,7 +93,7 @@ def from_pack_dir(model: nn.Module, packs_dir, progress: bool = True) -> dict[st
             raise ValueError(f"pack {tensor} is {pack.out_features}x{pack.in_features}; layer {name} is {tuple(linear.weight.shape)}")
         new = DuQuantLinear.from_pack(pack, bias=linear.bias, dtype=linear.weight.dtype, name=name)
         new.train(linear.training)
-        _set_child(model, name, new)
+        set_child(model, name, new)
         replaced[name] = new
     return replaced
 

@@ -10,14 +10,14 @@ stats.save("stats.safetensors")       # duquant_jax.stats.load_stats reads it ba
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import torch
 from torch import nn
 
 from duquant_jax.stats import LayerStats, ModelStats, observe_session
+from interop.modules import FilterFn, selected_linears
 
-FilterFn = Callable[[str, nn.Module], bool]
 
 
 class _Recorder:
@@ -72,13 +72,7 @@ def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = 
       an error. The hooks are removed on exit, also on an exception, and then the
       statistics stay empty and say they are incomplete.
     """
-    selected = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
-    ]
-    if not selected:
-        raise ValueError("observe: no nn.Linear of the model passed the filter")
+    selected = selected_linears(model, filter_fn, "observe")
     recorders: list[_Recorder] = []
     handles: list = []
 

@@ -32,6 +32,7 @@ from duquant_jax.config import DuQuantConfig
 from duquant_jax.integrity import ChecksumError, checksum_metadata, digest, dtype_code, verify_file
 from duquant_jax.paths import contained
 from interop.linear import DuQuantLinear
+from interop.modules import set_child
 
 FORMAT = "duquant-quantized-model"
 FORMAT_VERSION = 1
@@ -179,12 +180,6 @@ def _layer_from_record(name: str, info: Any, module: nn.Module, source: Path) ->
     return DuQuantLinear.empty(config, n_in, n_out, shapes, bias=bias, dtype=dtype, name=name)
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
     """Loads a saved quantized model into `model`, a freshly built float model of the same architecture.
 
@@ -213,7 +208,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
             module = model.get_submodule(name)
         except AttributeError:
             raise SavedModelError(f"{source}: layer {name!r} is not a module of the model: build the same architecture") from None
-        _set_child(model, name, _layer_from_record(name, info, module, source))
+        set_child(model, name, _layer_from_record(name, info, module, source))
     state: dict[str, torch.Tensor] = {}
     for path in files:
         if not path.is_file():
@@ -237,7 +232,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
             f"{directory} does not match the model: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
         )
     for alias, key in aliases.items():  # tied tensors: the alias becomes the very same object again
-        _set_child(model, alias, _get_tensor(model, key))
+        set_child(model, alias, _get_tensor(model, key))
     return model
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from duquant_jax import DuQuantConfig, LayerStats, calibrate, forward, pack_weight
+from duquant_jax import DuQuantConfig, calibrate, forward, pack_weight
 from duquant_jax import nn as dnn
 from duquant_jax.integer import integer_product, pack_nibbles, packed_forward, stored_codes, unpack_nibbles, uses_integer_product
 from duquant_jax.quantize import pack_int4

@@ -1,0 +1,29 @@
+"""Finding and replacing a torch model's submodules by name. Pure torch: no JAX."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def selected_linears(model: nn.Module, filter_fn: FilterFn | None, who: str) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of every `nn.Linear` of `model` that `filter_fn` keeps, in `named_modules()`
+    order; a ValueError naming `who` when there is none."""
+    selected = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
+    ]
+    if not selected:
+        raise ValueError(f"{who}: no nn.Linear of the model passed the filter")
+    return selected
+
+
+def set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts `new` at the dotted module name `name` of `model`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
