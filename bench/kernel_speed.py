@@ -185,6 +185,9 @@ def main() -> None:
         )
     header = ["dtype", "tokens", "nn.Linear f32", "nn.Linear bf16"] + ao_cols + [f"{c} (auto)" for c in CONFIGS] + list(ROTATIONS)
     load_after = os.getloadavg()[0]
+    suffix = "" if not args.threads else f", {args.threads} thread{'s' if args.threads > 1 else ''}"
+    stem = "kernel_speed" + ("" if not args.threads else f"_{args.threads}thread")
+    largest = max(layers, key=lambda k: layers[k][0] * layers[k][1])
     body = (
         "`python bench/kernel_speed.py` — one Gemma-2B block's 7 linears, ms summed over the block; every "
         "variant timed in interleaved rounds, median over the rounds; `(auto)`: the path the autotuner picked "
@@ -196,18 +199,57 @@ def main() -> None:
         + table(header, summary)
         + "\n\n"
         + "\n".join(lines)
-        + "\n\nPer layer: the path the autotuner took, its time in ms and its ratio to the best float path.\n\n"
+        + f"\n\n![block time against the best float path]({stem}.png)\n\n"
+        + f"Bytes held by the {largest} weight ({layers[largest][0]}x{layers[largest][1]}) in each form (codes, float32 "
+        "scales and the kernels' small derived tensors; rotations not included) against the bfloat16 `nn.Linear` "
+        f"weight; every layer's in [{stem}.md]({stem}.md).\n\n"
+        + table(["form", "layout", "bytes", "of bf16"], [m[2:] for m in memory if m[0] == largest])
+        + f"\n\nPer layer, the path the autotuner took and every path's time: [{stem}.md]({stem}.md).\n"
+    )
+    detail_body = (
+        f"# Kernel speed per layer{suffix}\n\nWritten by `python bench/kernel_speed.py` with the section "
+        f"\"Kernel speed{suffix}\" of RESULTS.md (same run).\n\n"
+        "Per layer: the path the autotuner took, its time in ms and its ratio to the best float path.\n\n"
         + table(["layer", "out x in", "dtype", "tokens", "nn.Linear f32", "nn.Linear bf16"] + ao_cols + list(CONFIGS), per_layer)
         + "\n\nEvery path (ms; `auto`: the autotuner's pick):\n\n"
         + table(["layer", "config", "dtype", "tokens", "path", "ms", "auto"], detail)
-        + "\n\nBytes held by each weight form (codes, float32 scales and the kernels' small derived tensors built "
-        "so far; rotations not included) against the bfloat16 `nn.Linear` weight:\n\n"
+        + "\n\nBytes held by each weight form against the bfloat16 `nn.Linear` weight:\n\n"
         + table(["layer", "out x in", "form", "layout", "bytes", "of bf16"], memory)
+        + "\n"
     )
     print("\n".join(lines))
     if not args.no_write:
-        suffix = "" if not args.threads else f", {args.threads} thread{'s' if args.threads > 1 else ''}"
+        here = Path(__file__).resolve().parent
+        (here / f"{stem}.md").write_text(detail_body)
+        plot(header, summary, here / f"{stem}.png", f"Gemma-2B block{suffix}")
         write_section(f"Kernel speed{suffix} (bench/kernel_speed.py)", body)
+
+
+def plot(header: list[str], summary: list[list[str]], path: Path, title: str) -> None:
+    """One panel per dtype: each configuration's block time over the best float path's, against tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = [h for h in header if h.endswith("(auto)")]
+    dtypes = list(dict.fromkeys(r[0] for r in summary))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, d in zip(axes[0], dtypes):
+        rows = [r for r in summary if r[0] == d]
+        tokens = [int(r[1]) for r in rows]
+        for c in configs:
+            i = header.index(c)
+            ax.plot(tokens, [float(r[i].split("(")[1].rstrip("x)")) for r in rows], marker="o", label=c.replace(" (auto)", ""))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(tokens, [str(t) for t in tokens])
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("time / best float nn.Linear")
+        ax.set_title(f"{title}, {d} inputs", fontsize=10)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
