@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +19,13 @@ from duquant_jax.integer import (
     stored_codes,
     unpack_nibbles,
 )
+from duquant_jax.nn_graph import FilterFn, path_filter, selected_linears, set_child  # noqa: F401  (path_filter: public here)
 from duquant_jax.pack import _abs_percentile, forward, pack_weight
 from duquant_jax.packed import ARRAY_FIELDS, Pack
 from duquant_jax.stats import LayerStats
 
 PACK_FIELDS = tuple(f for f in ARRAY_FIELDS if f != "a_scale")
 
-FilterFn = Callable[[str, nnx.Module], bool]
 
 
 class PackVariable(nnx.Variable):
@@ -124,37 +123,6 @@ class DuQuantLinear(nnx.Module):
         return y.astype(jnp.result_type(x))
 
 
-def path_filter(include: str | None = None, exclude: str | None = None) -> FilterFn:
-    """A filter over module paths ("block.mlp.up"): `re.search(include)` and not `re.search(exclude)`."""
-    inc = re.compile(include) if include else None
-    exc = re.compile(exclude) if exclude else None
-    return lambda name, module: (inc is None or bool(inc.search(name))) and (exc is None or not exc.search(name))
-
-
-def selected_linears(model: nnx.Module, filter_fn: FilterFn | None, who: str) -> list[tuple[tuple, str, nnx.Linear]]:
-    """(path, name, layer) of every `nnx.Linear` of `model` that `filter_fn` keeps; names are paths
-    joined by "."; an error naming `who` when there is none."""
-    selected = []
-    for path, node in nnx.iter_graph(model):
-        name = ".".join(str(p) for p in path)
-        if path and isinstance(node, nnx.Linear) and (filter_fn is None or filter_fn(name, node)):
-            selected.append((path, name, node))
-    if not selected:
-        raise ValueError(f"{who}: no nnx.Linear of the model passed the filter")
-    return selected
-
-
-def _get(node: Any, key: Any) -> Any:
-    return node[key] if isinstance(key, int) else getattr(node, key)
-
-
-def _set(node: Any, key: Any, value: Any) -> None:
-    if isinstance(key, int):
-        node[key] = value
-    else:
-        setattr(node, key, value)
-
-
 def quantize(
     model: nnx.Module,
     config: DuQuantConfig = DuQuantConfig(),
@@ -171,12 +139,9 @@ def quantize(
     selected = selected_linears(model, filter_fn, "quantize")
     replaced = {}
     for path, name, linear in selected:
-        parent = model
-        for key in path[:-1]:
-            parent = _get(parent, key)
         layer_stats = None if stats is None else stats.get(name)
         new = DuQuantLinear.from_linear(linear, config, name=name, stats=layer_stats)
-        _set(parent, path[-1], new)
+        set_child(model, path, new)
         replaced[name] = new
     return replaced
 

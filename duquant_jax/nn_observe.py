@@ -15,16 +15,15 @@ stats.save("stats.safetensors")
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager
+from typing import ContextManager
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from duquant_jax.nn_graph import FilterFn, selected_linears, set_child
 from duquant_jax.stats import LayerStats, ModelStats, observe_session
-
-FilterFn = Callable[[str, nnx.Module], bool]
 
 
 class ObserveStat(nnx.Variable):
@@ -81,22 +80,17 @@ def observe(model: nnx.Module, filter_fn: FilterFn | None = None, *, xtx: bool =
       (the same contract as `interop.observe`). The original layers are put back
       on exit, also on an exception.
     """
-    from duquant_jax.nn import _get, _set, selected_linears
-
     selected = selected_linears(model, filter_fn, "observe")
-    swapped: list[tuple[Any, Any, nnx.Linear, ObservedLinear]] = []
+    swapped: list[tuple[tuple, nnx.Linear, ObservedLinear]] = []
 
     def start() -> None:
         for path, name, linear in selected:
-            parent = model
-            for key in path[:-1]:
-                parent = _get(parent, key)
             wrapper = ObservedLinear(linear, xtx, name=name)
-            _set(parent, path[-1], wrapper)
-            swapped.append((parent, path[-1], linear, wrapper))
+            set_child(model, path, wrapper)
+            swapped.append((path, linear, wrapper))
 
     def stop() -> None:
-        for parent, key, linear, _ in reversed(swapped):
-            _set(parent, key, linear)
+        for path, linear, _ in reversed(swapped):
+            set_child(model, path, linear)
 
     return observe_session(start, stop, lambda: {w.name: w.result() for *_, w in swapped}, "nnx.Linear")
