@@ -56,13 +56,19 @@ SECTION = "Quality (bench/quality.py)"
 # without BOS (float 39.7), so they are applied here as ratios to the float perplexity of the
 # same run: W4A8 < 70 / 39.7 = 1.76x per row, < 55 / 39.7 = 1.39x with groups of 128.
 # (model, column, comparison, value, relative to float?, granularity label or None for any, text)
+# (issue, model, column, op, value, relative to float, labels the row must have, text)
 TARGETS = [
-    ("minilm", "W8A8", ">=", 0.999, False, None, "mean cosine >= 0.999"),
-    ("minilm", "W4A8", ">=", 0.975, False, None, "mean cosine >= 0.975"),
-    ("minilm", "W4A4", ">=", 0.95, False, None, "mean cosine >= 0.95"),
-    ("gemma", "W8A8", "<=", 1.01, True, None, "perplexity within 1% of float"),
-    ("gemma", "W4A8", "<", 70 / 39.7, True, "row", "per row: < 70 at float 39.7, i.e. < 1.76x float"),
-    ("gemma", "W4A8", "<", 55 / 39.7, True, "g128", "groups of 128: < 55 at float 39.7, i.e. < 1.39x float"),
+    (8, "minilm", "W8A8", ">=", 0.999, False, {}, "mean cosine >= 0.999"),
+    (8, "minilm", "W4A8", ">=", 0.975, False, {}, "mean cosine >= 0.975"),
+    (8, "minilm", "W4A4", ">=", 0.95, False, {}, "mean cosine >= 0.95"),
+    (8, "gemma", "W8A8", "<=", 1.01, True, {}, "perplexity within 1% of float"),
+    (8, "gemma", "W4A8", "<", 70 / 39.7, True, {"granularity": "row", "weight method": "rtn"},
+     "round-to-nearest per row: < 70 at float 39.7, i.e. < 1.76x float"),
+    (8, "gemma", "W4A8", "<", 55 / 39.7, True, {"granularity": "g128", "weight method": "rtn"},
+     "round-to-nearest, groups of 128: < 55 at float 39.7, i.e. < 1.39x float"),
+    (9, "minilm", "W4A8", ">=", 0.985, False, {"weight method": "gptq"}, "GPTQ: mean cosine >= 0.985"),
+    (9, "gemma", "W4A8", "<=", 1.04, True, {"weight method": "gptq"}, "GPTQ: perplexity within 4% of float"),
+    (9, "gemma", "W4A4", "<=", 1.5, True, {"weight method": "gptq"}, "GPTQ: perplexity within 50% of float"),
 ]
 
 
@@ -294,10 +300,13 @@ def _same_split(split: dict, model: str, args) -> bool:
 
 
 def _latest(records: list[dict], args) -> dict[tuple[str, str, str], dict]:
-    """The last record of each (model, row, column) cell measured on the split `args` asks for."""
+    """The last record of each (model, row, column) cell measured on the split `args` asks for,
+    its labels recomputed from its config (so that older lines get today's labels)."""
     out = {}
     for r in records:
         if r.get("kind") == "result" and _same_split(r.get("split", {}), r["model"], args):
+            if r.get("config") and r["row"] in ROWS:
+                r = {**r, "labels": ROWS[r["row"]].labels(DuQuantConfig.from_dict(r["config"]))}
             out[(r["model"], r["row"], r["column"])] = r  # later lines win
     return out
 
@@ -340,11 +349,12 @@ def report(args) -> str:
         if flt and "error" not in flt:
             parts.append(f"Float model: {metric} {flt['value']:.4f} (evaluation {flt['times'].get('eval_s', 0):.0f} s).")
         rows = []
-        for name in sorted({k[1] for k in cells if k[1] != "float"}, key=lambda n: order.get(n, len(order))):
+        for name in sorted({k[1] for k in cells if k[1] not in ("float", "presets")}, key=lambda n: order.get(n, len(order))):
             any_rec = next(v for k, v in cells.items() if k[1] == name)
             labels = any_rec.get("labels") or dict.fromkeys(LABELS, "?")
             rows.append([name] + [labels.get(lab, "") for lab in LABELS] + [_cell(cells.get((model, name, c)), metric) for c in BITS])
         parts.append(table(["row"] + list(LABELS) + list(BITS), rows))
+        parts.append(_presets_table(model, cells, metric))
         errors = [v for k, v in sorted(cells.items()) if "error" in v]
         if errors:
             parts.append("Errors: " + "; ".join(f"{e['row']} {e['column']}: {e['error'][:160]}" for e in errors))
@@ -365,6 +375,23 @@ def report(args) -> str:
         print(f"wrote the section {SECTION!r} of bench/RESULTS.md and {PLOT.name}")
     print(body)
     return body
+
+
+def _presets_table(model: str, cells: dict, metric: str) -> str:
+    """`DuQuantConfig.preset(column)` per column: its own cell, or a row measured with the identical config."""
+    rows = []
+    for column in BITS:
+        want = DuQuantConfig.preset(column.lower()).to_dict()
+        rec, source = cells.get((model, "presets", column)), "presets"
+        if rec is not None and rec.get("config") != want:
+            rec = None  # measured before the preset changed
+        if rec is None:
+            rec = next((v for k, v in cells.items() if k[2] == column and v.get("config") == want and "error" not in v), None)
+            source = rec["row"] if rec else ""
+        labels = (rec or {}).get("labels") or {}
+        rows.append([f"`{column.lower()}`"] + [labels.get(lab, "") for lab in LABELS] + [_cell(rec, metric), source])
+    return "Presets (`DuQuantConfig.preset`), each with the cell that measured its exact configuration:\n\n" + table(
+        ["preset"] + list(LABELS) + [metric, "measured as"], rows)
 
 
 def _issue_comparison(records: list[dict], args) -> str:
@@ -398,17 +425,17 @@ def _issue_comparison(records: list[dict], args) -> str:
 
 def _targets(model: str, cells: dict, flt: dict | None) -> str:
     lines = []
-    for m, column, op, value, relative, granularity, text in TARGETS:
+    for issue, m, column, op, value, relative, labels, text in TARGETS:
         got = [v for k, v in cells.items() if m == model and k[2] == column and "error" not in v
-               and (granularity is None or (v.get("labels") or {}).get("granularity") == granularity)]
+               and all(str((v.get("labels") or {}).get(key, "")).startswith(want) for key, want in labels.items())]
         if not got or (relative and not (flt and "error" not in flt)):
             continue
         target = value * flt["value"] if relative else value
         best = (max if op.startswith(">") else min)(got, key=lambda v: v["value"])
         ok = {">=": best["value"] >= target, "<=": best["value"] <= target, "<": best["value"] < target}[op]
         bound = f" ({op} {target:.4g})" if relative else ""
-        lines.append(f"{column} {text}{bound}: best {best['value']:.4g} ({best['row']}), {'met' if ok else 'NOT met'}")
-    return ("Targets (issue 8): " + "; ".join(lines) + ".") if lines else ""
+        lines.append(f"- issue {issue}, {column} {text}{bound}: best {best['value']:.4g} ({best['row']}), {'met' if ok else 'NOT met'}")
+    return ("Targets:\n\n" + "\n".join(lines)) if lines else ""
 
 
 def plot(latest: dict, path: Path) -> None:

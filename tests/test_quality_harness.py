@@ -104,4 +104,4 @@ def test_report_renders_the_latest_cell_of_each_row(tmp_path):
     assert "200.00" not in body and "99.00" not in body  # superseded, and another split
     assert "Float model: perplexity 40.0000" in body
     assert "hadamard W4A8: NotImplementedError" in body
-    assert "W4A8 per row: < 70 at float 39.7, i.e. < 1.76x float (< 70.53): best 130 (spec), NOT met" in body
+    assert "- issue 8, W4A8 round-to-nearest per row: < 70 at float 39.7, i.e. < 1.76x float (< 70.53): best 130 (spec), NOT met" in body
