@@ -52,6 +52,20 @@ def _quantized(config: DuQuantConfig, dtype=torch.float32) -> Tiny:
     return model
 
 
+def test_loads_into_a_model_built_on_the_meta_device(tmp_path):
+    """No weight initialisation is needed: every tensor of a meta-device model is assigned from the files."""
+    model = _quantized(CONFIGS[1])
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(2))
+    want = model(ids)
+    save_quantized(model, tmp_path)
+    with torch.device("meta"):
+        fresh = Tiny()
+    loaded = load_quantized(fresh, tmp_path)
+    assert all(t.device.type == "cpu" for t in [*loaded.parameters(), *loaded.buffers()])
+    assert loaded.head.weight is loaded.embed.weight  # the tie survives
+    assert torch.equal(loaded(ids), want)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"W{c.weight_bits}A{c.act_bits}-{c.rotation}-{c.act_scheme}")
 def test_saved_model_loads_bit_identical(config, tmp_path):
     model = _quantized(config)
