@@ -136,6 +136,9 @@ ROWS: dict[str, Row] = {
              gptq_act_order=True, act_clip=0.9),
         _row("hadamard+smooth+dyn-norows+g128", rotation="hadamard", block_size=128, smooth_alpha=0.5,
              act_scheme="dynamic-token", row_rot_mode="none", weight_group_size=128),
+        _row("duquant+dyn-norows", rotation="duquant", block_size=128, act_scheme="dynamic-token", row_rot_mode="none"),
+        _row("duquant+dyn-norows+gptq", rotation="duquant", block_size=128, act_scheme="dynamic-token",
+             row_rot_mode="none", weight_method="gptq"),
         Row("presets", "preset"),
     ]
 }
