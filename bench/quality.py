@@ -439,38 +439,51 @@ def _targets(model: str, cells: dict, flt: dict | None) -> str:
 
 
 def plot(latest: dict, path: Path) -> None:
-    """One panel per model: the metric of every row across the bit-width columns (MiniLM as 1 - cosine), log scale."""
+    """Per model: every row's W4A8 figure as sorted bars (top), and the rows measured in several
+    columns across the bit widths (bottom); MiniLM as 1 - cosine; log scales, lower is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def value(r: dict) -> float:
+        return r["value"] if r["metric"] == "perplexity" else 1 - r["value"]
+
     models = [m for m in ("minilm", "gemma") if any(k[0] == m for k in latest)]
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(7.5 * len(models), 13), squeeze=False,
+                             gridspec_kw={"height_ratios": [2.2, 1]})
     columns = list(BITS)
-    for ax, model in zip(axes[0], models):
-        rows = sorted({k[1] for k in latest if k[0] == model and k[1] != "float"}, key=list(ROWS).index)
-        for name in rows:
-            xs, ys = [], []
-            for i, c in enumerate(columns):
-                r = latest.get((model, name, c))
-                if r and "error" not in r:
-                    xs.append(i)
-                    ys.append(r["value"] if r["metric"] == "perplexity" else 1 - r["value"])
-            if xs:
-                ax.plot(xs, ys, marker="o", label=name)
-        metric = next(v["metric"] for k, v in latest.items() if k[0] == model)
+    for j, model in enumerate(models):
+        cells = {k: v for k, v in latest.items() if k[0] == model and "error" not in v and k[1] != "float"
+                 and (k[1] != "presets" or v.get("config") == DuQuantConfig.preset(k[2].lower()).to_dict())}
+        metric = next(v["metric"] for v in cells.values())
+        label = metric if metric == "perplexity" else "1 - mean cosine"
         flt = latest.get((model, "float", "float"))
+        bars = sorted(((value(v), k[1]) for k, v in cells.items() if k[2] == "W4A8"), reverse=True)
+        ax = axes[0][j]
+        ax.barh(range(len(bars)), [v for v, _ in bars], color=["#2a7" if "gptq" in n else "#888" for _, n in bars])
+        ax.set_yticks(range(len(bars)), [n for _, n in bars], fontsize=7)
+        ax.set_xscale("log")
+        if flt and "error" not in flt and metric == "perplexity":
+            ax.axvline(flt["value"], color="black", linestyle="--", linewidth=1, label="float")
+            ax.legend(fontsize=8)
+        ax.set_title(f"{model}, W4A8: {label} (log, lower is better; green: GPTQ)", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax = axes[1][j]
+        multi = [n for n in dict.fromkeys(k[1] for k in cells) if sum((model, n, c) in cells for c in columns) >= 2]
+        for name in multi:
+            xs = [i for i, c in enumerate(columns) if (model, name, c) in cells]
+            ax.plot(xs, [value(cells[(model, name, columns[i])]) for i in xs], marker="o", label=name)
         if flt and "error" not in flt and metric == "perplexity":
             ax.axhline(flt["value"], color="black", linestyle="--", linewidth=1, label="float")
         ax.set_xticks(range(len(columns)), columns)
-        ax.set_title(f"{model}: {metric if metric == 'perplexity' else '1 - mean cosine'} (log, lower is better)")
         ax.set_yscale("log")
+        ax.set_title(f"{model}: {label} by bit width (rows measured in 2+ columns)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
 

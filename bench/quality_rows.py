@@ -53,6 +53,8 @@ class Row:
         rotation = c.rotation if c.rotation == "none" else f"{c.rotation} B={c.block_size}"
         if c.rotation != "none" and c.enable_permute:
             rotation += " +perm"
+        if c.rotation != "none" and c.row_rot_mode == "none":
+            rotation += ", rows not rotated"
         act = c.act_scheme + (f" clip {c.act_clip}" if c.act_scheme == "dynamic-token" and c.act_clip != 1.0 else "")
         labels = {
             "rotation": rotation,

@@ -233,6 +233,12 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
         )
     for alias, key in aliases.items():  # tied tensors: the alias becomes the very same object again
         set_child(model, alias, _get_tensor(model, key))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:  # non-persistent buffers (rotary frequencies, ...) are in no state_dict and no file
+        raise SavedModelError(
+            f"{directory}: the model was built on the meta device and {len(left)} tensors are in no saved file "
+            f"(non-persistent buffers, e.g. {left[:3]}): build the model on the CPU instead"
+        )
     return model
 
 

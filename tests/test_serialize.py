@@ -66,6 +66,16 @@ def test_loads_into_a_model_built_on_the_meta_device(tmp_path):
     assert torch.equal(loaded(ids), want)
 
 
+def test_a_meta_model_with_buffers_no_file_holds_is_refused_by_name(tmp_path):
+    model = _quantized(CONFIGS[1])
+    save_quantized(model, tmp_path)
+    with torch.device("meta"):
+        fresh = Tiny()
+    fresh.register_buffer("freqs", torch.ones(4, device="meta"), persistent=False)  # like rotary frequencies
+    with pytest.raises(SavedModelError, match=r"built on the meta device .*'freqs'.*build the model on the CPU"):
+        load_quantized(fresh, tmp_path)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"W{c.weight_bits}A{c.act_bits}-{c.rotation}-{c.act_scheme}")
 def test_saved_model_loads_bit_identical(config, tmp_path):
     model = _quantized(config)
