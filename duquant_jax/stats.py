@@ -293,7 +293,7 @@ def save_stats(path: str | os.PathLike, stats: Mapping[str, LayerStats]) -> Path
     """
     from safetensors.numpy import save_file
 
-    from duquant_jax.io import atomic_write
+    from duquant_jax.atomic import atomic_write
 
     if isinstance(stats, ModelStats):
         stats._layers_or_raise()

@@ -17,7 +17,7 @@ import numpy as np
 
 from duquant_jax import DuQuantConfig, Pack
 from duquant_jax.npz import META_KEYS  # noqa: F401  (the format's meta keys)
-from duquant_jax.io import atomic_write
+from duquant_jax.atomic import atomic_write
 from duquant_jax.reference import block_ranges
 
 
