@@ -133,10 +133,11 @@ def _rows_scales_codes(w1, r_out, out_diag, config: DuQuantConfig, keep_w2: bool
     return w_scale.reshape(rows, *w_scale.shape[2:])[:out], codes.reshape(rows, n)[:out]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _scales_and_codes(w2: jax.Array, w_scale: jax.Array | None, config: DuQuantConfig) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("config", "keep_w2"))
+def _scales_and_codes(w2: jax.Array, w_scale: jax.Array | None, config: DuQuantConfig, keep_w2: bool = False) -> tuple[jax.Array, jax.Array]:
+    """w2: (out, in) -> (its scales (or `w_scale`), its codes, or W2 itself with `keep_w2`)."""
     w_scale = _scales(w2, config, w_scale)
-    return w_scale, _rtn_codes(w2, w_scale, config)
+    return w_scale, w2 if keep_w2 else _rtn_codes(w2, w_scale, config)
 
 
 def _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config: DuQuantConfig, rows: bool = True):
@@ -168,9 +169,6 @@ def _scales(w2: jax.Array, config: DuQuantConfig, w_scale: jax.Array | None) -> 
     return w_scale
 
 
-_scales_jit = jax.jit(_scales, static_argnums=(1,))
-
-
 def _rtn_codes(w2: jax.Array, w_scale: jax.Array, config: DuQuantConfig) -> jax.Array:
     """SPEC step 8, per row or group; W2 itself (float32) when weights are unquantized."""
     if not config.quantize_weights:
@@ -185,13 +183,16 @@ def _check_finite(max_abs: jax.Array, w: jax.Array, name: str) -> None:
         raise ValueError(f"{'layer ' + name + ': ' if name else ''}w of shape {tuple(w.shape)} holds {n} NaN/Inf entries")
 
 
-def _pack_rtn(w, perm, in_diag, r_pre, r_in, r_out, out_diag, w_scale, config: DuQuantConfig, name: str = "") -> Pack:
+def _pack_rtn(w, perm, in_diag, r_pre, r_in, r_out, out_diag, w_scale, config: DuQuantConfig, name: str = "",
+              keep_w2: bool = False) -> Pack:
+    """The pack with round-to-nearest codes; with `keep_w2`, `w_codes` holds W2 itself (float32),
+    for GPTQ to round with the same scales, bit for bit."""
     if config.rotate_rows and config.quantize_weights and w_scale is None:
         r_in, r_out, w1, bad = _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config, rows=False)
-        w_scale, codes = _rows_scales_codes(w1, r_out, out_diag, config)
+        w_scale, codes = _rows_scales_codes(w1, r_out, out_diag, config, keep_w2=keep_w2)
     else:
         r_in, r_out, w2, bad = _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config)
-        w_scale, codes = _scales_and_codes(w2, w_scale, config)
+        w_scale, codes = _scales_and_codes(w2, w_scale, config, keep_w2=keep_w2)
     _check_finite(bad, w, name)
     return Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=codes, a_scale=None, config=config,
                 in_diag=in_diag, r_pre=r_pre, out_diag=out_diag)
@@ -255,23 +256,15 @@ def pack_weight(
 def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: str) -> Pack:
     from duquant_jax.gptq import gptq_codes
 
-    w, perm, in_diag, r_pre, r_in, r_out, out_diag = arrays
-    if config.rotate_rows and config.quantize_weights:  # the scales of _pack_rtn, bit for bit
-        r_in, r_out, w1, bad = _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config, rows=False)
-        w_scale, w2 = _rows_scales_codes(w1, r_out, out_diag, config, keep_w2=True)
-    else:
-        r_in, r_out, w2, bad = _transform_weight(w, perm, in_diag, r_pre, r_in, r_out, out_diag, config)
-        w_scale = _scales_jit(w2, config, None)
-    _check_finite(bad, w, name)
+    unrounded = _pack_rtn(*arrays, None, config, name, keep_w2=True)  # the RTN scales, W2 as w_codes
+    w2 = unrounded.w_codes
     xtx = jax.device_put(jnp.asarray(stats.xtx, jnp.float32), next(iter(w2.devices())))
-    h2 = jax.block_until_ready(_hessian_in_basis(xtx, perm, r_in, in_diag, r_pre))
+    h2 = jax.block_until_ready(_hessian_in_basis(xtx, unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre))
     codes = gptq_codes(
-        w2, h2, w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
+        w2, h2, unrounded.w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
         block=config.gptq_block, act_order=config.gptq_act_order, name=name,
     )
-    pack = Pack(perm=perm, r_in=r_in, r_out=r_out, w_scale=w_scale, w_codes=codes, a_scale=None, config=config,
-                in_diag=in_diag, r_pre=r_pre, out_diag=out_diag)
-    return jax.block_until_ready(pack)
+    return jax.block_until_ready(unrounded.replace(w_codes=codes))
 
 
 def pack_with_rotations(w: Any, perm: Any, r_in: Any, r_out: Any, config: DuQuantConfig, w_scale: Any = None) -> Pack:
