@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import inspect
+import contextlib
 import json
 import math
 import os
@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -94,34 +95,32 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
     if row.kind == "rtn":
         from rtn_baseline import calibrate_rtn, quantize_rtn_
 
-        t = time.perf_counter()
-        notes["layers"] = len(quantize_rtn_(model, config, task.filter_fn))
-        times["quantize_s"] = time.perf_counter() - t
+        with _timed(times, "quantize_s"):
+            notes["layers"] = len(quantize_rtn_(model, config, task.filter_fn))
         if config.quantize_acts:
-            t = time.perf_counter()
-            with calibrate_rtn(model):
+            with _timed(times, "calibrate_s"), calibrate_rtn(model):
                 task.run_calibration(model)
-            times["calibrate_s"] = time.perf_counter() - t
         return notes
-    kwargs = {}
+    stats = None
     if config.needs_stats:
-        t = time.perf_counter()
-        with observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
+        with _timed(times, "observe_s"), observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
             task.run_calibration(model)
-        times["observe_s"] = time.perf_counter() - t
-        takes_stats = "stats" in inspect.signature(quantize_).parameters
-        notes["stats_passed"] = takes_stats
-        if takes_stats:
-            kwargs["stats"] = stats
-    t = time.perf_counter()
-    notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, **kwargs))
-    times["quantize_s"] = time.perf_counter() - t
+    with _timed(times, "quantize_s"):
+        notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, stats=stats))
     if config.needs_calibration:
-        t = time.perf_counter()
-        with calibrate(model):
+        with _timed(times, "calibrate_s"), calibrate(model):
             task.run_calibration(model)
-        times["calibrate_s"] = time.perf_counter() - t
     return notes
+
+
+@contextlib.contextmanager
+def _timed(times: dict, key: str) -> Iterator[None]:
+    """Adds the seconds the block took to `times[key]`."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t
 
 
 def run_cell(task, row: Row, column: str) -> dict:
