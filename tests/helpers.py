@@ -16,6 +16,7 @@ from duquant_jax.equivalence import (  # noqa: F401  (re-exported for the tests)
     well_separated,
 )
 
+
 def to_numpy(pack: Pack) -> Pack:
     return jax.tree.map(np.asarray, pack)
 
@@ -34,3 +35,28 @@ def structured_weight(kind: str, out: int, n_in: int, seed: int) -> np.ndarray:
     elif kind != "gaussian":
         raise ValueError(kind)
     return w
+
+
+def write_checkpoint(path, names: list[str], shape: tuple[int, int] = (32, 48), seed: int = 0):
+    """A one-file safetensors checkpoint of small float32 Gaussian weights named `names`; returns `path`."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    save_file({n: (0.02 * rng.standard_normal(shape)).astype(np.float32) for n in names}, str(path))
+    return path
+
+
+class Stop(Exception):
+    """Raised by `stop_after` to interrupt a run."""
+
+
+def stop_after(count: int):
+    """An `on_layer` callback that raises `Stop` when the `count`-th layer is done."""
+    seen = []
+
+    def on_layer(name: str) -> None:
+        seen.append(name)
+        if len(seen) == count:
+            raise Stop
+
+    return on_layer

@@ -7,6 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import Stop, stop_after
 from safetensors.flax import save_file
 
 from duquant_jax import DuQuantConfig, pack_weight
@@ -55,16 +56,8 @@ def test_interrupted_pack_resumes_without_redoing_finished_layers(checkpoint, tm
     ckpt, _ = checkpoint
     out = tmp_path / "packs"
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(name, seen=[]):
-        seen.append(name)
-        if len(seen) == 2:
-            raise Stop
-
     with pytest.raises(Stop):
-        pack_checkpoint(ckpt, out, progress=False, on_layer=stop_after_two)
+        pack_checkpoint(ckpt, out, progress=False, on_layer=stop_after(2))
     assert not (out / "index.json").exists()  # unfinished: no index
     first = layer_file(out, list(LAYERS)[0])
     mtime = first.stat().st_mtime_ns

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_checkpoint
 from safetensors.numpy import save_file
 
 from duquant_jax.checkpoint import layer_file, pack_checkpoint
@@ -20,10 +21,7 @@ NAMES = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
 
 @pytest.fixture()
 def ckpt(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path / "model.safetensors"
-    save_file({n: (0.02 * rng.standard_normal((32, 48))).astype(np.float32) for n in NAMES}, str(path))
-    return path
+    return write_checkpoint(tmp_path / "model.safetensors", NAMES)
 
 
 def _fails(capsys, argv: list[str], *expected: str) -> str:

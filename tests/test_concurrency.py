@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from helpers import Stop, stop_after, write_checkpoint
 
 from duquant_jax import DuQuantConfig
 from duquant_jax.checkpoint import INDEX, iter_pack_dir, layer_file, pack_checkpoint
@@ -26,10 +26,7 @@ NAMES = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4)]
 
 @pytest.fixture()
 def ckpt(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path / "model.safetensors"
-    save_file({n: (0.02 * rng.standard_normal((32, 48))).astype(np.float32) for n in NAMES}, str(path))
-    return path
+    return write_checkpoint(tmp_path / "model.safetensors", NAMES)
 
 
 def _holder(out: Path) -> subprocess.Popen:
@@ -108,18 +105,10 @@ def test_a_resumed_run_with_another_config_never_leaves_a_mixed_directory(ckpt, 
     pack_checkpoint(ckpt, out, progress=False)  # a complete run: index of config A
     _assert_consistent(out, DuQuantConfig())
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(name, seen=[]):
-        seen.append(name)
-        if len(seen) == 2:
-            raise Stop
-
     w8 = DuQuantConfig(weight_bits=8)
     notes = []
     with pytest.raises(Stop):
-        pack_checkpoint(ckpt, out, w8, progress=False, on_layer=stop_after_two, echo=notes.append)
+        pack_checkpoint(ckpt, out, w8, progress=False, on_layer=stop_after(2), echo=notes.append)
     # two layers of config B, two of A are on disk: no index may claim them as one pack
     assert not (out / INDEX).exists()
     assert [load_packs(layer_file(out, n))[n].config.weight_bits for n in NAMES] == [8, 8, 4, 4]
