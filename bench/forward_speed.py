@@ -40,10 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_section  # noqa: E402
+from quality import _quantize  # noqa: E402
 from quality_models import GemmaTask  # noqa: E402
+from quality_rows import ROWS  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
-from interop import DuQuantLinear, load_quantized, observe, quantize_, save_quantized  # noqa: E402
+from interop import DuQuantLinear, load_quantized, save_quantized  # noqa: E402
 
 PREFILL, DECODE, REPEATS = 256, 64, 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -88,18 +90,14 @@ def _fresh(task: GemmaTask, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def quantized(task: GemmaTask, config_name: str) -> tuple[torch.nn.Module, float]:
-    """The float32 model quantized by the preset (`float`: as loaded), and the seconds it took."""
+    """The float32 model quantized by the preset (`float`: as loaded), as the quality benchmark
+    does it (observe pass, `quantize_`), and the seconds it took."""
     model = task.float_model()
     if config_name == "float":
         return model, 0.0
-    config = DuQuantConfig.preset(config_name)
-    t = time.perf_counter()
-    stats = None
-    if config.needs_stats:
-        with observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
-            task.run_calibration(model)
-    quantize_(model, config, task.filter_fn, progress=False, stats=stats)
-    return model, time.perf_counter() - t
+    times: dict = {}
+    _quantize(task, model, ROWS["presets"], DuQuantConfig.preset(config_name), times)
+    return model, sum(times.values())
 
 
 def measure(task: GemmaTask, model32: torch.nn.Module, dtype_name: str, config_name: str, root: Path) -> dict:
