@@ -59,7 +59,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from interop import kernel_tuning
+from interop import kernel_tuning, native
 from interop.qweight import INT4PACK_GROUPS, QuantizedWeight, natural_view, release_scratch, rows_view, scratch, to_tile_order
 
 __all__ = [
@@ -246,7 +246,7 @@ def _run_int_mm(x2, weight, act, act_scale):
         tile = weight.code_tile(r0, r1, split=True)
         if tile.split:
             x_split = split_columns(xq) if x_split is None else x_split
-        acc = torch._int_mm(x_split if tile.split else xq, tile.b, out=scratch("acc", (tokens, r1 - r0), torch.int32, device))
+        acc = native.int_mm(x_split if tile.split else xq, tile.b, scratch("acc", (tokens, r1 - r0), torch.int32, device))
         if tile.offset:  # b holds Q + o: xq (Q + o) = xq Q + o * sum(xq), exact in int32
             if offset_sum is None:
                 offset_sum = xq.sum(dim=1, keepdim=True, dtype=torch.int32) * tile.offset
@@ -271,7 +271,7 @@ def _grouped_int_mm(xq: torch.Tensor, weight: QuantizedWeight, y: torch.Tensor) 
         acc_f.zero_()
         acc = scratch("acc", (y.shape[0], r1 - r0), torch.int32, y.device)
         for k, (c0, c1) in enumerate(bounds):  # one exact product per scale group
-            torch._int_mm(xq[:, c0:c1], tile.b[c0:c1], out=acc)
+            native.int_mm(xq[:, c0:c1], tile.b[c0:c1], acc)
             if tile.offset:
                 acc.sub_(sums[k])
             acc_f.addcmul_(acc, scales[:, k])
@@ -300,7 +300,7 @@ def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> to
 def _run_int8pack(x2, weight, act, act_scale):
     xb, s_t = _bf16_input(x2, act, act_scale)
     scales = weight.derived("scales_bf16", lambda: weight.scales.to(torch.bfloat16))
-    return _finish(torch._weight_int8pack_mm(xb, weight.qdata, scales), s_t, x2.dtype)
+    return _finish(native.weight_int8pack_mm(xb, weight.qdata, scales), s_t, x2.dtype)
 
 
 def int4pack_group(weight: QuantizedWeight) -> int | None:
@@ -326,7 +326,7 @@ def _run_int4pack(x2, weight, act, act_scale):
     xb, s_t = _bf16_input(x2, act, act_scale)
     k = int4pack_group(weight)
     sz = weight.derived("int4pack_scales", lambda: _int4pack_scales(weight, k))
-    return _finish(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, weight.qdata, k, sz), s_t, x2.dtype)
+    return _finish(native.weight_int4pack_mm(xb, weight.qdata, k, sz), s_t, x2.dtype)
 
 
 def _always(weight, act, dtype, device, tokens):
@@ -336,7 +336,7 @@ def _always(weight, act, dtype, device, tokens):
 def _int_mm_unavailable(weight, act, dtype, device, tokens):
     if not act.integer:
         return f"int-mm needs integer activations (dynamic-token or static-tensor); got {act.scheme!r}"
-    if not hasattr(torch, "_int_mm"):
+    if not native.available("int_mm"):
         return "this torch has no torch._int_mm"
     if device.type == "cuda":  # cuBLASLt's int8 GEMM constraints
         if tokens <= 16:

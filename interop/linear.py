@@ -288,7 +288,7 @@ class DuQuantLinear(nn.Module):
             scale = self.a_scale if act.scheme in ("static-channel", "static-tensor") else None
             return quantized_matmul(x2, self.qweight, act, scale)
         x3 = x2 if act.scheme == "none" else fake_quantize(x2, act, self.a_scale if act.scheme.startswith("static") else None)
-        return nn.functional.linear(x3, self.w2.to(x2.dtype))
+        return nn.functional.linear(x3.to(x2.dtype), self.w2.to(x2.dtype))  # fake_quantize computes in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -38,8 +38,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from interop import native
+
 LAYOUTS = ("nibbles", "int8", "int4pack")
-INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes torch's CPU int4 kernel takes
+INT4PACK_GROUPS = native.INT4PACK_GROUPS  # group sizes torch's CPU int4 kernel takes
 
 
 # -- canonical nibbles --------------------------------------------------------
@@ -134,14 +136,13 @@ def int4pack_variant() -> tuple[str, int] | None:
     multiplies it right. None when the ops are missing or nothing matches, so
     that the layout is never used on trust.
     """
-    aten = torch.ops.aten
-    if not (hasattr(aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(aten, "_weight_int4pack_mm_for_cpu")):
+    if not native.available("int4pack"):
         return None
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (176, 64), generator=gen, dtype=torch.int8)
     try:
-        want = aten._convert_weight_to_int4pack_for_cpu((codes + 8).to(torch.int32), 2)
-    except RuntimeError:
+        want = native.convert_weight_to_int4pack((codes + 8).to(torch.int32), 2)
+    except (RuntimeError, native.NativeKernelError):
         return None
     for variant in _VARIANTS:
         got = _to_int4pack(codes, variant)
@@ -149,7 +150,7 @@ def int4pack_variant() -> tuple[str, int] | None:
             x = torch.eye(64, dtype=torch.bfloat16)  # picks out every code: exact in bfloat16
             sz = torch.zeros(2, 176, 2, dtype=torch.bfloat16)
             sz[..., 0] = 1
-            y = aten._weight_int4pack_mm_for_cpu(x, got, 32, sz)
+            y = native.weight_int4pack_mm(x, native.aligned(got), 32, sz)
             if torch.equal(y.float(), codes.float().T):
                 return variant
             return None
@@ -349,7 +350,7 @@ class QuantizedWeight(nn.Module):
             )
         if not torch.isfinite(scales).all():
             raise ValueError(f"{self._who()}: scales hold NaN or Inf")
-        return scales.detach().to(device=device, dtype=torch.float32).contiguous()
+        return native.aligned(scales.detach().to(device=device, dtype=torch.float32))
 
     # -- shape facts ---------------------------------------------------------
     @property
@@ -399,11 +400,12 @@ class QuantizedWeight(nn.Module):
         return layout
 
     def _encode(self, codes: torch.Tensor, layout: str) -> torch.Tensor:
+        """codes (out, in) int8 -> the stored form of `layout`, in aligned contiguous storage (`interop.native`)."""
         if layout == "nibbles":
-            return pack_nibbles(codes).contiguous()
+            return native.aligned(pack_nibbles(codes))
         if layout == "int4pack":
-            return _to_int4pack(codes, int4pack_variant())
-        return codes.contiguous()
+            return native.aligned(_to_int4pack(codes, int4pack_variant()))
+        return native.aligned(codes)
 
     def codes(self) -> torch.Tensor:
         """(out, in) int8 codes, unpacked whole (a full-size temporary: for tests and export)."""

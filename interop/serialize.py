@@ -11,10 +11,14 @@ Directory layout (transformers' sharded layout, plus one JSON of our own):
 Each `DuQuantLinear` contributes its packed state (`qweight.codes` as 4-bit
 nibbles or int8, `qweight.scales`, the rotations, `a_scale`, `calibrated`,
 `bias`); the rest of the model's weights are stored as they are. Every shard
-records a CRC-32 of every tensor (`duquant_jax.integrity`), checked on load.
+records a CRC-32 of every tensor (`duquant_jax.integrity`) and of the record
+`duquant_quantized.json` (its metadata key `duquant_record_crc32`, itself under
+the shard's checksum table), checked on load; every layer's tensors are then
+cross-checked against its configuration (`interop.saved_checks`) before any
+kernel runs. Format 1 saves (no record digest) still load.
 
 Loading needs no JAX: it imports torch, safetensors, `duquant_jax.config`,
-`duquant_jax.integrity` and `duquant_jax.paths` only.
+`duquant_jax.field_shapes`, `duquant_jax.integrity` and `duquant_jax.paths` only.
 """
 
 from __future__ import annotations
@@ -29,21 +33,26 @@ from torch import nn
 
 from duquant_jax.atomic import atomic_write, atomic_write_text
 from duquant_jax.config import DuQuantConfig
-from duquant_jax.integrity import ChecksumError, checksum_metadata, digest, dtype_code, verify_file
+from duquant_jax.integrity import ChecksumError, checksum_metadata, digest, dtype_code, read_header, text_digest, verify_file
 from duquant_jax.paths import contained
+from interop import native, saved_checks
 from interop.linear import DuQuantLinear
 from interop.modules import set_child
+from interop.saved_checks import SavedModelError
 
 FORMAT = "duquant-quantized-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every shard's metadata records the CRC-32 of the record (RECORD_DIGEST_KEY)
+READS_VERSIONS = (1, 2)
+RECORD_DIGEST_KEY = "duquant_record_crc32"
 CONFIG_FILE = "duquant_quantized.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30
 
 
-class SavedModelError(ValueError):
-    """A saved quantized model that cannot be loaded: missing, damaged, or not matching the model."""
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+__all__ = ["SavedModelError", "load_quantized", "save_quantized"]
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -81,8 +90,23 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
+def _layer_record(m: DuQuantLinear) -> dict[str, Any]:
+    return {
+        "config": m.config.to_dict(),
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "dtype": str(m.r_in.dtype if m.r_in is not None else m.a_scale.dtype).removeprefix("torch."),
+        "shapes": m.layout(),
+    }
+
+
 def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Writes `model` (with its `DuQuantLinear` layers) to `directory`; returns the directory.
+
+    The record (`duquant_quantized.json`) is made first, and every shard's
+    checksummed metadata holds its CRC-32 (`RECORD_DIGEST_KEY`), so that a
+    changed record, or a shard of another save, is refused on load.
 
     Args:
       model: a torch model quantized by `interop.quantize_` (or `from_pack_dir`).
@@ -105,11 +129,20 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_
     tensors, aliases = _unique_state(model)
     shards = _shards(tensors, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layers": {name: _layer_record(m) for name, m in layers.items()},
+        "aliases": aliases,
+        "files": names,
+        "torch_version": torch.__version__,
+    }
+    record_text = json.dumps(record, indent=1)
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         if stale.name not in names:
             stale.unlink(missing_ok=True)
     for name, shard in zip(names, shards):
-        meta = {"format": FORMAT}
+        meta = {"format": FORMAT, RECORD_DIGEST_KEY: text_digest(record_text)}
         meta["checksums"] = checksum_metadata({k: _tensor_digest(t) for k, t in shard.items()}, meta)
         atomic_write(directory / name, lambda tmp, shard=shard, meta=meta: save_file(shard, tmp, metadata=meta))
     if len(shards) > 1:
@@ -118,29 +151,12 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
         atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=1))
-    record = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layers": {
-            name: {
-                "config": m.config.to_dict(),
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "bias": m.bias is not None,
-                "dtype": str(m.r_in.dtype if m.r_in is not None else m.a_scale.dtype).removeprefix("torch."),
-                "shapes": m.layout(),
-            }
-            for name, m in layers.items()
-        },
-        "aliases": aliases,
-        "files": names,
-        "torch_version": torch.__version__,
-    }
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(record, indent=1))
+    atomic_write_text(directory / CONFIG_FILE, record_text)
     return directory
 
 
-def _read_record(directory: Path) -> dict[str, Any]:
+def _read_record(directory: Path) -> tuple[dict[str, Any], str]:
+    """The record and the CRC-32 of its text (validated structure)."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise SavedModelError(
@@ -148,27 +164,35 @@ def _read_record(directory: Path) -> dict[str, Any]:
             "(run save_quantized again)"
         )
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+        record = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise SavedModelError(f"{path} is not readable JSON ({e}): the save is damaged") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise SavedModelError(f"{path} is not a duquant quantized-model record (format={record.get('format') if isinstance(record, dict) else None!r})")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise SavedModelError(f"{path} has format_version {record.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+    if record.get("format_version") not in READS_VERSIONS:
+        raise SavedModelError(f"{path} has format_version {record.get('format_version')!r}; this version reads {READS_VERSIONS}")
     for key, kind in (("layers", dict), ("aliases", dict), ("files", list)):
         if not isinstance(record.get(key), kind):
             raise SavedModelError(f"{path}: {key!r} is missing or not a {kind.__name__}")
-    return record
+    files = record["files"]
+    if not files or not all(isinstance(f, str) for f in files) or len(set(files)) != len(files):
+        raise SavedModelError(f"{path}: 'files' must list distinct shard names; got {files[:5]!r}")
+    return record, text_digest(text)
 
 
-def _layer_from_record(name: str, info: Any, module: nn.Module, source: Path) -> DuQuantLinear:
+def _layer_from_record(name: str, info: Any, module: nn.Module, source: Path) -> tuple[DuQuantLinear, torch.dtype]:
     try:
         config = DuQuantConfig.from_dict(info["config"])
-        n_in, n_out, shapes = int(info["in_features"]), int(info["out_features"]), info["shapes"]
-        dtype = getattr(torch, str(info["dtype"]))
-        if not isinstance(dtype, torch.dtype) or not isinstance(shapes, dict):
-            raise TypeError("bad dtype or shapes")
-        bias = bool(info["bias"])
+        n_in, n_out, shapes = info["in_features"], info["out_features"], info["shapes"]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (n_in, n_out)):
+            raise TypeError(f"in_features and out_features must be ints >= 1; got {n_in!r}, {n_out!r}")
+        dtype = _FLOAT_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise TypeError(f"dtype must be one of {sorted(_FLOAT_DTYPES)}; got {info['dtype']!r}")
+        if not isinstance(shapes, dict) or not isinstance(info["bias"], bool):
+            raise TypeError("shapes must be an object and bias a bool")
+        bias = info["bias"]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SavedModelError(f"{source}: layer {name!r} has a bad record ({e})") from None
     have = (module.in_features, module.out_features) if isinstance(module, (nn.Linear, DuQuantLinear)) else None
@@ -177,7 +201,72 @@ def _layer_from_record(name: str, info: Any, module: nn.Module, source: Path) ->
             f"{source}: layer {name!r} was saved as a {n_out}x{n_in} linear; the model has "
             f"{'no linear there' if have is None else f'a {have[1]}x{have[0]} one'}: build the same architecture"
         )
-    return DuQuantLinear.empty(config, n_in, n_out, shapes, bias=bias, dtype=dtype, name=name)
+    saved_checks.check_record_shapes(name, config, n_in, n_out, shapes, str(source))
+    return DuQuantLinear.empty(config, n_in, n_out, shapes, bias=bias, dtype=dtype, name=name), dtype
+
+
+def _check_shard_header(path: Path, record_digest: str, version: int) -> list[str]:
+    """The shard's tensor names, after checking that its metadata belongs to this record."""
+    try:
+        header, _ = read_header(path)
+    except ChecksumError as e:
+        raise SavedModelError(f"{path} is not a readable safetensors file ({e}): the save is damaged") from None
+    meta = header.pop("__metadata__", {})
+    stored = meta.get(RECORD_DIGEST_KEY)
+    if stored is None and (version > 1 or RECORD_DIGEST_KEY in meta):
+        raise SavedModelError(f"{path} records no digest of {CONFIG_FILE}: it is not a shard of this save")
+    if stored is not None and stored != record_digest:
+        raise SavedModelError(
+            f"{path}: {CONFIG_FILE} does not match the digest its shards recorded (crc32 {record_digest}, "
+            f"recorded {stored}): the record was changed or the shard belongs to another save"
+        )
+    return list(header)
+
+
+def _read_shards(directory: Path, files: list[Path], record_digest: str, version: int, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every shard's tensors, in aligned storage (`interop.native`), and {key: shard path}; a key in two shards is an error."""
+    from safetensors.torch import load_file
+
+    where: dict[str, str] = {}
+    for path in files:
+        if not path.is_file():
+            raise SavedModelError(f"{directory}: shard {path.name} is missing: the save is incomplete")
+        for key in _check_shard_header(path, record_digest, version):
+            if key in where:
+                raise SavedModelError(f"tensor {key!r} is in two shards, {where[key]} and {path}: the save is damaged")
+            where[key] = str(path)
+    _check_index(directory, files, where)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            if verify:
+                verify_file(path)
+            state.update(native.aligned_state(load_file(str(path))))
+        except ChecksumError:
+            raise
+        except Exception as e:  # safetensors' own errors for a damaged header
+            raise SavedModelError(f"{path} is not a readable safetensors file ({e}): the save is damaged") from None
+    return state, where
+
+
+def _check_index(directory: Path, files: list[Path], where: dict[str, str]) -> None:
+    """A sharded save's index must exist and map every key to the shard that holds it (transformers reads it)."""
+    path = directory / INDEX_FILE
+    if len(files) == 1 and not path.exists():
+        return
+    if not path.is_file():
+        raise SavedModelError(f"{directory}: {INDEX_FILE} is missing: the save is incomplete")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+        raise SavedModelError(f"{path} is not a readable shard index ({e}): the save is damaged") from None
+    want = {key: Path(file).name for key, file in where.items()}
+    if weight_map != want:
+        bad = sorted(set(weight_map) ^ set(want)) or sorted(k for k in want if weight_map.get(k) != want[k])
+        raise SavedModelError(f"{path} does not match the shards (first difference: {bad[0]!r}): the save is damaged")
 
 
 def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bool = True) -> nn.Module:
@@ -187,45 +276,51 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
     re-packing), then every tensor is loaded as saved (dtypes included), so the
     outputs equal the saved model's bit for bit. Imports no JAX.
 
+    Before any tensor reaches a layer: the record must match the digest every
+    shard recorded, no key may be in two shards, a sharded save's index must
+    match its shards, and every layer's tensors must have the dtypes and shapes
+    its configuration stores (`interop.saved_checks`). Tensors are copied into
+    aligned storage once, here (native kernels crash on unaligned operands).
+
     Args:
       model: the float model; changed in place and returned.
       directory: written by `save_quantized`.
-      verify: check every tensor's CRC-32 (on by default; `False` skips it for speed).
+      verify: check every tensor's CRC-32 (on by default; `False` skips it for speed;
+        the record's digest and the cross-checks run either way).
 
     Raises:
-      SavedModelError: a missing or damaged file, a path outside `directory`, or a
-        layer that does not match the model (the message names it).
+      SavedModelError: a missing or damaged file, a path outside `directory`, a
+        record that does not match its shards, or a layer that does not match its
+        configuration or the model (the message names the file, layer and field).
       ChecksumError: a tensor whose bytes do not match their checksum.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    record = _read_record(directory)
+    record, record_digest = _read_record(directory)
     source = directory / CONFIG_FILE
     files = [contained(directory, f, what="shard", source=source) for f in record["files"]]
+    state, where = _read_shards(directory, files, record_digest, record["format_version"], verify)
     for name, info in record["layers"].items():
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(name) if isinstance(name, str) and name else None
         except AttributeError:
-            raise SavedModelError(f"{source}: layer {name!r} is not a module of the model: build the same architecture") from None
-        set_child(model, name, _layer_from_record(name, info, module, source))
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise SavedModelError(f"{directory}: shard {path.name} is missing: the save is incomplete")
-        try:
-            if verify:
-                verify_file(path)
-            state.update(load_file(str(path)))
-        except ChecksumError:
-            raise
-        except Exception as e:  # safetensors' own errors for a damaged header
-            raise SavedModelError(f"{path} is not a readable safetensors file ({e}): the save is damaged") from None
+            module = None
+        if module is None:
+            raise SavedModelError(f"{source}: layer {name!r} is not a module of the model: build the same architecture")
+        layer, dtype = _layer_from_record(name, info, module, source)
+        saved_checks.check_layer_tensors(name, layer.config, layer.in_features, layer.out_features, dtype, layer.bias is not None, state, where)
+        saved_checks.check_layer_values(name, layer.config, state, where)
+        set_child(model, name, layer)
     aliases = record["aliases"]
+    model_keys = set(model.state_dict())
     for alias, key in aliases.items():
         if not isinstance(key, str) or key not in state:
             raise SavedModelError(f"{source}: alias {alias!r} points at {key!r}, which no shard holds")
-    result = model.load_state_dict(state, strict=False, assign=True)
+        if alias not in model_keys or alias in state:
+            raise SavedModelError(f"{source}: alias {alias!r} is {'saved as a tensor too' if alias in state else 'not a tensor of the model'}")
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches against the float model's own tensors
+        raise SavedModelError(f"{directory} does not match the model: {e}") from None
     missing = [k for k in result.missing_keys if k not in aliases]
     if missing or result.unexpected_keys:
         raise SavedModelError(
