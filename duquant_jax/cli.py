@@ -122,8 +122,10 @@ def _check_files(files: dict) -> dict[str, str]:
 def _verify(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from duquant_jax.checkpoint import Checkpoint, iter_pack_dir, pack_dir_files
-    from duquant_jax.verify import HEADER, LEGEND, explain_pack, row, summary
+    from duquant_jax.checkpoint import Checkpoint, _stats_for, iter_pack_dir, pack_dir_files
+    from duquant_jax.io import read_metadata
+    from duquant_jax.stats import load_stats
+    from duquant_jax.verify import HEADER, LEGEND, explain_pack, missing_stats, row, summary
 
     if a.layers < 1:
         raise UsageError(f"--layers must be >= 1; got {a.layers}")
@@ -136,6 +138,10 @@ def _verify(a: argparse.Namespace) -> int:
         raise ValueError(f"layer {missing[0]} of {a.packs} is not in checkpoint {a.checkpoint}: is it the checkpoint that was packed?")
     pick = sorted({int(i) for i in np.linspace(0, len(names) - 1, min(a.layers, len(names)))}) if names else []
     sample = [names[i] for i in pick]
+    config = DuQuantConfig.from_dict(read_metadata(files[sample[0]])[sample[0]]["config"]) if sample else None
+    if a.stats is None and config is not None and config.needs_stats:
+        raise UsageError(missing_stats(sample[0], config))
+    stats = None if a.stats is None else load_stats(a.stats)  # the same lookup per layer as `duquant pack --stats`
     print(HEADER)
     results = {}
     for name, pack in iter_pack_dir(a.packs, sample, verify=False):  # checksums were checked above
@@ -145,7 +151,7 @@ def _verify(a: argparse.Namespace) -> int:
                 f"layer {name}: the pack is {pack.out_features}x{pack.in_features} but the checkpoint's tensor has shape "
                 f"{w.shape}: is {a.checkpoint} the checkpoint that was packed?"
             )
-        results[name] = explain_pack(pack, w)
+        results[name] = explain_pack(pack, w, stats=_stats_for(name, w.shape, pack.config, stats))
         print(row(name, results[name]), flush=True)
     print(LEGEND)
     if results:
@@ -197,11 +203,13 @@ def parser() -> argparse.ArgumentParser:
     pack.set_defaults(run=_pack)
 
     verify = sub.add_parser(
-        "verify", help="check every layer file's checksums; re-pack a sample with the float64 reference and compare"
+        "verify", help="check every layer file's checksums; re-pack a sample with the float64 reference and judge its "
+        "transform, scales, codes and quantized forward against it"
     )
     verify.add_argument("packs", help="a directory written by `duquant pack`")
     verify.add_argument("--checkpoint", required=True, help="the checkpoint that was packed")
     verify.add_argument("--layers", type=int, default=3, help="how many layers to check, evenly spread")
+    verify.add_argument("--stats", help="the activation statistics given to `duquant pack --stats` (configs that need them)")
     verify.set_defaults(run=_verify)
     return ap
 
