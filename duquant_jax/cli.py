@@ -91,6 +91,15 @@ def _pack(a: argparse.Namespace) -> int:
             "this configuration needs activation statistics (smoothing, rotation duquant or gptq): record them with "
             "`interop.observe(model)` / `duquant_jax.nn.observe(model)`, `stats.save(PATH)`, then pass --stats PATH"
         )
+    if a.coordinator is not None or a.num_processes is not None or a.process_id is not None:
+        if None in (a.coordinator, a.num_processes, a.process_id):
+            raise UsageError("--coordinator, --num-processes and --process-id go together")
+        from duquant_jax.distributed import join
+
+        try:
+            join(a.coordinator, a.num_processes, a.process_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     summary = pack_checkpoint(a.checkpoint, a.out, config, include=a.include, exclude=a.exclude, stats=stats)
     print(summary.table())
     print(f"packs written to {a.out}")
@@ -199,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
     pack.add_argument("--include", help="regex over tensor names to pack (default: every 2-D *.weight)")
     pack.add_argument("--exclude", help="regex over tensor names to skip (default: 'embed|lm_head'; '' for none)")
     pack.add_argument("--stats", help="activation statistics (a file saved by the observe pass), for configs that need them")
+    pack.add_argument("--coordinator", help="HOST:PORT of process 0, to pack as one of several jax.distributed processes")
+    pack.add_argument("--num-processes", type=int, help="with --coordinator: how many processes take part")
+    pack.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0..num-processes-1")
     _config_args(pack)
     pack.set_defaults(run=_pack)
 
