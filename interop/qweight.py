@@ -578,12 +578,11 @@ class QuantizedWeight(nn.Module):
             return
         codes = codes.to(self.qdata.device)
         full = unpack_nibbles(codes, self.in_features) if dtype == torch.uint8 else codes
-        if dtype == torch.int8:
-            try:
-                self._check_range(full)
-            except ValueError as e:
-                error_msgs.append(f"{key}: {e}")
-                return
+        try:  # nibbles hold [-8, 7]: 2- and 3-bit codes can be out of range too
+            self._check_range(full)
+        except ValueError as e:
+            error_msgs.append(f"{key}: {e}")
+            return
         self.qdata = self._encode(full, self.layout)
         self._derived.clear()
 

@@ -107,8 +107,11 @@ def check_layer_values(name: str, config: DuQuantConfig, state: Mapping[str, tor
     scales = state.get(prefix + "qweight.scales")
     if scales is not None and bool((scales < 0).any()):
         fail("qweight.scales", "holds negative scales")
-    if config.needs_calibration and bool(state[prefix + "calibrated"]) and not bool((state[prefix + "a_scale"] > 0).all()):
+    calibrated, a_scale = bool(state[prefix + "calibrated"]), state[prefix + "a_scale"]
+    if config.needs_calibration and calibrated and not bool((a_scale > 0).all()):
         fail("a_scale", "holds scales <= 0 in a calibrated layer")
+    if not config.needs_calibration and (calibrated or bool(a_scale.any())):
+        fail("a_scale", f"holds calibrated scales, which its configuration ({_summary(config)}) never has")
 
 
 def _summary(config: DuQuantConfig) -> str:

@@ -205,8 +205,8 @@ def _layer_from_record(name: str, info: Any, module: nn.Module, source: Path) ->
     return DuQuantLinear.empty(config, n_in, n_out, shapes, bias=bias, dtype=dtype, name=name), dtype
 
 
-def _check_shard_header(path: Path, record_digest: str, version: int) -> list[str]:
-    """The shard's tensor names, after checking that its metadata belongs to this record."""
+def _check_shard_header(path: Path, record_digest: str, version: int) -> dict[str, int]:
+    """The shard's {tensor name: bytes}, after checking that its metadata belongs to this record."""
     try:
         header, _ = read_header(path)
     except ChecksumError as e:
@@ -220,7 +220,7 @@ def _check_shard_header(path: Path, record_digest: str, version: int) -> list[st
             f"{path}: {CONFIG_FILE} does not match the digest its shards recorded (crc32 {record_digest}, "
             f"recorded {stored}): the record was changed or the shard belongs to another save"
         )
-    return list(header)
+    return {key: entry["data_offsets"][1] - entry["data_offsets"][0] for key, entry in header.items()}
 
 
 def _read_shards(directory: Path, files: list[Path], record_digest: str, version: int, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -228,14 +228,15 @@ def _read_shards(directory: Path, files: list[Path], record_digest: str, version
     from safetensors.torch import load_file
 
     where: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     for path in files:
         if not path.is_file():
             raise SavedModelError(f"{directory}: shard {path.name} is missing: the save is incomplete")
-        for key in _check_shard_header(path, record_digest, version):
+        for key, nbytes in _check_shard_header(path, record_digest, version).items():
             if key in where:
                 raise SavedModelError(f"tensor {key!r} is in two shards, {where[key]} and {path}: the save is damaged")
-            where[key] = str(path)
-    _check_index(directory, files, where)
+            where[key], sizes[key] = str(path), nbytes
+    _check_index(directory, files, where, sizes)
     state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -249,8 +250,9 @@ def _read_shards(directory: Path, files: list[Path], record_digest: str, version
     return state, where
 
 
-def _check_index(directory: Path, files: list[Path], where: dict[str, str]) -> None:
-    """A sharded save's index must exist and map every key to the shard that holds it (transformers reads it)."""
+def _check_index(directory: Path, files: list[Path], where: dict[str, str], sizes: dict[str, int]) -> None:
+    """A sharded save's index must exist, map every key to the shard that holds it (transformers reads it)
+    and give the shards' tensor bytes as `metadata.total_size`."""
     path = directory / INDEX_FILE
     if len(files) == 1 and not path.exists():
         return
@@ -264,6 +266,9 @@ def _check_index(directory: Path, files: list[Path], where: dict[str, str]) -> N
     except (ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
         raise SavedModelError(f"{path} is not a readable shard index ({e}): the save is damaged") from None
     want = {key: Path(file).name for key, file in where.items()}
+    total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    if len(files) > 1 and total != sum(sizes.values()):
+        raise SavedModelError(f"{path}: metadata.total_size is {total!r}; the shards hold {sum(sizes.values())} bytes of tensors")
     if weight_map != want:
         bad = sorted(set(weight_map) ^ set(want)) or sorted(k for k in want if weight_map.get(k) != want[k])
         raise SavedModelError(f"{path} does not match the shards (first difference: {bad[0]!r}): the save is damaged")
@@ -311,12 +316,19 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
         saved_checks.check_layer_values(name, layer.config, state, where)
         set_child(model, name, layer)
     aliases = record["aliases"]
-    model_keys = set(model.state_dict())
+    model_state = model.state_dict()
     for alias, key in aliases.items():
         if not isinstance(key, str) or key not in state:
             raise SavedModelError(f"{source}: alias {alias!r} points at {key!r}, which no shard holds")
-        if alias not in model_keys or alias in state:
+        if alias not in model_state or alias in state:
             raise SavedModelError(f"{source}: alias {alias!r} is {'saved as a tensor too' if alias in state else 'not a tensor of the model'}")
+        if _get_tensor(model, alias) is not _get_tensor(model, key):
+            raise SavedModelError(f"{source}: alias {alias!r} -> {key!r}: the model does not tie these tensors: build the same architecture")
+        if model_state[alias].shape != state[key].shape:
+            raise SavedModelError(
+                f"{source}: alias {alias!r} points at {key!r} of shape {tuple(state[key].shape)}; the model's "
+                f"{alias!r} has shape {tuple(model_state[alias].shape)}"
+            )
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # size mismatches against the float model's own tensors

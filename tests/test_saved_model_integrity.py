@@ -206,3 +206,46 @@ def test_loaded_weight_state_sits_in_aligned_storage(model, tmp_path):
     loaded = load_quantized(LayerBank(SPECS), tmp_path)
     for layer in loaded.layers.values():
         assert native.is_aligned(layer.qweight.qdata) and native.is_aligned(layer.qweight.scales)
+
+
+class Normed(LayerBank):
+    """The bank with two untied norms beside it."""
+
+    def __init__(self, specs):
+        super().__init__(specs)
+        self.norm_a, self.norm_b = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+
+
+def test_an_alias_the_model_does_not_tie_is_refused(tmp_path):
+    bank = Normed(SPECS)
+    quantize_(bank, DuQuantConfig.preset("w8a8"), name_filter(include=r"^layers\.a$"), progress=False)
+    save_quantized(bank, tmp_path)
+    rewrite_shard(tmp_path / "model.safetensors", lambda t, m: t.pop("norm_b.weight"))
+    _edit_record_consistently(tmp_path, lambda r: r.update(aliases={"norm_b.weight": "norm_a.weight"}))
+    with pytest.raises(SavedModelError, match="the model does not tie these tensors"):
+        load_quantized(Normed(SPECS), tmp_path)
+
+
+def test_codes_outside_a_narrower_claimed_width_are_refused(tmp_path):
+    """4-bit nibbles claimed as 2-bit codes (record and digest consistent): the codes' range names the tensor."""
+    bank = _model()
+    bank.layers.b.config = bank.layers.b.config.replace(weight_bits=2)
+    save_quantized(bank, tmp_path)
+    with pytest.raises(SavedModelError, match=r"layers\.b\.qweight\.codes.*2-bit codes must lie in \[-2, 1\]"):
+        load_quantized(LayerBank(SPECS), tmp_path)
+
+
+def test_a_dynamic_layer_claiming_calibrated_scales_is_refused(model, tmp_path):
+    save_quantized(model, tmp_path)
+    rewrite_shard(tmp_path / "model.safetensors", lambda t, m: t.update({"layers.a.calibrated": torch.tensor(True)}))
+    with pytest.raises(SavedModelError, match=r"layers\.a\.a_scale' holds calibrated scales"):
+        load_quantized(LayerBank(SPECS), tmp_path)
+
+
+def test_the_index_total_size_must_match_the_shards(model, tmp_path):
+    save_quantized(model, tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    index["metadata"]["total_size"] = 0
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(SavedModelError, match="total_size is 0"):
+        load_quantized(LayerBank(SPECS), tmp_path)
