@@ -17,6 +17,7 @@ _EXPORTS = {
     "name_filter": "interop.convert",
     "quantize_": "interop.convert",
     "observe": "interop.observe",
+    "quantize_sequential": "interop.sequential",
     "jax_to_torch": "interop.dlpack",
     "torch_to_jax": "interop.dlpack",
     "save_quantized": "interop.serialize",
