@@ -7,6 +7,7 @@ Directory layout (transformers' sharded layout, plus one JSON of our own):
   model.safetensors.index.json          (sharded only) {"metadata": {"total_size": N}, "weight_map": {key: file}}
   duquant_quantized.json                written last: the format, every DuQuantLinear's name,
                                         config, shape, dtype and field shapes, and tied aliases
+                                        (and "kernel_paths": the frozen kernel choices, if any)
 
 Each `DuQuantLinear` contributes its packed state (`qweight.codes` as 4-bit
 nibbles or int8, `qweight.scales`, the rotations, `a_scale`, `calibrated`,
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -90,7 +91,23 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def _layer_record(m: DuQuantLinear) -> dict[str, Any]:
+def make_record(layers: dict[str, dict[str, Any]], aliases: dict[str, str], files: list[str], extra: dict[str, Any] | None = None) -> str:
+    """The text of `duquant_quantized.json`: {layer name: `layer_record`}, tied aliases, the shard files,
+    and `extra` fields (the frozen kernel choices)."""
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "aliases": aliases,
+        "files": files,
+        "torch_version": torch.__version__,
+        **(extra or {}),
+    }
+    return json.dumps(record, indent=1)
+
+
+def layer_record(m: DuQuantLinear) -> dict[str, Any]:
+    """One layer's entry of the record: config, dimensions, bias, dtype and the shapes of its varying fields."""
     return {
         "config": m.config.to_dict(),
         "in_features": m.in_features,
@@ -116,8 +133,6 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_
       max_shard_bytes: the largest shard; above it the tensors are sharded with
         an index like transformers'.
     """
-    from safetensors.torch import save_file
-
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be an int >= 1; got {max_shard_bytes!r}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, DuQuantLinear)}
@@ -129,30 +144,33 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_
     tensors, aliases = _unique_state(model)
     shards = _shards(tensors, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    record = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layers": {name: _layer_record(m) for name, m in layers.items()},
-        "aliases": aliases,
-        "files": names,
-        "torch_version": torch.__version__,
-    }
-    record_text = json.dumps(record, indent=1)
+    record_text = make_record({name: layer_record(m) for name, m in layers.items()}, aliases, names, _frozen_paths_record(layers))
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         if stale.name not in names:
             stale.unlink(missing_ok=True)
     for name, shard in zip(names, shards):
-        meta = {"format": FORMAT, RECORD_DIGEST_KEY: text_digest(record_text)}
-        meta["checksums"] = checksum_metadata({k: _tensor_digest(t) for k, t in shard.items()}, meta)
-        atomic_write(directory / name, lambda tmp, shard=shard, meta=meta: save_file(shard, tmp, metadata=meta))
+        write_shard(directory / name, shard, record_text)
     if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
-        }
-        atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=1))
+        write_index(directory, {key: name for name, shard in zip(names, shards) for key in shard}, tensors.values())
     atomic_write_text(directory / CONFIG_FILE, record_text)
     return directory
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], record_text: str) -> None:
+    """One shard, atomically: `tensors` (contiguous, CPU) with the record's CRC-32 and every tensor's in its metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, RECORD_DIGEST_KEY: text_digest(record_text)}
+    meta["checksums"] = checksum_metadata({k: _tensor_digest(t) for k, t in tensors.items()}, meta)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def write_index(directory: Path, weight_map: dict[str, str], tensors: Iterable[torch.Tensor] | None = None, *, total_size: int | None = None) -> None:
+    """transformers' shard index: {key: shard file}, and the tensors' bytes (given, or summed over `tensors`)."""
+    if total_size is None:
+        total_size = sum(t.numel() * t.element_size() for t in tensors or ())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=1))
 
 
 def _read_record(directory: Path) -> tuple[dict[str, Any], str]:
@@ -340,6 +358,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
         )
     for alias, key in aliases.items():  # tied tensors: the alias becomes the very same object again
         set_child(model, alias, _get_tensor(model, key))
+    _apply_frozen_paths(model, record, source)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:  # non-persistent buffers (rotary frequencies, ...) are in no state_dict and no file
         raise SavedModelError(
@@ -347,6 +366,30 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
             f"(non-persistent buffers, e.g. {left[:3]}): build the model on the CPU instead"
         )
     return model
+
+
+def _frozen_paths_record(layers: dict[str, DuQuantLinear]) -> dict[str, Any]:
+    """{"kernel_paths": {layer: {dtype: {bucket: path}}}} for the layers with frozen kernel choices
+    (`interop.kernels.freeze_paths`); {} when none has any (the record is then as before)."""
+    frozen = {name: m.kernel_paths for name, m in layers.items() if m.kernel_paths}
+    return {"kernel_paths": frozen} if frozen else {}
+
+
+def _apply_frozen_paths(model: nn.Module, record: dict[str, Any], source: Path) -> None:
+    """Puts the record's frozen kernel choices back on the loaded layers (no re-measuring)."""
+    from interop.kernels import check_frozen
+
+    frozen = record.get("kernel_paths", {})
+    if not isinstance(frozen, dict):
+        raise SavedModelError(f"{source}: 'kernel_paths' must be an object; got {type(frozen).__name__}")
+    for name, paths in frozen.items():
+        layer = record["layers"].get(name) and model.get_submodule(name)
+        if not isinstance(layer, DuQuantLinear) or layer.qweight is None:
+            raise SavedModelError(f"{source}: kernel_paths names {name!r}, which is no quantized layer of the save")
+        try:
+            layer.qweight.frozen_paths = check_frozen(paths, f"layer {name!r}")
+        except ValueError as e:
+            raise SavedModelError(f"{source}: {e}") from None
 
 
 def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
