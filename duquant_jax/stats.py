@@ -25,9 +25,11 @@ FORMAT = "duquant-jax-stats"
 FORMAT_VERSION = "1"
 
 # `xtx` must equal its transpose to this fraction of its largest entry (float32 GEMMs
-# are not always bitwise symmetric), and `diag(xtx) >= (1 - tol) * act_absmax**2`.
+# are not always bitwise symmetric), and `diag(xtx) >= (1 - DIAG_TOL) * act_absmax**2 - DIAG_FLOOR`
+# (see `_diag_deficit` for why this is what float32 accumulation guarantees).
 SYMMETRY_TOL = 1e-5
 DIAG_TOL = 1e-3
+DIAG_FLOOR = float(np.finfo(np.float32).tiny)  # 2**-126 ~ 1.18e-38, float32's smallest normal
 
 COLLECT_HINT = (
     "collect them with `with interop.observe(model, xtx=...) as stats:` (PyTorch) or "
@@ -127,14 +129,39 @@ def _checked_xtx(xtx: np.ndarray, absmax: np.ndarray, who: str) -> np.ndarray:
     asym = float(np.abs(xtx - xtx.T).max())
     if asym > SYMMETRY_TOL * scale:
         raise StatsError(f"{who}: xtx is not symmetric (max |xtx - xtxᵀ| = {asym:.3g}, largest entry {scale:.3g})")
-    low = np.flatnonzero(np.diag(xtx) < (1 - DIAG_TOL) * np.square(absmax.astype(np.float64)))
+    diag = np.diag(xtx)
+    neg = np.flatnonzero(diag < 0)
+    if neg.size:
+        j = int(neg[0])
+        raise StatsError(f"{who}: xtx has a negative diagonal: diag(xtx)[{j}] = {float(diag[j]):.6g} (a sum of squares is >= 0)")
+    low = np.flatnonzero(_diag_deficit(diag, absmax) > 0)
     if low.size:
         j = int(low[0])
         raise StatsError(
-            f"{who}: xtx does not match act_absmax: diag(xtx)[{j}] = {float(xtx[j, j]):.6g} < "
+            f"{who}: xtx does not match act_absmax: diag(xtx)[{j}] = {float(diag[j]):.6g} < "
             f"act_absmax[{j}]² = {float(absmax[j]) ** 2:.6g} (a sum of squares is at least its largest term)"
         )
     return xtx
+
+
+def _diag_deficit(diag: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    """(in,) float64: how far `diag (in,)` falls below the least float32 accumulation can give; > 0 is corrupt.
+
+    `diag(xtx)[j]` is a float32 sum of the float32 squares `x_tj²`, over the tokens of
+    every batch and in any order (GEMM blocking, threads, batch sums, `merge`). All terms
+    are >= 0 and rounding is monotone, so every partial sum, and hence the total, is at
+    least the largest rounded term `fl(m²)`, `m = act_absmax[j]`. That term is:
+      - `m²(1 - 2⁻²⁴)` or more when `m²` is a float32 normal; `DIAG_TOL` (1e-3) also covers
+        GEMMs that round their inputs to TF32 (to nearest: relative 2⁻¹¹ per factor);
+      - anything from 0 to about `m²` when `m² < 2⁻¹²⁶`: it underflows to a denormal or,
+        with flush-to-zero (XLA on CPU does it; `torch.set_flush_denormal(True)`, fast-math
+        builds), to 0, as does a denormal activation itself: a loss below `DIAG_FLOOR`.
+    So the bound is `(1 - DIAG_TOL) m² - DIAG_FLOOR`, with `m²` exact in float64 (the square
+    of a float32 fits in a float64's 53 bits). An absmax whose float32 square overflows
+    would have made xtx Inf, which is refused first; a channel that is always 0 gives 0 >= 0.
+    """
+    m2 = np.square(absmax.astype(np.float64))
+    return ((1 - DIAG_TOL) * m2 - DIAG_FLOOR) - diag.astype(np.float64)
 
 
 class ModelStats(Mapping[str, LayerStats]):
