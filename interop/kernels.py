@@ -44,17 +44,28 @@ per-thread scratch buffers that are reused (`interop.qweight.scratch`;
 `release_scratch()` frees them); no float copy of a whole weight is ever made.
 
 Which path runs: the one forced per call (`path=`), else per weight
-(`weight.path`), else globally (`set_kernel_options(path=...)`); otherwise the
+(`weight.path`), else globally (`set_kernel_options(path=...)`); else the path
+frozen for the call's token-count bucket and dtype (`freeze_paths`, saved with
+the model), where the precision option allows it and it can run; otherwise the
 `interop.kernel_tuning` autotuner's fastest candidate for this machine, shape,
 dtype, token-count bucket and configuration, measured once and cached (memory;
 disk after `kernel_tuning.enable_disk_cache()`). `weight.last_path` tells which
-path the last call took. Inference only: no gradients flow through the codes.
+path the last eager call took. Inference only: no gradients flow through the codes.
+
+Under `torch.compile`: `prepare` (the activation handling) is traced as ordinary
+ops, and the product is one opaque `torch.ops.duquant.quantized_mm`
+(`interop.custom_ops`), whose string argument carries the forced path or the
+frozen table; it picks the bucket's path from the token count at run time, so
+one dynamic-shape graph serves every prompt length (one token apart: dynamo
+specialises size 1). Freeze the paths first (`freeze_paths(model)`); without
+frozen paths the op runs the autotuner at run time, as eager does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -63,9 +74,10 @@ from interop import kernel_tuning, native
 from interop.qweight import INT4PACK_GROUPS, QuantizedWeight, natural_view, release_scratch, rows_view, scratch, to_tile_order
 
 __all__ = [
-    "ACT_SCHEMES", "PATHS", "ActQuant", "KernelOptions", "KernelPath", "QuantizedWeight", "candidates", "choose_path",
-    "fake_quantize", "get_kernel_options", "kernel_options", "quantize_tokens", "quantized_matmul", "release_scratch",
-    "set_kernel_options", "unavailable",
+    "ACT_SCHEMES", "FREEZE_TOKENS", "PATHS", "ActQuant", "KernelOptions", "KernelPath", "QuantizedWeight", "candidates",
+    "choose_path", "fake_quantize", "freeze_paths", "get_kernel_options", "kernel_options", "path_spec", "prepare",
+    "quantize_tokens", "quantized_matmul", "release_scratch", "resolve_path", "set_kernel_options", "unavailable",
+    "unfreeze_paths",
 ]
 
 ACT_SCHEMES = ("none", "dynamic-token", "static-tensor", "static-channel")
@@ -99,6 +111,13 @@ class ActQuant:
             raise ValueError(f"act bits must be an int in 2..8; got {self.bits!r}")
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not 0 < self.clip <= 1:
             raise ValueError(f"act clip must be a number in (0, 1]; got {self.clip!r}")
+        object.__setattr__(self, "_clip_text", repr(float(self.clip)))
+
+    @property
+    def traced_clip(self) -> float:
+        """`clip` as dynamo sees a constant: read as a float attribute it becomes a graph input that
+        specialising later forces a restart of the whole trace (a second compile)."""
+        return float(self._clip_text)
 
     @property
     def qa(self) -> int:
@@ -123,6 +142,8 @@ def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | N
     Every path that needs integer activations takes them from here, so all of
     them see the same codes and scales (computed in float32).
     """
+    if torch.compiler.is_compiling():
+        return _quantize_tokens_functional(x2, act, act_scale)
     shape, device = tuple(x2.shape), x2.device
     xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else scratch("act", shape, torch.float32, device).copy_(x2)
     qa = act.qa
@@ -133,6 +154,35 @@ def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | N
         s = act_scale.reshape(1, 1).float().expand(xf.shape[0], 1)
     xq = torch.div(xf, s, out=scratch("act_q", shape, torch.float32, device)).round_().clamp_(-qa - 1, qa).to(torch.int8)
     return xq, s
+
+
+def _quantize_tokens_functional(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_tokens` without scratch buffers or in-place ops (the same arithmetic), for dynamo to trace."""
+    xf, qa = x2.float(), act.qa
+    if act.scheme == "dynamic-token":
+        s = xf.abs().amax(dim=1, keepdim=True)
+        clip = act.traced_clip
+        s = (s if clip == 1 else s * clip) / qa
+        s = s.clamp(min=1e-8)  # DYNAMIC_EPS, as a literal: dynamo traces a global float as a dynamic input
+    else:
+        s = act_scale.reshape(1, 1).float().expand(xf.shape[0], 1)
+    return (xf / s).round().clamp(-qa - 1, qa).to(torch.int8), s
+
+
+def prepare(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x2: (T, in) -> (`a`, `s_t`), what every path's product takes (`KernelPath.product`):
+
+    - "none": `(x2, None)`;
+    - "dynamic-token", "static-tensor": `(xq (T, in) int8, s_t (T, 1) float32)` (`quantize_tokens`);
+    - "static-channel": `(x3 (T, in) float32, None)` (`fake_quantize`).
+
+    Under `torch.compile` this is ordinary traced torch code, so inductor fuses it with the rotation.
+    """
+    if act.scheme == "none":
+        return x2, None
+    if act.integer:
+        return quantize_tokens(x2, act, act_scale)
+    return fake_quantize(x2, act, act_scale), None
 
 
 def fake_quantize(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,13 +206,18 @@ class KernelPath:
       precision: "float32" (float32 or exact integer arithmetic) or "bfloat16".
       unavailable: `(weight, act, dtype, device, tokens) -> reason or None`, where
         `tokens` is the token count of the call (or of the bucket measured).
-      run: `(x2 (T, in), weight, act, act_scale) -> y (T, out)` in x2's dtype.
+      product: `(a, s_t, weight, dtype) -> y (T, out)` in `dtype`, on `prepare`d activations.
     """
 
     name: str
     precision: str
     unavailable: Callable[[QuantizedWeight, ActQuant, torch.dtype, torch.device, int], str | None]
-    run: Callable[[torch.Tensor, QuantizedWeight, ActQuant, torch.Tensor | None], torch.Tensor]
+    product: Callable[[torch.Tensor, torch.Tensor | None, QuantizedWeight, torch.dtype], torch.Tensor]
+
+    def run(self, x2: torch.Tensor, weight: QuantizedWeight, act: ActQuant, act_scale: torch.Tensor | None) -> torch.Tensor:
+        """x2 (T, in) -> y (T, out) in x2's dtype: `prepare`, then `product`."""
+        a, s_t = prepare(x2, act, act_scale)
+        return self.product(a, s_t, weight, x2.dtype)
 
 
 def _tile_rows(weight: QuantizedWeight) -> int:
@@ -205,16 +260,13 @@ def _float_product(x3: torch.Tensor, weight: QuantizedWeight, dtype: torch.dtype
     return y
 
 
-def _run_fake_quant(x2, weight, act, act_scale):
-    return _float_product(fake_quantize(x2, act, act_scale), weight, torch.float32, x2.dtype).to(x2.dtype)
+def _fake_quant_product(a, s_t, weight, dtype):
+    x3 = a.float() if s_t is None else a.float().mul_(s_t)  # x2, x3, or xq * s_t (as fake_quantize)
+    return _float_product(x3, weight, torch.float32, dtype).to(dtype)
 
 
-def _run_dequant_bf16(x2, weight, act, act_scale):
-    if act.scheme == "static-channel":
-        x3, s_t = fake_quantize(x2, act, act_scale).to(torch.bfloat16), None
-    else:
-        x3, s_t = _bf16_input(x2, act, act_scale)
-    return _finish(_float_product(x3, weight, torch.bfloat16, x2.dtype), s_t, x2.dtype)
+def _dequant_bf16_product(a, s_t, weight, dtype):
+    return _finish(_float_product(_bf16(a), weight, torch.bfloat16, dtype), s_t, dtype)
 
 
 def split_columns(x: torch.Tensor) -> torch.Tensor:
@@ -232,15 +284,16 @@ def _per_row(s: torch.Tensor, lanes: int) -> torch.Tensor:
     return s.view(-1, 2, lanes) if lanes else s
 
 
-def _run_int_mm(x2, weight, act, act_scale):
-    xq, s_t = quantize_tokens(x2, act, act_scale)
+def _int_mm_product(xq, s_t, weight, dtype):
+    if xq.dtype != torch.int8 or s_t is None:
+        raise ValueError(f"int-mm needs int8 activation codes and their scales; got {xq.dtype}, s_t={'None' if s_t is None else 'tensor'}")
     if weight.group_size is not None:
-        y = _output(xq.shape[0], weight, torch.float32, x2.dtype)
+        y = _output(xq.shape[0], weight, torch.float32, dtype)
         _grouped_int_mm(xq, weight, y)
-        return _finish(y, s_t, x2.dtype)
+        return _finish(y, s_t, dtype)
     # per tile, while it is in cache: exact int32 product, offset, `* s_t` and `* s_w` into the output
     tokens, device = xq.shape[0], xq.device
-    y = torch.empty(tokens, weight.out_features, dtype=x2.dtype, device=device)
+    y = torch.empty(tokens, weight.out_features, dtype=dtype, device=device)
     x_split, offset_sum = None, None
     for r0, r1 in _tiles(weight):
         tile = weight.code_tile(r0, r1, split=True)
@@ -279,12 +332,9 @@ def _grouped_int_mm(xq: torch.Tensor, weight: QuantizedWeight, y: torch.Tensor) 
             rows_view(y[:, r0:r1], tile.lanes).copy_(natural_view(acc_f, tile.lanes))
 
 
-def _bf16_input(x2, act, act_scale):
-    """(bfloat16 GEMM input, float32 per-token factor or None): `xq` (exact in bfloat16) or x2 itself."""
-    if act.scheme == "none":
-        return x2.to(torch.bfloat16).contiguous(), None
-    xq, s_t = quantize_tokens(x2, act, act_scale)
-    return xq.to(torch.bfloat16), s_t
+def _bf16(a: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 GEMM input: `xq` (exact in bfloat16), x2 or x3, contiguous."""
+    return a.to(torch.bfloat16).contiguous()
 
 
 def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -297,10 +347,9 @@ def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> to
     return torch.mul(y, s_t, out=torch.empty(y.shape, dtype=dtype, device=y.device))
 
 
-def _run_int8pack(x2, weight, act, act_scale):
-    xb, s_t = _bf16_input(x2, act, act_scale)
+def _int8pack_product(a, s_t, weight, dtype):
     scales = weight.derived("scales_bf16", lambda: weight.scales.to(torch.bfloat16))
-    return _finish(native.weight_int8pack_mm(xb, weight.qdata, scales), s_t, x2.dtype)
+    return _finish(native.weight_int8pack_mm(_bf16(a), weight.qdata, scales), s_t, dtype)
 
 
 def int4pack_group(weight: QuantizedWeight) -> int | None:
@@ -322,11 +371,10 @@ def _int4pack_scales(weight: QuantizedWeight, k: int) -> torch.Tensor:
     return sz
 
 
-def _run_int4pack(x2, weight, act, act_scale):
-    xb, s_t = _bf16_input(x2, act, act_scale)
+def _int4pack_product(a, s_t, weight, dtype):
     k = int4pack_group(weight)
     sz = weight.derived("int4pack_scales", lambda: _int4pack_scales(weight, k))
-    return _finish(native.weight_int4pack_mm(xb, weight.qdata, k, sz), s_t, x2.dtype)
+    return _finish(native.weight_int4pack_mm(_bf16(a), weight.qdata, k, sz), s_t, dtype)
 
 
 def _always(weight, act, dtype, device, tokens):
@@ -370,11 +418,11 @@ def _packed_unavailable(name: str, layout: str):
 PATHS: dict[str, KernelPath] = {
     p.name: p
     for p in (
-        KernelPath("fake-quant", "float32", _always, _run_fake_quant),
-        KernelPath("int-mm", "float32", _int_mm_unavailable, _run_int_mm),
-        KernelPath("dequant-bf16", "bfloat16", _always, _run_dequant_bf16),
-        KernelPath("int8pack", "bfloat16", _packed_unavailable("int8pack", "int8"), _run_int8pack),
-        KernelPath("int4pack", "bfloat16", _packed_unavailable("int4pack", "int4pack"), _run_int4pack),
+        KernelPath("fake-quant", "float32", _always, _fake_quant_product),
+        KernelPath("int-mm", "float32", _int_mm_unavailable, _int_mm_product),
+        KernelPath("dequant-bf16", "bfloat16", _always, _dequant_bf16_product),
+        KernelPath("int8pack", "bfloat16", _packed_unavailable("int8pack", "int8"), _int8pack_product),
+        KernelPath("int4pack", "bfloat16", _packed_unavailable("int4pack", "int4pack"), _int4pack_product),
     )
 }
 
@@ -534,6 +582,138 @@ def _check_inputs(x2: torch.Tensor, weight: QuantizedWeight, act: ActQuant, act_
             )
 
 
+def _who(weight: QuantizedWeight) -> str:
+    return f"weight {weight.name!r}" if weight.name else "quantized_matmul"
+
+
+def _checked(name: str, weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int) -> str:
+    why = unavailable(name, weight, act, dtype, tokens)
+    if why:
+        raise ValueError(f"{_who(weight)}: kernel path {name!r} cannot run here: {why}")
+    return name
+
+
+def resolve_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int, spec: str = "", act_scale: torch.Tensor | None = None) -> str:
+    """The path a product of `tokens` tokens takes: forced (`spec` a path name, else `weight.path`, else the
+    global option), else the frozen choice of its bucket (`spec` a table, else `weight.frozen_paths`) where
+    the precision option allows it and it can run, else the autotuner's (`choose_path`)."""
+    forced, table = _parse_spec(spec)
+    forced = forced or weight.path or _OPTIONS.path
+    if forced is not None:
+        return _checked(forced, weight, act, dtype, tokens)
+    if table is None:
+        table = frozen_table(weight, dtype)
+    name = table.get(kernel_tuning.token_bucket(tokens)[0]) if table else None
+    if name is not None and _allowed(name) and unavailable(name, weight, act, dtype, tokens) is None:
+        return name
+    return choose_path(weight, act, dtype, tokens, act_scale)
+
+
+def _allowed(name: str) -> bool:
+    return name in PATHS and (_OPTIONS.precision == "any" or PATHS[name].precision == "float32")
+
+
+# -- frozen choices (ahead of torch.compile) ----------------------------------------------
+FREEZE_TOKENS = (1, 16, 64, 256, 1024)  # one token count per bucket of kernel_tuning.TOKEN_BUCKETS
+BUCKET_LABELS = tuple(label for _, label, _ in kernel_tuning.TOKEN_BUCKETS)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def frozen_table(weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, str] | None:
+    """{bucket label: path} frozen for inputs of `dtype` (`freeze_paths`), or None."""
+    frozen = getattr(weight, "frozen_paths", None)
+    return frozen.get(dtype_name(dtype)) if frozen else None
+
+
+def check_frozen(frozen: object, who: str) -> dict[str, dict[str, str]]:
+    """Validates `{dtype name: {bucket label: path}}` (as saved); returns a copy. Raises ValueError naming the bad entry."""
+    if not isinstance(frozen, dict):
+        raise ValueError(f"{who}: frozen kernel paths must be an object {{dtype: {{bucket: path}}}}; got {type(frozen).__name__}")
+    out = {}
+    for dtype, table in frozen.items():
+        if dtype not in ("float32", "bfloat16", "float16") or not isinstance(table, dict):
+            raise ValueError(f"{who}: frozen kernel paths: bad dtype entry {dtype!r}")
+        for bucket, path in table.items():
+            if bucket not in BUCKET_LABELS:
+                raise ValueError(f"{who}: frozen kernel paths: bucket must be one of {BUCKET_LABELS}; got {bucket!r}")
+            if path not in PATHS:
+                raise ValueError(f"{who}: frozen kernel paths: path must be one of {tuple(PATHS)}; got {path!r}")
+        out[dtype] = dict(table)
+    return out
+
+
+def path_spec(weight: QuantizedWeight, dtype: torch.dtype, path: str | None = None) -> str:
+    """The `paths` argument of the custom op (`interop.custom_ops`): a forced path name, the frozen
+    table "1=int4pack,2-16=int-mm,...", or "" (the autotuner decides at run time)."""
+    name = path or weight.path
+    if name is not None:
+        return name
+    table = frozen_table(weight, dtype)
+    return ",".join(f"{b}={p}" for b, p in table.items()) if table else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_spec(spec: str) -> tuple[str | None, dict[str, str] | None]:
+    """`path_spec`'s string -> (forced path or None, {bucket: path} or None)."""
+    if not spec:
+        return None, None
+    if "=" not in spec:
+        if spec not in PATHS:
+            raise ValueError(f"paths must be a kernel path {tuple(PATHS)}, a frozen table or ''; got {spec!r}")
+        return spec, None
+    table = dict(entry.split("=", 1) for entry in spec.split(","))
+    check_frozen({"float32": table}, "quantized_mm")
+    return None, table
+
+
+def freeze_paths(model: torch.nn.Module, tokens: tuple[int, ...] = FREEZE_TOKENS, dtype: torch.dtype | None = None) -> dict[str, dict[str, str]]:
+    """Runs the autotuner (or reads its cache; the fallback order under `autotune=False`) for every
+    quantized `DuQuantLinear` of `model` at each token count of `tokens`, and freezes the chosen path per
+    token bucket on the layer's weight (`weight.frozen_paths[dtype name][bucket]`), ahead of
+    `torch.compile`. Frozen choices are saved by `save_quantized` and reloaded by `load_quantized`.
+
+    Args:
+      model: a model quantized by `interop.quantize_` (or loaded by `load_quantized`).
+      tokens: token counts, ints >= 1; each freezes its bucket (`kernel_tuning.token_bucket`).
+      dtype: the input dtype to freeze for; default each layer's own dtype.
+
+    Returns:
+      {layer name: {bucket label: path}}.
+    """
+    from interop import custom_ops
+    from interop.linear import DuQuantLinear
+
+    if not isinstance(tokens, (tuple, list)) or not tokens or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tokens):
+        raise ValueError(f"tokens must be a non-empty sequence of ints >= 1; got {tokens!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16, float16 or None; got {dtype!r}")
+    result = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, DuQuantLinear) or layer.qweight is None:
+            continue
+        weight, act, dt = layer.qweight, layer.act, dtype or layer.param_dtype
+        scale = layer.a_scale if act.scheme in ("static-channel", "static-tensor") else None
+        table = {kernel_tuning.token_bucket(t)[0]: choose_path(weight, act, dt, t, scale) for t in tokens}
+        frozen = dict(getattr(weight, "frozen_paths", None) or {})
+        frozen[dtype_name(dt)] = {b: table[b] for b in BUCKET_LABELS if b in table}
+        weight.frozen_paths = frozen
+        custom_ops.register(weight)
+        result[name] = frozen[dtype_name(dt)]
+    if not result:
+        raise ValueError("freeze_paths: the model has no quantized DuQuantLinear layer (run interop.quantize_ first)")
+    return result
+
+
+def unfreeze_paths(model: torch.nn.Module) -> None:
+    """Forgets every frozen choice of `model`'s layers (the autotuner decides again)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedWeight):
+            m.frozen_paths = None
+
+
 def quantized_matmul(
     x2: torch.Tensor,
     weight: QuantizedWeight,
@@ -544,6 +724,10 @@ def quantized_matmul(
 ) -> torch.Tensor:
     """`y = x3 @ W_hatᵀ` (module docstring): x2 (..., in) -> y (..., out) in x2's dtype.
 
+    Under `torch.compile` the activation handling is traced and the product is one
+    `torch.ops.duquant.quantized_mm` (`interop.custom_ops`), which picks the path at run time
+    from what `path_spec` passed it.
+
     Args:
       x2: rotated activations, float32, bfloat16 or float16, any leading shape.
       weight: the layer's `QuantizedWeight`.
@@ -551,23 +735,32 @@ def quantized_matmul(
       act_scale: the calibrated scale: one value for "static-tensor", (in,) for
         "static-channel"; unused otherwise.
       path: force this path for this call (else `weight.path`, else the global
-        option, else the autotuner's choice).
+        option, else the frozen choice of the token bucket, else the autotuner's choice).
     """
     _check_inputs(x2, weight, act, act_scale)
     lead = x2.shape[:-1]
     x = x2.reshape(-1, weight.in_features)
+    if torch.compiler.is_compiling():
+        return _traced_product(x, weight, act, act_scale, path).reshape(*lead, weight.out_features)
     tokens = x.shape[0]
     if tokens == 0:
         return x2.new_zeros(*lead, weight.out_features)
-    name = path or weight.path or _OPTIONS.path
-    if name is not None:
-        why = unavailable(name, weight, act, x.dtype, tokens)
-        if why:
-            who = f"weight {weight.name!r}" if weight.name else "quantized_matmul"
-            raise ValueError(f"{who}: kernel path {name!r} cannot run here: {why}")
-    else:
-        name = choose_path(weight, act, x.dtype, tokens, act_scale)
+    if path is not None and path not in PATHS:
+        raise ValueError(f"{_who(weight)}: kernel path {path!r} cannot run here: {unavailable(path, weight, act, x.dtype, tokens)}")
+    name = resolve_path(weight, act, x.dtype, tokens, path or "", act_scale)
     weight.last_path = name
     with torch.no_grad():
         y = PATHS[name].run(x, weight, act, act_scale)
     return y.reshape(*lead, weight.out_features)
+
+
+def _traced_product(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant, act_scale: torch.Tensor | None, path: str | None) -> torch.Tensor:
+    """x (T, in) -> (T, out) as traced ops (`prepare`) and one `duquant::quantized_mm`."""
+    from interop.custom_ops import quantized_mm
+
+    a, s_t = prepare(x, act, act_scale)
+    return quantized_mm(
+        a, s_t, weight.qdata, weight.scales, weight.in_features, weight.out_features, weight.bits,
+        weight.group_size or 0, weight.layout, path_spec(weight, x.dtype, path), act.scheme, act.bits,
+        act.traced_clip, x.dtype,
+    )

@@ -120,6 +120,7 @@ class DuQuantLinear(nn.Module):
         n_scales = 1 if config.act_scheme == "static-tensor" else self.in_features
         self.register_buffer("a_scale", a_scale.float() if calibrated else torch.zeros(n_scales))
         self.register_buffer("calibrated", torch.tensor(calibrated))
+        self._calibrated = calibrated  # a Python copy of `calibrated`, read under torch.compile
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
         self.act = ActQuant.from_config(config)
         for derived in ("r_in_t", "b_eff"):
@@ -198,7 +199,26 @@ class DuQuantLinear(nn.Module):
         return self.w2 if self.qweight is None else self.qweight.codes()
 
     # -- state ---------------------------------------------------------------
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The float dtype of the layer's state (rotations, bias, float weight): its inputs' dtype."""
+        for t in (*(getattr(self, f) for f in ROTATION_FIELDS), self.bias, self.w2):
+            if t is not None and t.dtype.is_floating_point:
+                return t.dtype
+        return torch.float32
+
+    @property
+    def kernel_paths(self) -> dict[str, dict[str, str]] | None:
+        """The frozen kernel choices, {dtype name: {token bucket: path}} (`interop.kernels.freeze_paths`)."""
+        return None if self.qweight is None else getattr(self.qweight, "frozen_paths", None)
+
     def _refresh_derived(self) -> None:
+        if self.calibrated.device.type != "meta":
+            self._calibrated = bool(self.calibrated)
+        if self.qweight is not None:
+            from interop.custom_ops import register
+
+            register(self.qweight)
         self.r_in_t = None if self.r_in is None else self.r_in.transpose(-1, -2).contiguous()
         bias = self.bias
         if bias is not None and self.config.rotate_rows and self.config.row_rot_mode == "propagate":
@@ -239,6 +259,7 @@ class DuQuantLinear(nn.Module):
                 stats = stats.max().reshape(1)
             self.a_scale.copy_(torch.clamp(stats / qmax(self.config.act_bits), min=STATIC_EPS))
             self.calibrated.fill_(True)
+            self._calibrated = True
         return True
 
     def _record(self, x2: torch.Tensor) -> None:
@@ -299,7 +320,7 @@ class DuQuantLinear(nn.Module):
         if self._stat_batches >= 0:
             self._record(x2)
             act = ActQuant()  # calibration runs with float activations
-        elif cfg.needs_calibration and not bool(self.calibrated):
+        elif cfg.needs_calibration and not (self._calibrated if torch.compiler.is_compiling() else bool(self.calibrated)):
             raise RuntimeError(
                 f"layer {self.name or '(unnamed)'} quantizes activations (A{cfg.act_bits}) but was never "
                 "calibrated: run batches inside `with interop.calibrate(model):` first"

@@ -1,0 +1,118 @@
+"""The quantized product as a `torch.library` custom op, so that `torch.compile` traces `DuQuantLinear` whole.
+
+`torch.ops.duquant.quantized_mm(a, s_t, qdata, scales, in_features, out_features, bits, group_size,
+layout, paths, act_scheme, act_bits, act_clip, out_dtype) -> y (T, out)`:
+
+- `a`, `s_t`: the prepared activations of `interop.kernels.prepare` (x2 (T, in); or int8 codes
+  `xq (T, in)` with float32 scales `s_t (T, 1)`; or float32 `x3 (T, in)`), computed in the graph,
+  where inductor fuses them with the rotation;
+- `qdata`, `scales`, `bits`, `group_size` (0: per row), `layout`: the `QuantizedWeight`'s tensors and
+  facts (`in_features`, `out_features` its shape);
+- `paths`: which kernel path, decided ahead of the graph (`interop.kernels.path_spec`): "" (the
+  autotuner's choice at run time), one path name (forced), or a frozen table
+  "1=int4pack,2-16=int-mm,..." read by the token count of the call, inside the op, so that one graph
+  serves every prompt length;
+- `act_scheme`, `act_bits`, `act_clip`: the activation handling (`ActQuant`), for the path checks;
+- `out_dtype`: the dtype of x2 and of y.
+
+The op is opaque to inductor; its fake implementation gives `(T, out)` in `out_dtype`. At run time it
+finds the layer's `QuantizedWeight` by its tensors (`register`; its derived caches and choices are
+reused), or, failing that, wraps the tensors in a `WeightView` (correct, builds small caches per call).
+Pure torch: no JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+from interop import kernels
+from interop.qweight import QuantizedWeight
+
+__all__ = ["WeightView", "quantized_mm", "register"]
+
+_WEIGHTS: dict[int, weakref.ref] = {}  # id(weight.qdata) -> the weight
+
+
+def register(weight: QuantizedWeight) -> None:
+    """Lets the op find `weight` (its caches, its choices) from its `qdata` tensor."""
+    key = id(weight.qdata)
+    ref = _WEIGHTS.get(key)
+    if ref is not None and ref() is weight:
+        return
+
+    def forget(r: weakref.ref, key: int = key) -> None:
+        if _WEIGHTS.get(key) is r:
+            del _WEIGHTS[key]
+
+    _WEIGHTS[key] = weakref.ref(weight, forget)
+
+
+class WeightView:
+    """The `QuantizedWeight` interface the kernel paths use, over given tensors (no copies, no checks)."""
+
+    row_tiles = QuantizedWeight.row_tiles
+    code_tile = QuantizedWeight.code_tile
+    float_tile = QuantizedWeight.float_tile
+    scales_2d = QuantizedWeight.scales_2d
+    code_scales = QuantizedWeight.code_scales
+    derived = QuantizedWeight.derived
+    n_groups = QuantizedWeight.n_groups
+    effective_group = QuantizedWeight.effective_group
+
+    def __init__(self, qdata: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int, bits: int, group_size: int | None, layout: str):
+        self.qdata, self.scales = qdata, scales
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.layout = bits, group_size, layout
+        self.name, self.path, self.last_path = "", None, None
+        self._derived: dict[str, torch.Tensor] = {}
+        self.choices: dict[tuple, str] = {}
+
+
+def _weight(qdata, scales, in_features, out_features, bits, group_size, layout):
+    ref = _WEIGHTS.get(id(qdata))
+    w = None if ref is None else ref()
+    if w is not None and w.qdata is qdata and w.scales is scales and w.layout == layout:
+        return w
+    return WeightView(qdata, scales, in_features, out_features, bits, group_size, layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _act(scheme: str, bits: int, clip: float) -> kernels.ActQuant:
+    return kernels.ActQuant(scheme, bits, clip)
+
+
+@torch.library.custom_op("duquant::quantized_mm", mutates_args=())
+def quantized_mm(
+    a: torch.Tensor,
+    s_t: torch.Tensor | None,
+    qdata: torch.Tensor,
+    scales: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: int,
+    layout: str,
+    paths: str,
+    act_scheme: str,
+    act_bits: int,
+    act_clip: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Prepared activations `a (T, in)` (and `s_t (T, 1)`) -> y (T, out) in `out_dtype` (module docstring)."""
+    weight = _weight(qdata, scales, in_features, out_features, bits, group_size or None, layout)
+    act = _act(act_scheme, act_bits, act_clip)
+    tokens = a.shape[0]
+    if tokens == 0:
+        return torch.zeros(0, out_features, dtype=out_dtype, device=a.device)
+    name = kernels.resolve_path(weight, act, out_dtype, tokens, paths)
+    with torch.no_grad():
+        return kernels.PATHS[name].product(a, s_t, weight, out_dtype)
+
+
+@quantized_mm.register_fake
+def _(a, s_t, qdata, scales, in_features, out_features, bits, group_size, layout, paths, act_scheme, act_bits, act_clip, out_dtype):
+    torch._check(a.shape[-1] == in_features, lambda: f"quantized_mm: a must have {in_features} columns; got {a.shape[-1]}")
+    return a.new_empty((a.shape[0], out_features), dtype=out_dtype)
