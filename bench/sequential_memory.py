@@ -1,0 +1,200 @@
+"""Sequential calibration from a checkpoint on a Gemma-2B-shaped model: peak memory and wall time.
+
+    python bench/sequential_memory.py [--blocks 18] [--preset w4a8] [--batches 4] [--tokens 256] [--work DIR] [--in-memory]
+
+Writes a random-weight bfloat16 checkpoint of a transformers `GemmaConfig` with
+Gemma-2B's shapes (hidden 2048, MLP 16384, 8 heads of 256, one KV head, a
+256000-word tied embedding; nothing downloaded) as shards with transformers'
+index, then, each in a fresh process (max RSS measured there):
+
+- `quantize_checkpoint_sequential` of a meta-device model from those shards
+  (the preset's linears of every block), written as a `save_quantized` directory;
+- with `--in-memory`: the whole float model loaded, `quantize_sequential`, `save_quantized`,
+  and every saved layer compared with the checkpoint run's, tensor for tensor.
+
+Reports peak RSS against the float model's bf16 bytes and its parts (the
+embedding, one block, the activations, GPTQ's largest factor), and writes
+bench/sequential_memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GEMMA_2B = dict(
+    vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_attention_heads=8, num_key_value_heads=1,
+    head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True,
+)
+
+
+def gemma_config(blocks: int):
+    import transformers
+
+    return transformers.GemmaConfig(num_hidden_layers=blocks, torch_dtype="bfloat16", **GEMMA_2B)
+
+
+def write_checkpoint(root: Path, blocks: int) -> int:
+    """Random bf16 weights for every tensor of the model, one shard per block plus one for the rest; returns bytes."""
+    import accelerate
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    with accelerate.init_empty_weights():
+        meta = transformers.GemmaForCausalLM(gemma_config(blocks))
+    keys = [k for k in meta.state_dict() if k != "lm_head.weight"]  # tied to the embedding
+    shards: dict[str, list[str]] = {}
+    for k in keys:
+        block = k.split(".")[2] if k.startswith("model.layers.") else "rest"
+        shards.setdefault(block, []).append(k)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    shapes = {k: t.shape for k, t in meta.state_dict().items()}
+    for i, (block, names) in enumerate(shards.items()):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for k in names:
+            shape = shapes[k]
+            t = torch.ones(shape) if k.endswith("norm.weight") else torch.randn(shape, generator=gen) * (0.02 if len(shape) == 2 else 1)
+            tensors[k] = t.to(torch.bfloat16)
+        save_file(tensors, str(root / file))
+        weight_map.update({k: file for k in names})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        del tensors
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def _batches(n: int, tokens: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, GEMMA_2B["vocab_size"], (1, tokens), generator=gen) for _ in range(n)]
+
+
+def _child(args) -> None:
+    """In a fresh process: one run; prints a JSON line with wall time and max RSS."""
+    import accelerate
+    import torch
+    import transformers
+
+    from duquant_jax import DuQuantConfig
+    from interop import name_filter, quantize_sequential, save_quantized
+    from interop.sequential_checkpoint import quantize_checkpoint_sequential
+
+    config = DuQuantConfig.preset(args.preset)
+    only = name_filter(include=r"(q|k|v|o|gate|up|down)_proj$")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if args.child == "checkpoint":
+        with accelerate.init_empty_weights():
+            model = transformers.GemmaForCausalLM(gemma_config(args.blocks)).to(torch.bfloat16)
+        quantize_checkpoint_sequential(model, args.work / "ckpt", args.work / "seq", config, _batches(args.batches, args.tokens), only, progress=False)
+    else:
+        model = transformers.GemmaForCausalLM.from_pretrained(args.work / "ckpt", torch_dtype=torch.bfloat16)
+        loaded = time.perf_counter() - t0
+        quantize_sequential(model, config, _batches(args.batches, args.tokens), only, progress=False)
+        save_quantized(model, args.work / "mem")
+        print(json.dumps({"load_s": loaded}))
+    wall = time.perf_counter() - t0
+    print(json.dumps({"run": args.child, "wall_s": wall, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def _run_child(args, kind: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--blocks", str(args.blocks), "--preset", args.preset,
+           "--batches", str(args.batches), "--tokens", str(args.tokens), "--work", str(args.work)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{kind} run failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    result = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            result.update(json.loads(line))
+    return result
+
+
+def _compare(work: Path) -> tuple[int, list[str]]:
+    """Tensors of the two saves that differ (by key), and how many were compared."""
+    from safetensors import safe_open
+
+    def tensors(d: Path):
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    yield k, h.get_tensor(k)
+
+    mem = dict(tensors(work / "mem"))
+    diff, n = [], 0
+    for k, t in tensors(work / "seq"):
+        n += 1
+        if k not in mem or mem[k].dtype != t.dtype or not bool((mem[k] == t).all()):
+            diff.append(k)
+    return n, diff
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=18)
+    ap.add_argument("--preset", default="w4a8")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/duquant-sequential-bench"))
+    ap.add_argument("--in-memory", action="store_true", help="also run the in-memory path and compare every tensor")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("sequential_memory.md"))
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    t0 = time.perf_counter()
+    if not (args.work / "ckpt" / "model.safetensors.index.json").exists():
+        float_bytes = write_checkpoint(args.work / "ckpt", args.blocks)
+    else:
+        float_bytes = json.loads((args.work / "ckpt" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    print(f"checkpoint: {float_bytes / 2**30:.2f} GiB of bf16 in {time.perf_counter() - t0:.0f} s", flush=True)
+    seq = _run_child(args, "checkpoint")
+    print(seq, flush=True)
+    h, m, v = GEMMA_2B["hidden_size"], GEMMA_2B["intermediate_size"], GEMMA_2B["vocab_size"]
+    block_bytes = 2 * (h * 256 * (8 + 1 + 1) + 8 * 256 * h + 3 * h * m)
+    parts = {
+        "embedding (bf16)": v * h * 2,
+        "one float block (bf16)": block_bytes,
+        "activations (float hidden states, bf16)": args.batches * args.tokens * h * 2,
+        "GPTQ's largest XᵀX and factor (down_proj, float32)": 2 * m * m * 4,
+    }
+    lines = [
+        "# Sequential calibration from a checkpoint (bench/sequential_memory.py)",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {__import__('torch').__version__}, "
+        f"jax {__import__('jax').__version__}; Gemma-2B-shaped random bf16 checkpoint, {args.blocks} blocks, "
+        f"preset `{args.preset}` on the 7 projections, {args.batches} calibration batches of {args.tokens} tokens.",
+        "",
+        "| what | GiB |",
+        "|---|---|",
+        f"| float model, bf16 bytes | {float_bytes / 2**30:.2f} |",
+        *[f"| {k} | {b / 2**30:.2f} |" for k, b in parts.items()],
+        f"| **peak RSS, `quantize_checkpoint_sequential`** | **{seq['max_rss_gib']:.2f}** ({seq['max_rss_gib'] * 2**30 / float_bytes:.2f}x the float bytes) |",
+        "",
+        f"Wall time from the checkpoint: {seq['wall_s']:.0f} s.",
+    ]
+    if args.in_memory:
+        mem = _run_child(args, "memory")
+        n, diff = _compare(args.work)
+        lines += [
+            f"In memory (`from_pretrained` + `quantize_sequential` + `save_quantized`): peak RSS {mem['max_rss_gib']:.2f} GiB, "
+            f"wall {mem['wall_s']:.0f} s (of which loading {mem['load_s']:.0f} s).",
+            f"Saved tensors compared: {n}; different: {len(diff)}{' (' + ', '.join(diff[:5]) + ')' if diff else ''}.",
+        ]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
