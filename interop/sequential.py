@@ -91,17 +91,22 @@ def _record_calls(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], bat
         handles.append(block.register_forward_pre_hook(pre_hook(k), with_kwargs=True))
     handles.append(blocks[-1][1].register_forward_hook(stop, with_kwargs=True))
     try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    run(model, batch)
-                except _Stop:
-                    continue
-                raise ValueError("quantize_sequential: the forward pass never reached the last block")
+        run_until_stop(model, batches, run, "quantize_sequential")
     finally:
         for h in handles:
             h.remove()
     return hidden, calls
+
+
+def run_until_stop(model: nn.Module, batches: Sequence[Any], run: Callable, who: str) -> None:
+    """Runs every batch until the recorders stop it after the last block (an error if one never does)."""
+    with torch.no_grad():
+        for batch in batches:
+            try:
+                run(model, batch)
+            except _Stop:
+                continue
+            raise ValueError(f"{who}: the forward pass never reached the last block")
 
 
 def _no_cache(value: Any) -> Any:

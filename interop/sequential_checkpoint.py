@@ -51,7 +51,7 @@ from duquant_jax.field_shapes import expected_shapes
 from duquant_jax.paths import contained
 from interop.modules import FilterFn, set_child
 from interop.saved_checks import ROTATION_FIELDS
-from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, find_blocks
+from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, find_blocks, run_until_stop
 from interop.serialize import CONFIG_FILE, _get_tensor, layer_record, make_record, write_index, write_shard
 
 
@@ -132,13 +132,7 @@ def _record_calls(model, found, batches, run) -> tuple[list, list]:
     for k, (name, _) in enumerate(found):
         set_child(model, name, _Recorder(k, k == len(found) - 1, hidden, calls))
     try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    run(model, batch)
-                except _Stop:
-                    continue
-                raise ValueError("quantize_checkpoint_sequential: the forward pass never reached the last block")
+        run_until_stop(model, batches, run, "quantize_checkpoint_sequential")
     finally:
         for name, block in found:
             set_child(model, name, block)
