@@ -137,6 +137,16 @@ def _default_run(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def checked_inputs(config: DuQuantConfig, batches: Iterable[Any], who: str) -> list:
+    """The batches as a list, after checking that `config` is a DuQuantConfig and that there is a batch."""
+    if not isinstance(config, DuQuantConfig):
+        raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{who} needs at least one calibration batch")
+    return batches
+
+
 def quantize_sequential(
     model: nn.Module,
     config: DuQuantConfig,
@@ -164,11 +174,7 @@ def quantize_sequential(
     """
     from tqdm import tqdm
 
-    if not isinstance(config, DuQuantConfig):
-        raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("quantize_sequential needs at least one calibration batch")
+    batches = checked_inputs(config, batches, "quantize_sequential")
     found = find_blocks(model, blocks)
     hidden, calls = _record_calls(model, found, batches, run)
     replaced: dict[str, DuQuantLinear] = {}

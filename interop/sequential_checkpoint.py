@@ -51,7 +51,7 @@ from duquant_jax.field_shapes import expected_shapes
 from duquant_jax.paths import contained
 from interop.modules import FilterFn, set_child
 from interop.saved_checks import ROTATION_FIELDS
-from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, find_blocks, run_until_stop
+from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, checked_inputs, find_blocks, run_until_stop
 from interop.serialize import CONFIG_FILE, _get_tensor, layer_record, make_record, write_index, write_shard
 
 
@@ -203,11 +203,7 @@ def quantize_checkpoint_sequential(
     """
     from tqdm import tqdm
 
-    if not isinstance(config, DuQuantConfig):
-        raise TypeError(f"config must be a DuQuantConfig; got {type(config).__name__}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("quantize_checkpoint_sequential needs at least one calibration batch")
+    batches = checked_inputs(config, batches, "quantize_checkpoint_sequential")
     reader = _Reader(checkpoint)
     if callable(getattr(model, "tie_weights", None)):  # transformers skips tying under init_empty_weights
         model.tie_weights()
