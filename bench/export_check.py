@@ -3,6 +3,8 @@
     python bench/export_check.py permute            # MiniLM: quality cost of enable_permute=False per preset
     python bench/export_check.py minilm             # MiniLM layers: compressed-tensors' own decompression/forward vs ours
     python bench/export_check.py gemma              # Gemma-3 270M: export, transformers from_pretrained, log-probs vs ours
+    python bench/export_check.py sensitivity EXPORT # a W8A8 export: ours vs transformers per layer in situ, and the
+                                                    # model's own spread under 1e-6 noise (why whole-model log-probs differ)
 
 Each subcommand prints one JSON object per measurement (the numbers quoted in
 bench/export_check.md). Models and data: bench/quality_models.py, bench/quality_data.py.
@@ -226,6 +228,81 @@ def gemma_checks(labels: list[str], n_calib: int, n_chunks: int, out_root: Path,
         del model
 
 
+def _capture_inputs(model, names: list[str]) -> tuple[dict, list]:
+    """Forward hooks that keep the input of each named module (name -> tensor) on the next forward."""
+    caps, handles = {}, []
+    for n, m in model.named_modules():
+        if n in names:
+            handles.append(m.register_forward_hook(lambda _m, a, _o, n=n: caps.__setitem__(n, a[0].detach().clone())))
+    return caps, handles
+
+
+def sensitivity(export_dir: Path, n_chunks: int, seeds: int, noise: float) -> None:
+    """Why a W8A8 export's whole-model log-probs differ from ours in transformers although every layer agrees.
+
+    1. In situ, per layer: the inputs transformers' model feeds each quantized layer, run through our layer with
+       compressed-tensors' activation rounding (`ct_activation_rounding`) and our float32 paths: max error relative
+       to the output's absmax (float round-off when the two agree).
+    2. The inputs of q_proj and down_proj of every block, ours against transformers', on the same tokens: how a
+       difference grows through the blocks.
+    3. The model's own spread: transformers' model against itself with the embedding multiplied by (1 + noise·N(0,1))
+       for `seeds` seeds: mean |Δ log-prob| and NLL range. A difference between ours and transformers no larger than
+       this is the model's sensitivity (an activation code that flips on round-off changes what follows), not a
+       mismatch of the two implementations.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from interop.export import import_compressed_tensors
+    from interop.kernels import kernel_options
+
+    task = GemmaTask(n_calib=1, n_eval=n_chunks)
+    chunks = [task._ids(int(i)) for i in task.split.eval[:n_chunks]]
+    ours = import_compressed_tensors(task.float_model(), export_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32).eval()
+    linears = [n for n, m in ours.named_modules() if type(m).__name__ == "DuQuantLinear"]
+    caps, handles = _capture_inputs(hf, linears)
+    mine, mine_handles = _capture_inputs(ours, linears)
+    ids = chunks[0][:, :256]
+    with torch.no_grad(), kernel_options(precision="float32"), ct_activation_rounding():
+        out_hf = {}
+        hooks = [hf.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: out_hf.__setitem__(n, o.detach().clone())) for n in linears]
+        hf(input_ids=ids, use_cache=False)
+        ours(input_ids=ids, use_cache=False)
+        for h in handles + mine_handles + hooks:
+            h.remove()
+        per_layer = max(float((ours.get_submodule(n)(caps[n]) - out_hf[n]).abs().max() / out_hf[n].abs().max()) for n in linears)
+    growth = {n.split(".")[2] + "." + n.split(".")[-1]: float((mine[n] - caps[n]).abs().max() / mine[n].abs().max())
+              for n in linears if n.endswith(("q_proj", "down_proj"))}
+    _emit({"check": "sensitivity", "export_dir": str(export_dir), "layers": len(linears), "tokens": int(ids.shape[1]),
+           "per_layer_in_situ_max_rel_err": per_layer, "input_rel_diff_by_block": growth})
+
+    def logprobs(model, **opts):
+        with torch.no_grad(), kernel_options(precision="float32"):
+            if opts.get("ct"):
+                with ct_activation_rounding():
+                    return torch.cat([token_logprobs(model, c) for c in chunks])
+            return torch.cat([token_logprobs(model, c) for c in chunks])
+
+    lp_hf, lp_ours, lp_ours_ct = logprobs(hf), logprobs(ours), logprobs(ours, ct=True)
+    emb = hf.model.embed_tokens.weight
+    clean = emb.data.clone()
+    spread = []
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        emb.data.copy_(clean * (1 + noise * torch.randn(clean.shape, generator=gen)))
+        lp = logprobs(hf)
+        spread.append({"seed": seed, "mean_abs_dlogprob": float((lp - lp_hf).abs().mean()),
+                       "max_abs_dlogprob": float((lp - lp_hf).abs().max()), "nll": float(-lp.mean())})
+    emb.data.copy_(clean)
+
+    def diff(a):
+        return {"mean_abs_dlogprob": float((a - lp_hf).abs().mean()), "max_abs_dlogprob": float((a - lp_hf).abs().max()), "nll": float(-a.mean())}
+
+    _emit({"check": "sensitivity-logprobs", "tokens": int(lp_hf.numel()), "noise": noise, "nll_transformers": float(-lp_hf.mean()),
+           "ours_vs_transformers": diff(lp_ours), "ours_ct_rounding_vs_transformers": diff(lp_ours_ct),
+           "transformers_noisy_vs_itself": spread})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -239,6 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--out", type=Path, default=Path("/tmp/duquant-export"))
     g.add_argument("--rotated", action="store_true", help="also export the w8a8 preset (rotated) and check the refusal")
     sub.add_parser("minilm")
+    n = sub.add_parser("sensitivity")
+    n.add_argument("export_dir", type=Path, help="a W8A8 rotation-free export written by the gemma subcommand")
+    n.add_argument("--n-chunks", type=int, default=3)
+    n.add_argument("--seeds", type=int, default=4)
+    n.add_argument("--noise", type=float, default=1e-6)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.cmd == "permute":
@@ -247,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         minilm_checks()
     elif args.cmd == "gemma":
         gemma_checks(args.labels.split(","), args.n_calib, args.n_chunks, args.out, args.rotated)
+    elif args.cmd == "sensitivity":
+        sensitivity(args.export_dir, args.n_chunks, args.seeds, args.noise)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,30 @@ def test_inexpressible_configs_are_refused(tmp_path, overrides, field):
         export_compressed_tensors(model, tmp_path, float_config=TOY)
 
 
+# What each preset does on export (README, "Export to compressed-tensors"): None exports, else the field named.
+PRESET_EXPORT = {"w8a8": None, "w4a16": None, "w4a8": None, "w4a4": "act_clip", "SPEC default": "act_scheme"}
+
+
+@pytest.mark.parametrize("label", sorted(PRESET_EXPORT))
+def test_every_preset_exports_or_is_refused_naming_the_field(tmp_path, label):
+    from duquant_jax.config import PRESETS
+
+    assert set(PRESET_EXPORT) - {"SPEC default"} == set(PRESETS)  # a new preset must be added here
+    config = DuQuantConfig() if label == "SPEC default" else DuQuantConfig.preset(label)
+    model = _quantized(config)
+    field = PRESET_EXPORT[label]
+    if field is not None:
+        with pytest.raises(ExportError, match=field):
+            export_compressed_tensors(model, tmp_path, float_config=TOY)
+        assert not (tmp_path / "config.json").exists()  # nothing written half-way
+        return
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(2))
+    export_compressed_tensors(model, tmp_path, float_config=TOY)
+    back = import_compressed_tensors(_fresh(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
 def test_shared_block_is_stored_with_head_dim(tmp_path):
     export_compressed_tensors(_quantized(CONFIGS["w8a8-duquant-nopermute"]), tmp_path, float_config=TOY)
     groups = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]
