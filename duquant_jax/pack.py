@@ -207,6 +207,30 @@ def _hessian_in_basis(xtx, perm, r_in, in_diag, r_pre) -> jax.Array:
     return (h2 + h2.T) / 2
 
 
+# `_hessian_in_basis` in three programs, each handed the previous one's (in, in) buffer: at most two such
+# matrices are alive at once (one program holds three); the numbers are the same operations.
+@functools.partial(jax.jit, donate_argnums=0)
+def _transform_rows_consuming(h, perm, r_in, in_diag, r_pre) -> jax.Array:
+    return input_transform(h, perm, r_in, in_diag, r_pre)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _transform_columns_consuming(h, perm, r_in, in_diag, r_pre) -> jax.Array:
+    return input_transform(h.T, perm, r_in, in_diag, r_pre)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _symmetric_part_consuming(h) -> jax.Array:
+    return (h + h.T) / 2
+
+
+def hessian_in_basis_consuming(xtx: jax.Array, perm, r_in, in_diag, r_pre) -> jax.Array:
+    """`_hessian_in_basis` of a float32 JAX `xtx` that is deleted (its buffer reused)."""
+    h = _transform_rows_consuming(xtx, perm, r_in, in_diag, r_pre)
+    h = _transform_columns_consuming(h, perm, r_in, in_diag, r_pre)
+    return _symmetric_part_consuming(h)
+
+
 def pack_weight(
     w: Any,
     config: DuQuantConfig = DuQuantConfig(),
@@ -258,12 +282,16 @@ def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: st
 
     unrounded = _pack_rtn(*arrays, None, config, name, keep_w2=True)  # the RTN scales, W2 as w_codes
     w2 = unrounded.w_codes
-    xtx = jax.device_put(jnp.asarray(stats.xtx, jnp.float32), next(iter(w2.devices())))
-    h2 = jax.block_until_ready(_hessian_in_basis(xtx, unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre))
+    # XLA reads a NumPy array through a copy of its own anyway; that copy (1 GiB for a 16384-wide input) is made
+    # here and handed over: the rotated Hessian takes its buffer, and the factorization takes the rotated Hessian's.
+    xtx = jax.device_put(np.asarray(stats.xtx, np.float32), next(iter(w2.devices())))
+    h2 = jax.block_until_ready(hessian_in_basis_consuming(xtx, unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre))
+    del xtx
     codes = gptq_codes(
         w2, h2, unrounded.w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
-        block=config.gptq_block, act_order=config.gptq_act_order, name=name,
+        block=config.gptq_block, act_order=config.gptq_act_order, name=name, consume_h=True,
     )
+    del h2
     return jax.block_until_ready(unrounded.replace(w_codes=codes))
 
 

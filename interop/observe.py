@@ -51,8 +51,24 @@ class _Recorder:
     def result(self) -> LayerStats:
         xtx = None
         if self.xtx is not None:
-            xtx = (0.5 * (self.xtx + self.xtx.T)).cpu().numpy()
+            xtx = symmetrize_(self.xtx).cpu().numpy()
         return LayerStats(self.absmax.cpu().numpy(), xtx, self.tokens, layer=self.name)
+
+
+def symmetrize_(a: torch.Tensor, tile: int = 2048) -> torch.Tensor:
+    """`a` (n, n) replaced in place by `0.5 * (a + aᵀ)`, bit for bit, one pair of `tile x tile` tiles at a time.
+
+    The whole-matrix expression holds two more (n, n) temporaries: 2 GiB for a 16384-wide `XᵀX`
+    (an MLP's down projection), more than the model's block itself; a tile pair needs 2 tiles.
+    """
+    n = a.shape[0]
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            upper, lower = a[i : i + tile, j : j + tile], a[j : j + tile, i : i + tile]
+            mean = (upper + lower.T) * 0.5
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return a
 
 
 def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = False) -> ContextManager[ModelStats]:

@@ -15,21 +15,23 @@ The model's parameters stay on the meta device except where needed:
    read from the checkpoint; each block is replaced by a recorder that keeps
    its call (block 0's hidden states, every block's other arguments) and
    passes the hidden states through, so one pass per batch records what each
-   block will be called with, without any block's weights.
+   block will be called with, without any block's weights. Those tensors go
+   back to the meta device until step 3.
 2. Block by block: its float weights are read from the checkpoint's shards,
    it is observed, quantized (GPTQ included) and calibrated on the hidden
    states exactly as `quantize_sequential` does, run quantized to give the
    next block's inputs, written as its own shard of a `save_quantized`
    directory, and released (`model` is left without its blocks: load the
    result into a freshly built model with `load_quantized`).
-3. The tensors outside the blocks become the last shard; the index and the
+3. The tensors outside the blocks are read again and become the last shard; the index and the
    record (`duquant_quantized.json`) are written last. The record is planned
    from the configuration before the first shard is written, since every
    shard records its digest; each quantized layer is checked against its plan.
 
-Peak memory: the tensors outside the blocks, one float block, the
-calibration hidden states (batches x tokens x hidden) and the packing's
-temporaries (GPTQ's factor of the largest `XᵀX`), not the float model.
+Peak memory: the larger of the tensors outside the blocks (steps 1 and 3) and
+one float block with the calibration hidden states (batches x tokens x hidden)
+and the packing's temporaries (GPTQ: the largest `XᵀX`, its rotated copy and
+factor), not the float model.
 The recorders assume that a block's other arguments do not depend on the
 previous block's output (true of transformers' decoder layers: masks and
 rotary embeddings are computed before the loop).
@@ -124,6 +126,17 @@ class _Recorder(nn.Module):
         if self.last:
             raise _Stop
         return hidden_states
+
+
+def _release_outside(model: nn.Module, blocks: Sequence[str]) -> None:
+    """Every parameter and persistent buffer outside the blocks back on the meta device (aliases too, so that a
+    tied output layer does not keep the embedding alive): while the blocks are quantized they are not needed,
+    and the embedding is often the largest tensor of the model (1 GB of Gemma-2B's 5 GB)."""
+    for key, t in model.state_dict(keep_vars=True).items():
+        if any(key.startswith(b + ".") for b in blocks) or t.device.type == "meta":
+            continue
+        meta = torch.empty_like(t, device="meta")
+        set_child(model, key, nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta)
 
 
 def _record_calls(model, found, batches, run) -> tuple[list, list]:
@@ -226,6 +239,7 @@ def quantize_checkpoint_sequential(
     for (name, block) in found:
         set_child(model, name, block)
     hidden, calls = _record_calls(model, found, batches, run)
+    _release_outside(model, names)  # read again for the last shard
     weight_map: dict[str, str] = {}
     total = 0
     with torch.no_grad():
@@ -243,6 +257,7 @@ def quantize_checkpoint_sequential(
             weight_map.update({key: files[k] for key in state})
             total += sum(t.numel() * t.element_size() for t in state.values())
             set_child(model, prefix, nn.Identity())  # released: the model is left without its blocks
+    _materialize(model, "", reader, aliases)
     rest = {key: t.detach().contiguous() for key, t in model.state_dict().items() if not any(key.startswith(b + ".") for b in names) and key not in aliases}
     write_shard(out / files[-1], rest, record)
     weight_map.update({key: files[-1] for key in rest})

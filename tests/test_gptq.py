@@ -213,6 +213,22 @@ def test_shared_factor_rounds_like_a_fresh_one():
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_consuming_the_hessian_gives_the_same_codes_and_deletes_it(act_order):
+    # consume_h hands h's buffer to the factorization (one (in, in) matrix less at the peak).
+    rng = np.random.default_rng(8)
+    h = hessian(256, 600, seed=8)
+    w = rng.standard_normal((48, 256)).astype(np.float32)
+    s = row_scales(w, 4)
+    want = np.asarray(gptq_codes(w, h, s, 4, act_order=act_order))
+    hj = jnp.array(h)
+    got = np.asarray(gptq_codes(w, hj, s, 4, act_order=act_order, consume_h=True))
+    np.testing.assert_array_equal(got, want)
+    assert hj.is_deleted()
+    with pytest.raises(ValueError, match="consume_h needs h as a float32 JAX array"):
+        gptq_codes(w, h, s, 4, consume_h=True)  # a NumPy array cannot be given away
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
 def test_dead_channels_get_zero_codes_and_leave_the_rest_as_the_reference(act_order):
     rng = np.random.default_rng(11)
     out, n, bits = 16, 96, 4

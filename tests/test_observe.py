@@ -405,3 +405,25 @@ def test_checkpoint_tensors_find_their_layer_statistics():
     assert layer_for_tensor(stats, "model.layers.1.q_proj.weight") is None
     with pytest.raises(StatsError, match="several layers"):
         layer_for_tensor(stats, "x.weight")
+
+
+@pytest.mark.parametrize("n, tile", [(1, 4), (7, 3), (300, 128), (513, 256)])
+def test_symmetrize_in_place_equals_the_whole_matrix_expression_bitwise(n, tile):
+    from interop.observe import symmetrize_
+
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    want = 0.5 * (a + a.T)
+    got = symmetrize_(a.clone(), tile=tile)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 1000])
+def test_banded_xtx_checks_equal_whole_matrix_ones(rows):
+    from duquant_jax.stats import _finite_scale_asymmetry
+
+    rng = np.random.default_rng(rows)
+    a = rng.standard_normal((37, 37)).astype(np.float32)
+    finite, scale, asym = _finite_scale_asymmetry(a, rows=rows)
+    assert finite and scale == float(np.abs(a).max()) and asym == float(np.abs(a - a.T).max())
+    a[30, 2] = np.nan
+    assert not _finite_scale_asymmetry(a, rows=rows)[0]
