@@ -58,6 +58,45 @@ class Split:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class ThreeWaySplit:
+    """A seeded split of `total` items into disjoint `calib`, `dev` and `test` index arrays.
+
+    The same permutation as `Split` (`np.random.default_rng(seed)`): the first `n_calib`
+    calibrate (so `calib` equals `Split(seed, total, n_calib, ...)`'s), the next `n_dev`
+    are the development set (every choice is made there), the next `n_test` the test set
+    (only reported).
+    """
+
+    seed: int
+    total: int
+    n_calib: int
+    n_dev: int
+    n_test: int
+
+    def __post_init__(self) -> None:
+        if self.n_calib < 0 or self.n_dev < 1 or self.n_test < 1 or self.n_calib + self.n_dev + self.n_test > self.total:
+            raise ValueError(f"split of {self.total} items cannot hold {self.n_calib} calibration + {self.n_dev} development + {self.n_test} test items")
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng(self.seed).permutation(self.total)
+
+    @property
+    def calib(self) -> np.ndarray:
+        return np.sort(self._order()[: self.n_calib])
+
+    @property
+    def dev(self) -> np.ndarray:
+        return np.sort(self._order()[self.n_calib : self.n_calib + self.n_dev])
+
+    @property
+    def test(self) -> np.ndarray:
+        return np.sort(self._order()[self.n_calib + self.n_dev : self.n_calib + self.n_dev + self.n_test])
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def token_chunks(ids: np.ndarray, length: int = 512) -> np.ndarray:
     """ids: (n,) -> (n // length, length): consecutive non-overlapping chunks, the tail dropped."""
     n = len(ids) // length

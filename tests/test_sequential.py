@@ -131,3 +131,31 @@ def test_from_a_checkpoint_equals_the_in_memory_run_and_loads(tmp_path):
     x = _batches()[0]
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, float_model(x).logits)
+
+
+@pytest.mark.parametrize("preset", ["w4a8", "w4a16"])
+def test_duquant_pack_with_the_sequential_statistics_equals_the_sequential_model(tmp_path, preset):
+    """The JAX route: `quantize_sequential(stats_path=...)` writes the statistics each block was quantized with;
+    `duquant pack --stats` on the float checkpoint then gives the same layers (outputs bit-identical)."""
+    from safetensors.torch import save_file
+
+    from duquant_jax.cli import main
+    from interop import from_pack_dir
+
+    config = DuQuantConfig.preset(preset)
+    float_model, seq = _gemma(), _gemma()
+    save_file({k: v.contiguous() for k, v in float_model.state_dict().items() if "layers." in k}, str(tmp_path / "ckpt.safetensors"))
+    quantize_sequential(seq, config, _batches(), name_filter(include=LINEARS), progress=False, stats_path=tmp_path / "stats.safetensors")
+    rc = main(["pack", str(tmp_path / "ckpt.safetensors"), "--out", str(tmp_path / "packs"), "--preset", preset,
+               "--include", LINEARS.replace("$", r"\.weight$"), "--stats", str(tmp_path / "stats.safetensors")])
+    assert rc == 0
+    replaced = from_pack_dir(float_model, tmp_path / "packs", progress=False)
+    assert len(replaced) == 21
+    x = _batches()[0]
+    with torch.no_grad():
+        assert torch.equal(float_model(x).logits, seq(x).logits)
+
+
+def test_stats_path_without_statistics_to_write_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="stats_path"):
+        quantize_sequential(_gemma(), DuQuantConfig(), _batches(), name_filter(include=LINEARS), progress=False, stats_path=tmp_path / "s")
