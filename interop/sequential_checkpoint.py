@@ -243,9 +243,11 @@ def quantize_checkpoint_sequential(
     weight_map: dict[str, str] = {}
     total = 0
     with torch.no_grad():
-        for k, (prefix, block) in enumerate(tqdm(found, desc="duquant sequential", unit="block", disable=not progress)):
+        for k in tqdm(range(len(found)), desc="duquant sequential", unit="block", disable=not progress):
+            (prefix, block), found[k] = found[k], None  # nothing keeps a finished block alive
             _materialize(block, f"{prefix}.", reader)
             block_calls = list(zip(hidden, calls[k]))
+            calls[k] = None
             rel = _relative_filter(prefix, filter_fn)
             quantized = _quantize_block(block, prefix, config, rel, block_calls) if any(n.startswith(prefix + ".") for n in plan) else {}
             for full, layer in quantized.items():
@@ -257,6 +259,7 @@ def quantize_checkpoint_sequential(
             weight_map.update({key: files[k] for key in state})
             total += sum(t.numel() * t.element_size() for t in state.values())
             set_child(model, prefix, nn.Identity())  # released: the model is left without its blocks
+            del block, block_calls, quantized, state  # before the next block's weights are read
     _materialize(model, "", reader, aliases)
     rest = {key: t.detach().contiguous() for key, t in model.state_dict().items() if not any(key.startswith(b + ".") for b in names) and key not in aliases}
     write_shard(out / files[-1], rest, record)
