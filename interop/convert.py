@@ -35,7 +35,9 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     progress: bool = True,
     stats: Mapping[str, LayerStats] | None = None,
-) -> dict[str, DuQuantLinear]:
+    *,
+    output_layer: int | None = None,
+) -> dict[str, nn.Module]:
     """Replaces every selected `nn.Linear` of `model` by a `DuQuantLinear`, in place.
 
     Args:
@@ -46,12 +48,30 @@ def quantize_(
       stats: {module name: LayerStats} from `interop.observe`, for configs that need
         activation statistics (smoothing, the "duquant" rotation, GPTQ). A selected
         layer without statistics is an error that names it and says how to collect them.
+      output_layer: also quantize the output layer (`model.get_output_embeddings()`)
+        weight-only, whatever the filter: 8 (int8 per row) or 4 (int4 in groups of
+        128), with a tied input embedding reading the same codes
+        (`interop.output_layer.quantize_output_layer`; finer control there). The
+        main configuration never applies to it then. None (default): as the filter says.
 
     Returns:
-      {name: the new DuQuantLinear} for every layer replaced.
+      {name: the new module} for every layer replaced (`DuQuantLinear`, and the
+      `QuantizedEmbedding` of a tied embedding).
     """
     from tqdm import tqdm
 
+    head_name = None
+    if output_layer is not None:
+        from interop.output_layer import output_layer_config
+
+        output_layer_config(output_layer)  # checks the value before any layer is packed
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        head_name = next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Linear) else None
+        if head_name is None:
+            raise ValueError("quantize_: output_layer needs a model whose get_output_embeddings() is an nn.Linear; "
+                             "use interop.output_layer.quantize_output_layer(model, head=NAME)")
+        keep = filter_fn
+        filter_fn = lambda n, m: n != head_name and (keep is None or keep(n, m))  # noqa: E731
     selected = selected_linears(model, filter_fn, "quantize_")
     replaced = {}
     for name, linear in tqdm(selected, desc="duquant pack", unit="layer", disable=not progress):
@@ -60,6 +80,10 @@ def quantize_(
         new.train(linear.training)
         set_child(model, name, new)
         replaced[name] = new
+    if head_name is not None:
+        from interop.output_layer import quantize_output_layer
+
+        replaced.update(quantize_output_layer(model, output_layer, 128 if output_layer == 4 else None, head=head_name))
     return replaced
 
 

@@ -120,6 +120,26 @@ def _int4pack_offset_tiles(packed: torch.Tensor, variant: tuple[str, int], r0: i
     return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
 
+def _int4pack_rows(packed: torch.Tensor, variant: tuple[str, int], ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids (T,)` of an int4pack weight `packed (out, in/2)` -> (T, in) int8 codes, gathered byte by byte
+    (no block is unpacked whole): the inverse of `_to_int4pack` at those rows."""
+    kind, block = variant
+    out, n = packed.shape[0], packed.shape[1] * 2
+    full, half = out // block * block, block // 2
+    flat = packed.reshape(-1)
+    ids = ids.long()
+    cols = torch.arange(n, device=packed.device)[None, :]
+    k = ids % block
+    m, high = (k % half, k >= half) if kind == "lanes" else (k // 2, k % 2 == 1)
+    at = (ids // block)[:, None] * (n * half) + cols * half + m[:, None]  # rows of whole blocks
+    t = (ids - full).clamp(min=0)  # rows of the short last block: pairs, one row of bytes per column
+    at_tail = full * n // 2 + cols * max((out - full) // 2, 1) + (t // 2)[:, None]
+    in_full = (ids < full)[:, None]
+    byte = flat[torch.where(in_full, at, at_tail)]
+    high = torch.where(in_full, high[:, None], (t % 2 == 1)[:, None])
+    return (torch.where(high, byte >> 4, byte & 0xF).to(torch.int8) - 8).contiguous()
+
+
 def _from_int4pack(packed: torch.Tensor, variant: tuple[str, int]) -> torch.Tensor:
     """Inverse of `_to_int4pack`: (out, in/2) uint8 -> (out, in) int8 codes."""
     u = _int4pack_offset_tiles(packed, variant, 0, packed.shape[0])
@@ -425,6 +445,25 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) `W_hat = Q * scale` in float32, cast to `dtype` (a full-size temporary)."""
         return (self.codes().float() * self.code_scales(0, self.out_features)).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids (T,)` of `W_hat` in float32, cast to `dtype`: (T, in), equal to `dequantize(dtype)[ids]`
+        without a full-size temporary (an embedding tied to this weight gathers its rows this way)."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"{self._who()}: ids must be a 1-D integer tensor; got {_describe(ids)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.out_features):
+            raise IndexError(f"{self._who()}: row ids must be in 0..{self.out_features - 1}; got {int(ids.min())}..{int(ids.max())}")
+        ids = ids.to(self.qdata.device)
+        if self.layout == "nibbles":
+            codes = unpack_nibbles(self.qdata[ids], self.in_features)
+        elif self.layout == "int4pack":
+            codes = _int4pack_rows(self.qdata, int4pack_variant(), ids)
+        else:
+            codes = self.qdata[ids]
+        s = self.scales_2d()[ids]
+        if self.group_size is not None:
+            s = s.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+        return (codes.float() * s).to(dtype)
 
     def code_scales(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0:r1 of each code's scale: (r1 - r0, 1) per row, or (r1 - r0, in) per group."""

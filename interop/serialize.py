@@ -7,7 +7,9 @@ Directory layout (transformers' sharded layout, plus one JSON of our own):
   model.safetensors.index.json          (sharded only) {"metadata": {"total_size": N}, "weight_map": {key: file}}
   duquant_quantized.json                written last: the format, every DuQuantLinear's name,
                                         config, shape, dtype and field shapes, and tied aliases
-                                        (and "kernel_paths": the frozen kernel choices, if any)
+                                        (and "kernel_paths": the frozen kernel choices, and
+                                        "tied_embeddings": {embedding: output layer} for
+                                        `interop.output_layer.QuantizedEmbedding`, if any)
 
 Each `DuQuantLinear` contributes its packed state (`qweight.codes` as 4-bit
 nibbles or int8, `qweight.scales`, the rotations, `a_scale`, `calibrated`,
@@ -39,6 +41,7 @@ from duquant_jax.paths import contained
 from interop import native, saved_checks
 from interop.linear import DuQuantLinear
 from interop.modules import set_child
+from interop.output_layer import QuantizedEmbedding, check_tieable, tied_embeddings
 from interop.saved_checks import SavedModelError
 
 FORMAT = "duquant-quantized-model"
@@ -144,7 +147,11 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_
     tensors, aliases = _unique_state(model)
     shards = _shards(tensors, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    record_text = make_record({name: layer_record(m) for name, m in layers.items()}, aliases, names, _frozen_paths_record(layers))
+    extra = _frozen_paths_record(layers)
+    tied = tied_embeddings(model)
+    if tied:
+        extra["tied_embeddings"] = tied
+    record_text = make_record({name: layer_record(m) for name, m in layers.items()}, aliases, names, extra)
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         if stale.name not in names:
             stale.unlink(missing_ok=True)
@@ -333,6 +340,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
         saved_checks.check_layer_tensors(name, layer.config, layer.in_features, layer.out_features, dtype, layer.bias is not None, state, where)
         saved_checks.check_layer_values(name, layer.config, state, where)
         set_child(model, name, layer)
+    tied = _tie_embeddings(model, record, source)
     aliases = record["aliases"]
     model_state = model.state_dict()
     for alias, key in aliases.items():
@@ -358,6 +366,11 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
         )
     for alias, key in aliases.items():  # tied tensors: the alias becomes the very same object again
         set_child(model, alias, _get_tensor(model, key))
+    for emb in tied:
+        try:
+            check_tieable(emb.head, emb.head_name)
+        except ValueError as e:
+            raise SavedModelError(f"{source}: tied_embeddings: {e}") from None
     _apply_frozen_paths(model, record, source)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:  # non-persistent buffers (rotary frequencies, ...) are in no state_dict and no file
@@ -366,6 +379,31 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
             f"(non-persistent buffers, e.g. {left[:3]}): build the model on the CPU instead"
         )
     return model
+
+
+def _tie_embeddings(model: nn.Module, record: dict[str, Any], source: Path) -> list[QuantizedEmbedding]:
+    """The record's "tied_embeddings" ({embedding: output layer}): each `nn.Embedding` of the model becomes a
+    `QuantizedEmbedding` reading the (already placed) output layer's codes; checked once they are loaded."""
+    tied = record.get("tied_embeddings", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in tied.items()):
+        raise SavedModelError(f"{source}: 'tied_embeddings' must map embedding names to output layer names; got {tied!r:.200}")
+    out = []
+    for emb_name, head_name in tied.items():
+        if head_name not in record["layers"]:
+            raise SavedModelError(f"{source}: tied_embeddings: {emb_name!r} is tied to {head_name!r}, which is no quantized layer of the save")
+        try:
+            like = model.get_submodule(emb_name)
+        except AttributeError:
+            like = None
+        if not isinstance(like, nn.Embedding):
+            raise SavedModelError(f"{source}: tied_embeddings: {emb_name!r} is not an nn.Embedding of the model: build the same architecture")
+        try:
+            emb = QuantizedEmbedding(model.get_submodule(head_name), head_name, like, check=False)
+        except ValueError as e:
+            raise SavedModelError(f"{source}: tied_embeddings: {e}") from None
+        set_child(model, emb_name, emb)
+        out.append(emb)
+    return out
 
 
 def _frozen_paths_record(layers: dict[str, DuQuantLinear]) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""interop.output_layer: the output layer quantized weight-only, the tied input embedding reading its codes.
+
+Small random Gemma-3 (transformers, nothing downloaded; its embedding is scaled and tied to lm_head).
+Bounds: embedding rows equal the head's dequantized rows exactly (torch.equal) in every code
+layout; a saved model reloads bit-identically and stores the matrix once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interop import load_quantized, save_quantized
+from interop.output_layer import QuantizedEmbedding, quantize_output_layer
+from interop.qweight import _VARIANTS, QuantizedWeight, _int4pack_rows, _to_int4pack
+from interop.saved_checks import SavedModelError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gemma(vocab: int = 96) -> torch.nn.Module:
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def _ids(vocab: int = 96) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
+@pytest.mark.parametrize("out", [176, 256])
+def test_int4pack_row_gather_equals_the_whole_decode(variant, out):
+    from interop.qweight import _from_int4pack
+
+    codes = torch.randint(-8, 8, (out, 64), generator=torch.Generator().manual_seed(out), dtype=torch.int8)
+    packed = _to_int4pack(codes, variant)
+    assert torch.equal(_from_int4pack(packed, variant), codes)
+    ids = torch.tensor([0, 1, 31, 32, 63, 64, 127, 128, out - 17, out - 2, out - 1, 5, 5])
+    assert torch.equal(_int4pack_rows(packed, variant, ids), codes[ids])
+
+
+@pytest.mark.parametrize("layout, bits, group", [("int8", 8, None), ("nibbles", 4, 16), ("int4pack", 4, 32), ("nibbles", 4, None)])
+def test_weight_rows_equal_the_dequantized_rows(layout, bits, group):
+    gen = torch.Generator().manual_seed(2)
+    q = 2 ** (bits - 1)
+    codes = torch.randint(-q, q, (176, 64), generator=gen, dtype=torch.int8)
+    scales = torch.rand(176, 1 if group is None else 64 // group, generator=gen) + 0.1
+    w = QuantizedWeight(codes, scales[:, 0] if group is None else scales, bits=bits, group_size=group, layout=layout)
+    if w.layout != layout:
+        pytest.skip(f"layout {layout} unavailable here")
+    ids = torch.randint(0, 176, (40,), generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(w.rows(ids, dtype), w.dequantize(dtype)[ids])
+    with pytest.raises(IndexError, match="0..175"):
+        w.rows(torch.tensor([176]))
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_tied_embedding_reads_the_head_codes_and_logits_stay_close(bits, group):
+    ref, model = _gemma(), _gemma()
+    new = quantize_output_layer(model, bits, group)
+    assert set(new) == {"lm_head", "model.embed_tokens"}
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, QuantizedEmbedding) and emb.head is head
+    ids = _ids()
+    with torch.no_grad():
+        want = head.qweight.dequantize()[ids] * ref.model.embed_tokens.embed_scale
+        assert torch.equal(emb(ids), want.to(emb(ids).dtype))
+        got, float_logits = model(ids).logits, ref(ids).logits
+    rel = float((got - float_logits).norm() / float_logits.norm())
+    assert rel < (0.02 if bits == 8 else 0.15), rel
+    assert "model.embed_tokens.weight" not in model.state_dict()
+
+
+def test_saved_model_stores_the_tied_matrix_once_and_reloads_bit_identically(tmp_path):
+    model = _gemma(vocab=2048)
+    quantize_output_layer(model, 4, 32)
+    save_quantized(model, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.qweight.codes" in keys and not any(k.startswith("model.embed_tokens") for k in keys)
+    back = load_quantized(_gemma(vocab=2048), tmp_path)
+    assert isinstance(back.model.embed_tokens, QuantizedEmbedding) and back.model.embed_tokens.head is back.lm_head
+    ids = _ids(2048)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "tied, message",
+    [
+        ({"model.embed_tokens": "model.layers.0.mlp.up_proj"}, "no quantized layer of the save"),
+        ({"model.norm": "lm_head"}, "not an nn.Embedding"),
+        ({"model.embed_tokens": 3}, "must map embedding names"),
+    ],
+)
+def test_a_bad_tie_in_the_record_is_refused_naming_it(tmp_path, tied, message):
+    import json
+
+    from interop.serialize import _tie_embeddings
+
+    model = _gemma()
+    quantize_output_layer(model, 8)
+    save_quantized(model, tmp_path)
+    record = json.loads((tmp_path / "duquant_quantized.json").read_text())
+    assert record["tied_embeddings"] == {"model.embed_tokens": "lm_head"}
+    fresh = _gemma()
+    with pytest.raises(SavedModelError, match=message):
+        _tie_embeddings(fresh, {**record, "tied_embeddings": tied}, tmp_path / "duquant_quantized.json")
+
+
+def test_untied_output_layer_leaves_the_embedding_alone():
+    model = _gemma()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
+    new = quantize_output_layer(model, 8)
+    assert set(new) == {"lm_head"} and isinstance(model.model.embed_tokens, torch.nn.Embedding)
+
+
+def test_bad_bits_and_rotated_heads_are_refused():
+    from duquant_jax import DuQuantConfig
+    from interop import quantize_
+    from interop.output_layer import check_tieable
+
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        quantize_output_layer(_gemma(), 6)
+    model = _gemma()
+    quantize_(model, DuQuantConfig.preset("w8a8"), lambda n, m: n == "lm_head", progress=False)
+    with pytest.raises(ValueError, match="rotated or smoothed"):
+        check_tieable(model.lm_head, "lm_head")
+
+
+def test_quantize_output_layer_option_keeps_the_main_config_off_the_head():
+    from duquant_jax import DuQuantConfig
+    from interop import quantize_
+
+    model = _gemma()
+    new = quantize_(model, DuQuantConfig.preset("w8a8"), None, progress=False, output_layer=4)
+    assert model.lm_head.config.rotation == "none" and model.lm_head.config.weight_bits == 4
+    assert model.lm_head.config.weight_group_size == 128
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert model.model.layers[0].mlp.up_proj.config.rotation == "hadamard" and "model.layers.0.mlp.up_proj" in new
