@@ -146,3 +146,35 @@ def test_quantize_output_layer_option_keeps_the_main_config_off_the_head():
     assert model.lm_head.config.weight_group_size == 128
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     assert model.model.layers[0].mlp.up_proj.config.rotation == "hadamard" and "model.layers.0.mlp.up_proj" in new
+
+
+def test_a_fresh_process_without_jax_reloads_the_tied_model_bit_identically(tmp_path):
+    """In a subprocess (a native-kernel crash fails this test, not the run), with JAX made unimportable."""
+    import subprocess
+    import sys
+
+    from interop.kernels import freeze_paths
+
+    model = _gemma(vocab=2048)
+    quantize_output_layer(model, 4, 32)
+    freeze_paths(model)  # the kernel choices travel with the save: no re-measuring in the new process
+    save_quantized(model, tmp_path / "saved")
+    ids = _ids(2048)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "want.pt")
+    script = f"""
+import sys
+sys.modules["jax"] = None  # any import of JAX fails
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+import torch
+from test_output_layer import _gemma
+from interop import load_quantized
+want = torch.load({str(tmp_path / "want.pt")!r})
+model = load_quantized(_gemma(vocab=2048), {str(tmp_path / "saved")!r})
+with torch.no_grad():
+    got = model(want["ids"]).logits
+print("EQUAL" if torch.equal(got, want["logits"]) else "DIFFERENT", "jax" in sys.modules and sys.modules["jax"] is not None)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["EQUAL", "False"], proc.stdout
