@@ -178,3 +178,15 @@ print("EQUAL" if torch.equal(got, want["logits"]) else "DIFFERENT", "jax" in sys
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["EQUAL", "False"], proc.stdout
+
+
+def test_export_refuses_a_tied_quantized_output_layer(tmp_path):
+    from duquant_jax import DuQuantConfig
+    from interop import quantize_
+    from interop.export import ExportError, export_compressed_tensors
+
+    model = _gemma()
+    quantize_(model, DuQuantConfig.preset("w8a8", rotation="none"), lambda n, m: "layers." in n, progress=False, output_layer=8)
+    with pytest.raises(ExportError, match="model.embed_tokens"):
+        export_compressed_tensors(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()

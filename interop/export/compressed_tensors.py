@@ -279,6 +279,16 @@ def export_compressed_tensors(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DuQuantLinear)}
     if not layers:
         raise ExportError("export_compressed_tensors: the model has no DuQuantLinear layer (run interop.quantize_ first)")
+    from interop.output_layer import tied_embeddings
+
+    tied = tied_embeddings(model)
+    if tied:
+        emb, head = next(iter(tied.items()))
+        raise ExportError(
+            f"export_compressed_tensors: embedding {emb!r} reads the codes of the quantized output layer {head!r} "
+            "(quantize_output_layer / output_layer=): compressed-tensors has no tied quantized embedding; export a "
+            "model whose output layer is left float"
+        )
     config = _float_config(model, float_config)
     tensors = _float_tensors(model, layers)
     groups: dict[str, dict[str, Any]] = {}
