@@ -99,7 +99,16 @@ def _child(args) -> None:
             model = transformers.GemmaForCausalLM(gemma_config(args.blocks)).to(torch.bfloat16)
         quantize_checkpoint_sequential(model, args.work / "ckpt", args.work / "seq", config, _batches(args.batches, args.tokens), only, progress=False)
     else:
-        model = transformers.GemmaForCausalLM.from_pretrained(args.work / "ckpt", torch_dtype=torch.bfloat16)
+        from safetensors.torch import load_file
+
+        with accelerate.init_empty_weights():  # then every tensor read from the shards: the whole float model in memory
+            model = transformers.GemmaForCausalLM(gemma_config(args.blocks)).to(torch.bfloat16)
+        for shard in sorted((args.work / "ckpt").glob("*.safetensors")):
+            model.load_state_dict(load_file(str(shard)), strict=False, assign=True)
+        model.tie_weights()
+        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if left:
+            raise RuntimeError(f"not in the checkpoint: {left[:3]}")
         loaded = time.perf_counter() - t0
         quantize_sequential(model, config, _batches(args.batches, args.tokens), only, progress=False)
         save_quantized(model, args.work / "mem")
@@ -140,6 +149,14 @@ def _compare(work: Path) -> tuple[int, list[str]]:
     return n, diff
 
 
+def _memory_lines(mem: dict, n: int, diff: list[str], float_bytes: int) -> list[str]:
+    return [
+        f"In memory (`from_pretrained` + `quantize_sequential` + `save_quantized`): peak RSS {mem['max_rss_gib']:.2f} GiB "
+        f"({mem['max_rss_gib'] * 2**30 / float_bytes:.2f}x the float bytes), wall {mem['wall_s']:.0f} s (of which loading {mem['load_s']:.0f} s).",
+        f"Saved tensors compared with the checkpoint run: {n}; different: {len(diff)}{' (' + ', '.join(diff[:5]) + ')' if diff else ''}.",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=18)
@@ -148,6 +165,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path("/tmp/duquant-sequential-bench"))
     ap.add_argument("--in-memory", action="store_true", help="also run the in-memory path and compare every tensor")
+    ap.add_argument("--in-memory-only", action="store_true",
+                    help="only the in-memory run, compared with the checkpoint run already in --work; appended to --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("sequential_memory.md"))
     args = ap.parse_args()
@@ -159,6 +178,13 @@ def main() -> None:
     else:
         float_bytes = json.loads((args.work / "ckpt" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(f"checkpoint: {float_bytes / 2**30:.2f} GiB of bf16 in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.in_memory_only:
+        mem = _run_child(args, "memory")
+        n, diff = _compare(args.work)
+        with args.out.open("a") as f:
+            f.write("\n" + "\n".join(_memory_lines(mem, n, diff, float_bytes)) + "\n")
+        print(mem, n, diff[:5])
+        return
     seq = _run_child(args, "checkpoint")
     print(seq, flush=True)
     h, m, v = GEMMA_2B["hidden_size"], GEMMA_2B["intermediate_size"], GEMMA_2B["vocab_size"]
@@ -187,11 +213,7 @@ def main() -> None:
     if args.in_memory:
         mem = _run_child(args, "memory")
         n, diff = _compare(args.work)
-        lines += [
-            f"In memory (`from_pretrained` + `quantize_sequential` + `save_quantized`): peak RSS {mem['max_rss_gib']:.2f} GiB, "
-            f"wall {mem['wall_s']:.0f} s (of which loading {mem['load_s']:.0f} s).",
-            f"Saved tensors compared: {n}; different: {len(diff)}{' (' + ', '.join(diff[:5]) + ')' if diff else ''}.",
-        ]
+        lines += _memory_lines(mem, n, diff, float_bytes)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
