@@ -151,7 +151,7 @@ def _compare(work: Path) -> tuple[int, list[str]]:
 
 def _memory_lines(mem: dict, n: int, diff: list[str], float_bytes: int) -> list[str]:
     return [
-        f"In memory (`from_pretrained` + `quantize_sequential` + `save_quantized`): peak RSS {mem['max_rss_gib']:.2f} GiB "
+        f"In memory (the whole checkpoint loaded + `quantize_sequential` + `save_quantized`): peak RSS {mem['max_rss_gib']:.2f} GiB "
         f"({mem['max_rss_gib'] * 2**30 / float_bytes:.2f}x the float bytes), wall {mem['wall_s']:.0f} s (of which loading {mem['load_s']:.0f} s).",
         f"Saved tensors compared with the checkpoint run: {n}; different: {len(diff)}{' (' + ', '.join(diff[:5]) + ')' if diff else ''}.",
     ]
