@@ -198,17 +198,8 @@ def _pack_rtn(w, perm, in_diag, r_pre, r_in, r_out, out_diag, w_scale, config: D
                 in_diag=in_diag, r_pre=r_pre, out_diag=out_diag)
 
 
-@jax.jit
-def _hessian_in_basis(xtx, perm, r_in, in_diag, r_pre) -> jax.Array:
-    """`Tᵀ (XᵀX) T` for the input transform T: (in, in), symmetric."""
-    h = xtx.astype(jnp.float32)
-    h_t = input_transform(h, perm, r_in, in_diag, r_pre)  # H T
-    h2 = input_transform(h_t.T, perm, r_in, in_diag, r_pre)  # Tᵀ H T
-    return (h2 + h2.T) / 2
-
-
-# `_hessian_in_basis` in three programs, each handed the previous one's (in, in) buffer: at most two such
-# matrices are alive at once (one program holds three); the numbers are the same operations.
+# `Tᵀ (XᵀX) T` in three programs, each handed the previous one's (in, in) buffer: at most two such
+# matrices are alive at once (one program holds three).
 @functools.partial(jax.jit, donate_argnums=0)
 def _transform_rows_consuming(h, perm, r_in, in_diag, r_pre) -> jax.Array:
     return input_transform(h, perm, r_in, in_diag, r_pre)
@@ -224,11 +215,17 @@ def _symmetric_part_consuming(h) -> jax.Array:
     return (h + h.T) / 2
 
 
-def hessian_in_basis_consuming(xtx: jax.Array, perm, r_in, in_diag, r_pre) -> jax.Array:
-    """`_hessian_in_basis` of a float32 JAX `xtx` that is deleted (its buffer reused)."""
-    h = _transform_rows_consuming(xtx, perm, r_in, in_diag, r_pre)
+def hessian_in_basis(xtx: Any, perm, r_in, in_diag, r_pre, device: jax.Device | None = None) -> jax.Array:
+    """`Tᵀ (XᵀX) T` (in, in), symmetric, for the input transform T, as the GPTQ pack computes it.
+
+    XLA reads a NumPy array through a copy of its own anyway; that copy (1 GiB for a 16384-wide
+    input) is made here once and handed over: each program takes the previous one's buffer.
+    `xtx` itself is left unchanged.
+    """
+    h = jax.device_put(np.asarray(xtx, np.float32), device)
+    h = _transform_rows_consuming(h, perm, r_in, in_diag, r_pre)
     h = _transform_columns_consuming(h, perm, r_in, in_diag, r_pre)
-    return _symmetric_part_consuming(h)
+    return jax.block_until_ready(_symmetric_part_consuming(h))
 
 
 def pack_weight(
@@ -282,16 +279,12 @@ def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: st
 
     unrounded = _pack_rtn(*arrays, None, config, name, keep_w2=True)  # the RTN scales, W2 as w_codes
     w2 = unrounded.w_codes
-    # XLA reads a NumPy array through a copy of its own anyway; that copy (1 GiB for a 16384-wide input) is made
-    # here and handed over: the rotated Hessian takes its buffer, and the factorization takes the rotated Hessian's.
-    xtx = jax.device_put(np.asarray(stats.xtx, np.float32), next(iter(w2.devices())))
-    h2 = jax.block_until_ready(hessian_in_basis_consuming(xtx, unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre))
-    del xtx
+    # The factorization takes the rotated Hessian's buffer.
+    h2 = hessian_in_basis(stats.xtx, unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre, next(iter(w2.devices())))
     codes = gptq_codes(
         w2, h2, unrounded.w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
         block=config.gptq_block, act_order=config.gptq_act_order, name=name, consume_h=True,
     )
-    del h2
     return jax.block_until_ready(unrounded.replace(w_codes=codes))
 
 

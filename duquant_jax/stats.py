@@ -150,14 +150,14 @@ def _finite_scale_asymmetry(xtx: np.ndarray, rows: int = 1024) -> tuple[bool, fl
     Whole-matrix expressions would hold up to three (in, in) temporaries (3 GiB for a
     16384-wide `XᵀX`); a band of rows needs two bands.
     """
-    finite, scale, asym = True, 0.0, 0.0
+    scale, asym = 0.0, 0.0
     for i in range(0, xtx.shape[0], rows):
         band = xtx[i : i + rows]
         if not np.isfinite(band).all():
             return False, float("nan"), float("nan")
         scale = max(scale, float(np.abs(band).max(initial=0.0)))
         asym = max(asym, float(np.abs(band - xtx[:, i : i + rows].T).max(initial=0.0)))
-    return finite, scale, asym
+    return True, scale, asym
 
 
 def _diag_deficit(diag: np.ndarray, absmax: np.ndarray) -> np.ndarray:

@@ -243,10 +243,10 @@ def packer_order(got: Pack, xtx) -> np.ndarray | None:
     import jax.numpy as jnp
 
     from duquant_jax.gptq import gptq_factor
-    from duquant_jax.pack import _hessian_in_basis
+    from duquant_jax.pack import hessian_in_basis
 
     f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
-    h2 = _hessian_in_basis(f32(xtx), jnp.asarray(got.perm, jnp.int32), f32(got.r_in), f32(got.in_diag), f32(got.r_pre))
+    h2 = hessian_in_basis(xtx, jnp.asarray(got.perm, jnp.int32), f32(got.r_in), f32(got.in_diag), f32(got.r_pre))
     return np.asarray(gptq_factor(h2, damp=got.config.gptq_damp, act_order=True).order)
 
 
