@@ -62,14 +62,13 @@ def quantize_(
 
     head_name = None
     if output_layer is not None:
-        from interop.output_layer import output_layer_config
+        from interop.output_layer import find_output_layer, output_layer_config
 
         output_layer_config(output_layer)  # checks the value before any layer is packed
-        head = getattr(model, "get_output_embeddings", lambda: None)()
-        head_name = next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Linear) else None
-        if head_name is None:
-            raise ValueError("quantize_: output_layer needs a model whose get_output_embeddings() is an nn.Linear; "
-                             "use interop.output_layer.quantize_output_layer(model, head=NAME)")
+        try:
+            head_name = find_output_layer(model)
+        except ValueError as e:
+            raise ValueError(f"quantize_: output_layer={output_layer}: {e} (interop.output_layer.quantize_output_layer(model, head=NAME))") from None
         keep = filter_fn
         filter_fn = lambda n, m: n != head_name and (keep is None or keep(n, m))  # noqa: E731
     selected = selected_linears(model, filter_fn, "quantize_")

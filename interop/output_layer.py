@@ -92,6 +92,15 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
+def find_output_layer(model: nn.Module, head: str | None = None) -> str:
+    """The output layer's module name: `head`, or that of `model.get_output_embeddings()`; it must be an nn.Linear."""
+    module = model.get_submodule(head) if head else getattr(model, "get_output_embeddings", lambda: None)()
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"no nn.Linear output layer found (head={head!r}; get_output_embeddings() is used when it is None): "
+                         "name it with head=")
+    return head or _name_of(model, module)
+
+
 def quantize_output_layer(
     model: nn.Module,
     bits: int = 8,
@@ -119,10 +128,8 @@ def quantize_output_layer(
     """
     from interop.convert import quantize_
 
-    head_mod = model.get_submodule(head) if head else getattr(model, "get_output_embeddings", lambda: None)()
-    if not isinstance(head_mod, nn.Linear):
-        raise ValueError(f"quantize_output_layer: no nn.Linear output layer found (head={head!r}); name it with head=")
-    head_name = head or _name_of(model, head_mod)
+    head_name = find_output_layer(model, head)
+    head_mod = model.get_submodule(head_name)
     emb_mod = model.get_submodule(embedding) if embedding else getattr(model, "get_input_embeddings", lambda: None)()
     tied = isinstance(emb_mod, nn.Embedding) and emb_mod.weight is head_mod.weight
     if embedding and not tied:

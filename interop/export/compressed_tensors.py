@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from duquant_jax.config import DuQuantConfig
+from interop.export import _EXPORTS as _PACKAGE_EXPORTS
 from interop.linear import DuQuantLinear, rotate_blocks
 from interop.modules import set_child
 
@@ -69,17 +70,7 @@ EXPORT_FORMAT = "duquant-compressed-tensors-export"
 EXPORT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-__all__ = [
-    "ExportError",
-    "check_plain_loadable",
-    "export_compressed_tensors",
-    "export_compressed_tensors_from_saved",
-    "import_compressed_tensors",
-    "layer_scheme",
-    "online_transforms",
-    "pack_int32",
-    "unpack_int32",
-]
+__all__ = sorted([*_PACKAGE_EXPORTS, "pack_int32", "unpack_int32"])  # the package's lazy names, plus the int32 packing
 
 
 class ExportError(ValueError):
