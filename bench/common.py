@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,17 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 GEMMA_2B = GEMMA_2B_LINEARS
 GEMMA_2B_BLOCKS = 18
 EXPERT_300M = {"q_proj": (1024, 1024), "up_proj": (4096, 1024), "down_proj": (1024, 4096)}
+
+
+def commit() -> str:
+    """The short hash of HEAD, with "+dirty" when tracked files differ from it; "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:

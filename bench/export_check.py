@@ -276,11 +276,8 @@ def sensitivity(export_dir: Path, n_chunks: int, seeds: int, noise: float) -> No
     _emit({"check": "sensitivity", "export_dir": str(export_dir), "layers": len(linears), "tokens": int(ids.shape[1]),
            "per_layer_in_situ_max_rel_err": per_layer, "input_rel_diff_by_block": growth})
 
-    def logprobs(model, **opts):
-        with torch.no_grad(), kernel_options(precision="float32"):
-            if opts.get("ct"):
-                with ct_activation_rounding():
-                    return torch.cat([token_logprobs(model, c) for c in chunks])
+    def logprobs(model, ct: bool = False):
+        with torch.no_grad(), kernel_options(precision="float32"), ct_activation_rounding() if ct else contextlib.nullcontext():
             return torch.cat([token_logprobs(model, c) for c in chunks])
 
     lp_hf, lp_ours, lp_ours_ct = logprobs(hf), logprobs(ours), logprobs(ours, ct=True)

@@ -27,9 +27,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_section  # noqa: E402
+from common import commit, write_section  # noqa: E402
 from quality_data import ThreeWaySplit  # noqa: E402
-from sequential_quality import commit, paired_interval  # noqa: E402
+from sequential_quality import paired_interval  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
 
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
     rev = commit()
-    if rev.endswith("+dirty") and not args.allow_dirty:
+    if (rev.endswith("+dirty") or rev == "unknown") and not args.allow_dirty:
         raise SystemExit(f"the tree has uncommitted changes ({rev}): commit first, or pass --allow-dirty")
     from quality_models import GemmaTask
 

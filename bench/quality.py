@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_section  # noqa: E402
+from common import commit, table, write_section  # noqa: E402
 from quality_rows import BITS, LABELS, LISTS, ROWS, Row, select  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
@@ -74,15 +73,6 @@ TARGETS = [
 
 
 # ---- running one cell -------------------------------------------------------------------
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | None, times: dict) -> dict:
@@ -129,7 +119,7 @@ def run_cell(task, row: Row, column: str) -> dict:
     record = {
         "kind": "result", "model": task.name, "row": row.name, "column": column, "metric": task.metric,
         "split": task.describe(), "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "loadavg_start": round(os.getloadavg()[0], 2),
+        "commit": commit(), "loadavg_start": round(os.getloadavg()[0], 2),
     }
     times: dict = {}
     try:
@@ -243,7 +233,7 @@ def stability(args) -> None:
             "kind": "stability", "model": model_name, "split": task.describe(), "items": items.tolist(),
             "per_item_float": per_float.tolist(), "per_item_w4a8": per_quant.tolist(),
             "population": int(task.split.total - task.split.n_calib), "seconds": round(time.perf_counter() - t, 1),
-            "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+            "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
         }
         append(args.out, record)
         for line in _stability_lines(record):

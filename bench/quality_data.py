@@ -26,6 +26,13 @@ def corpus_digest() -> str:
     return hashlib.sha256(corpus().encode()).hexdigest()[:12]
 
 
+def seeded_parts(seed: int, total: int, *sizes: int) -> list[np.ndarray]:
+    """Consecutive parts of `sizes` items of `np.random.default_rng(seed).permutation(total)`, each sorted."""
+    order = np.random.default_rng(seed).permutation(total)
+    bounds = np.cumsum([0, *sizes])
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """A seeded split of `total` items: `calib` and `eval` index arrays, disjoint.
@@ -43,16 +50,13 @@ class Split:
         if self.n_calib < 0 or self.n_eval < 1 or self.n_calib + self.n_eval > self.total:
             raise ValueError(f"split of {self.total} items cannot hold {self.n_calib} calibration + {self.n_eval} evaluation items")
 
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng(self.seed).permutation(self.total)
-
     @property
     def calib(self) -> np.ndarray:
-        return np.sort(self._order()[: self.n_calib])
+        return seeded_parts(self.seed, self.total, self.n_calib, self.n_eval)[0]
 
     @property
     def eval(self) -> np.ndarray:
-        return np.sort(self._order()[self.n_calib : self.n_calib + self.n_eval])
+        return seeded_parts(self.seed, self.total, self.n_calib, self.n_eval)[1]
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,7 +66,7 @@ class Split:
 class ThreeWaySplit:
     """A seeded split of `total` items into disjoint `calib`, `dev` and `test` index arrays.
 
-    The same permutation as `Split` (`np.random.default_rng(seed)`): the first `n_calib`
+    The same permutation as `Split` (`seeded_parts`): the first `n_calib`
     calibrate (so `calib` equals `Split(seed, total, n_calib, ...)`'s), the next `n_dev`
     are the development set (every choice is made there), the next `n_test` the test set
     (only reported).
@@ -78,20 +82,17 @@ class ThreeWaySplit:
         if self.n_calib < 0 or self.n_dev < 1 or self.n_test < 1 or self.n_calib + self.n_dev + self.n_test > self.total:
             raise ValueError(f"split of {self.total} items cannot hold {self.n_calib} calibration + {self.n_dev} development + {self.n_test} test items")
 
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng(self.seed).permutation(self.total)
-
     @property
     def calib(self) -> np.ndarray:
-        return np.sort(self._order()[: self.n_calib])
+        return seeded_parts(self.seed, self.total, self.n_calib, self.n_dev, self.n_test)[0]
 
     @property
     def dev(self) -> np.ndarray:
-        return np.sort(self._order()[self.n_calib : self.n_calib + self.n_dev])
+        return seeded_parts(self.seed, self.total, self.n_calib, self.n_dev, self.n_test)[1]
 
     @property
     def test(self) -> np.ndarray:
-        return np.sort(self._order()[self.n_calib + self.n_dev : self.n_calib + self.n_dev + self.n_test])
+        return seeded_parts(self.seed, self.total, self.n_calib, self.n_dev, self.n_test)[2]
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)

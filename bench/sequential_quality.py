@@ -29,7 +29,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,19 +38,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import write_section  # noqa: E402
+from common import commit, write_section  # noqa: E402
 from quality_data import ThreeWaySplit  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
 
 RESULTS = HERE / "sequential_quality.jsonl"
 SECTION = "Sequential against one-pass calibration (bench/sequential_quality.py)"
-
-
-def commit() -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-    return rev + ("+dirty" if dirty else "")
 
 
 def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -92,8 +85,8 @@ def measure(presets: list[str], n_calib: int, n_dev: int, n_test: int, seed: int
     from interop.kernels import kernel_options
 
     rev = commit()
-    if rev.endswith("+dirty") and not allow_dirty:
-        raise SystemExit(f"the tree has uncommitted changes ({rev}): commit first, or pass --allow-dirty (never reported)")
+    if (rev.endswith("+dirty") or rev == "unknown") and not allow_dirty:
+        raise SystemExit(f"the tree has uncommitted changes or no commit ({rev}): commit first, or pass --allow-dirty (never reported)")
     task = GemmaTask(seed=seed, n_calib=n_calib, n_eval=n_dev + n_test)
     split = ThreeWaySplit(seed, len(task.chunks), n_calib, n_dev, n_test)
     batches = [task._ids(int(i)) for i in split.calib]
