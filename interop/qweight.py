@@ -270,6 +270,12 @@ def rows_view(y: torch.Tensor, lanes: int) -> torch.Tensor:
     return y.view(rows, n // (2 * lanes), 2, lanes)
 
 
+@torch._dynamo.assume_constant_result
+def _traced_int4pack_variant() -> tuple[str, int] | None:
+    """`int4pack_variant()`; under torch.compile a constant of the graph (the probe is not traced)."""
+    return int4pack_variant()
+
+
 # -- the weight object --------------------------------------------------------
 class QuantizedWeight(nn.Module):
     """Integer weight codes `Q (out, in)` and float32 scales, in one stored layout.
@@ -451,13 +457,15 @@ class QuantizedWeight(nn.Module):
         without a full-size temporary (an embedding tied to this weight gathers its rows this way)."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"{self._who()}: ids must be a 1-D integer tensor; got {_describe(ids)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.out_features):
+        if torch.compiler.is_compiling():  # the values are not known while tracing: the same check, run in the graph
+            torch._assert_async(((ids >= 0) & (ids < self.out_features)).all(), f"{self._who()}: row ids must be in 0..{self.out_features - 1}")
+        elif ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.out_features):
             raise IndexError(f"{self._who()}: row ids must be in 0..{self.out_features - 1}; got {int(ids.min())}..{int(ids.max())}")
         ids = ids.to(self.qdata.device)
         if self.layout == "nibbles":
             codes = unpack_nibbles(self.qdata[ids], self.in_features)
         elif self.layout == "int4pack":
-            codes = _int4pack_rows(self.qdata, int4pack_variant(), ids)
+            codes = _int4pack_rows(self.qdata, _traced_int4pack_variant(), ids)
         else:
             codes = self.qdata[ids]
         s = self.scales_2d()[ids]

@@ -190,3 +190,21 @@ def test_export_refuses_a_tied_quantized_output_layer(tmp_path):
     with pytest.raises(ExportError, match="model.embed_tokens"):
         export_compressed_tensors(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
+def test_fullgraph_compile_of_a_tied_model_matches_eager_and_checks_ids(bits, group):
+    from interop.kernels import freeze_paths
+
+    model = _gemma()
+    quantize_output_layer(model, bits, group)
+    freeze_paths(model)
+    ids = _ids()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        want, got = model(ids).logits, compiled(ids).logits
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        bad = ids.clone()
+        bad[0, 0] = 96  # the vocabulary has 96 words
+        with pytest.raises(RuntimeError, match=r"row ids must be in 0\.\.95"):
+            compiled(bad)
