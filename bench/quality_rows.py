@@ -73,6 +73,12 @@ def _row(name: str, **options: Any) -> Row:
     return Row(name, "config", tuple(sorted(options.items())))
 
 
+def _from_preset(name: str, preset: str, **changes: Any) -> Row:
+    """A row equal to `DuQuantConfig.preset(preset)` but for `changes` (a development candidate)."""
+    options = {k: v for k, v in DuQuantConfig.preset(preset).to_dict().items() if k not in ("weight_bits", "act_bits")}
+    return _row(name, **{**options, **changes})
+
+
 ROWS: dict[str, Row] = {
     r.name: r
     for r in [
@@ -142,6 +148,15 @@ ROWS: dict[str, Row] = {
         _row("duquant+dyn-norows+gptq", rotation="duquant", block_size=128, act_scheme="dynamic-token",
              row_rot_mode="none", weight_method="gptq"),
         Row("presets", "preset"),
+        # W4A4 candidates (issue 16), each the w4a4 preset but for one change; chosen on the development split.
+        _from_preset("w4a4-smooth0.6", "w4a4", smooth_alpha=0.6),
+        _from_preset("w4a4-smooth0.7", "w4a4", smooth_alpha=0.7),
+        _from_preset("w4a4-smooth0.4", "w4a4", smooth_alpha=0.4),
+        _from_preset("w4a4-clip0.85", "w4a4", act_clip=0.85),
+        _from_preset("w4a4-clip0.95", "w4a4", act_clip=0.95),
+        _from_preset("w4a4-duquant", "w4a4", rotation="duquant"),
+        _from_preset("w4a4-h512", "w4a4", block_size=512),
+        _from_preset("w4a4-damp0.05", "w4a4", gptq_damp=0.05),
     ]
 }
 
@@ -160,6 +175,7 @@ LISTS: dict[str, list[str]] = {
                "hadamard+dyn-norows+g128", "duquant+dyn+gptq", "hadamard+dyn+gptq", "hadamard+smooth+dyn-norows+gptq",
                "duquant+smooth+dyn+gptq"],
 }
+LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 

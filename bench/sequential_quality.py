@@ -38,21 +38,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import commit, write_section  # noqa: E402
+from common import commit, paired_interval, write_section  # noqa: E402
 from quality_data import ThreeWaySplit  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
 
 RESULTS = HERE / "sequential_quality.jsonl"
 SECTION = "Sequential against one-pass calibration (bench/sequential_quality.py)"
-
-
-def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of `a - b` (per-chunk NLLs, paired) and its 95% bootstrap interval over chunks."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
-    means = d[idx].mean(axis=1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def _emit(record: dict, path: Path) -> None:

@@ -84,24 +84,81 @@ def test_every_row_and_list_is_valid():
         quality_rows.select("baselines,nope")
 
 
-def test_report_renders_the_latest_cell_of_each_row(tmp_path):
-    out = tmp_path / "q.jsonl"
-    split = {"seed": 0, "total": 220, "n_calib": 16, "n_eval": 40}
-    base = {"kind": "result", "model": "gemma", "metric": "perplexity", "split": split}
-    spec = quality_rows.ROWS["spec"]
-    recs = [
-        {**base, "row": "float", "column": "float", "value": 40.0, "times": {"eval_s": 50.0}},
-        {**base, "row": "spec", "column": "W4A8", "value": 200.0, "times": {"prepare_s": 30.0}, "labels": spec.labels(spec.config(4, 8))},
-        {**base, "row": "spec", "column": "W4A8", "value": 130.0, "times": {"prepare_s": 31.0}, "labels": spec.labels(spec.config(4, 8))},
-        {**base, "row": "hadamard", "column": "W4A8", "error": "NotImplementedError: x", "times": {}},
-        {**base, "row": "rtn", "column": "W4A8", "value": 99.0, "times": {}, "split": {**split, "bos": False}},
+def test_three_way_split_parts_are_disjoint_seeded_and_extend_the_two_way_split():
+    t = quality_data.ThreeWaySplit(0, 220, 16, 40, 96)
+    assert (len(t.calib), len(t.dev), len(t.test)) == (16, 40, 96)
+    assert not (set(t.calib) & set(t.dev) or set(t.calib) & set(t.test) or set(t.dev) & set(t.test))
+    two = quality_data.Split(0, 220, 16, 40)  # the split the presets were developed on is the development part
+    np.testing.assert_array_equal(t.calib, two.calib)
+    np.testing.assert_array_equal(t.dev, two.eval)
+    assert set(quality_data.ThreeWaySplit(1, 220, 16, 40, 96).test) != set(t.test)
+    with pytest.raises(ValueError, match="cannot hold"):
+        quality_data.ThreeWaySplit(0, 100, 16, 40, 96)
+
+
+def test_score_spec_parses_modes_and_parts_and_names_bad_ones():
+    assert quality.parse_score("default=dev,test; float32=test") == {"default": ("dev", "test"), "float32": ("test",)}
+    with pytest.raises(SystemExit, match="unknown kernel mode 'fast'"):
+        quality.parse_score("fast=dev")
+    with pytest.raises(SystemExit, match="needs parts from dev, test; got 'eval'"):
+        quality.parse_score("default=eval")
+
+
+def test_run_refuses_a_dirty_tree_unless_allowed(monkeypatch, tmp_path):
+    monkeypatch.setattr(quality, "commit", lambda: "abc1234+dirty")
+    args = argparse.Namespace(
+        configs="float", bits="W8A8", score="default=dev", allow_dirty=False, skip_done=False, out=tmp_path / "q.jsonl", models="")
+    with pytest.raises(SystemExit, match="'abc1234\\+dirty': commit first"):
+        quality.run(args)
+    assert not (tmp_path / "q.jsonl").exists()
+
+
+def _gemma_lines(rng: np.random.Generator) -> list[dict]:
+    """Float, a preset (default and float32 kernels), a superseded line, a dirty line and a peer, per-chunk NLLs."""
+    split = {"seed": 0, "total": 220, "n_calib": 16, "n_dev": 8, "n_test": 24, "unit": "512-token chunks", "bos": True}
+    base = {"kind": "result", "schema": 2, "model": "gemma", "metric": "perplexity", "split": split, "commit": "abc1234"}
+    f = {"dev": rng.normal(2.8, 0.3, 8), "test": rng.normal(2.8, 0.3, 24)}
+    w4a8 = DuQuantConfig.preset("w4a8").to_dict()
+
+    def shifted(d: float, noise: float = 0.002) -> dict:
+        return {k: (v + d + rng.normal(0, noise, v.size)).tolist() for k, v in f.items()}
+
+    return [
+        {**base, "row": "float", "column": "float", "kernels": "none", "per_item": {k: v.tolist() for k, v in f.items()}},
+        {**base, "row": "presets", "column": "W4A8", "kernels": "default", "config": w4a8, "per_item": shifted(0.5)},
+        {**base, "row": "presets", "column": "W4A8", "kernels": "default", "config": w4a8, "per_item": shifted(0.02)},
+        {**base, "row": "presets", "column": "W4A8", "kernels": "float32", "config": w4a8, "per_item": {"test": shifted(0.021)["test"]}},
+        {**base, "row": "presets", "column": "W4A8", "kernels": "default", "config": w4a8, "per_item": shifted(0.0),
+         "commit": "abc1234+dirty"},
+        {**base, "row": "llmc-gptq-w4a8", "column": "W4A8", "kernels": "peer", "per_item": shifted(0.1),
+         "peer": {"name": "llm-compressor", "version": "0.14.0"}},
+        {**base, "row": "presets", "column": "W8A8", "kernels": "default", "error": "RuntimeError: x"},
     ]
-    out.write_text("\n".join(json.dumps(r) for r in recs) + "\n{truncated")
-    args = argparse.Namespace(out=out, no_write=True, seed=0, calib_chunks=16, eval_chunks=40, no_bos=False,
-                              calib_sentences=256, eval_sentences=512)
-    body = quality.report(args)  # the truncated last line is skipped with a warning
-    assert "| spec | svd B=16 +perm | - | static-channel | row | rtn |  | 130.00 (31 s) |" in body
-    assert "200.00" not in body and "99.00" not in body  # superseded, and another split
-    assert "Float model: perplexity 40.0000" in body
-    assert "hadamard W4A8: NotImplementedError" in body
-    assert "- issue 8, W4A8 round-to-nearest per row: < 70 at float 39.7, i.e. < 1.76x float (< 70.53): best 130 (spec), NOT met" in body
+
+
+def test_report_renders_intervals_targets_and_peers_from_committed_lines_only(tmp_path):
+    out, peers = tmp_path / "q.jsonl", tmp_path / "p.jsonl"
+    lines = _gemma_lines(np.random.default_rng(0))
+    out.write_text("\n".join(json.dumps(r) for r in lines if r["kernels"] != "peer") + "\n{truncated")
+    peers.write_text(json.dumps(next(r for r in lines if r["kernels"] == "peer")) + "\n")
+    args = argparse.Namespace(out=out, peers=peers, no_write=True, allow_dirty=False, seed=0, calib_chunks=16, dev_chunks=8,
+                              test_chunks=24, calib_sentences=256, dev_sentences=384, test_sentences=768)
+    body = quality.report(args)  # the truncated line is skipped with a warning
+    row = next(x for x in body.splitlines() if x.startswith("| `w4a8` | default |"))
+    ratio = float(row.split("|")[4].split()[0])
+    assert abs(ratio - np.exp(0.02)) < 0.002  # the latest committed line; not the superseded 0.5, not the dirty 0.0
+    assert "<= 1.03: met, interval inside" in row  # exp(0.02) = 1.0202, the interval about ±0.001
+    assert "llmc-gptq-w4a8" in row and "preset better" in row  # 0.02 against the peer's 0.1, paired
+    assert "| `w4a8` | float32 |" in body
+    assert "+dirty" not in body
+    args.allow_dirty = True
+    assert "+dirty" in quality.report(args)
+
+
+def test_versus_marks_what_the_paired_interval_does_not_separate():
+    rng = np.random.default_rng(1)
+    a = rng.normal(2.8, 0.3, 64)
+    assert quality._versus("gemma", a - 0.05, a).startswith("better")
+    assert quality._versus("gemma", a + 0.05, a).startswith("worse")
+    assert quality._versus("gemma", a + rng.normal(0, 0.01, 64), a).startswith("not separated")
+    assert quality._versus("minilm", a + 0.05, a).startswith("better")
