@@ -85,6 +85,16 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
             with _timed(times, "calibrate_s"), calibrate_rtn(model):
                 task.run_calibration(model)
         return notes
+    if row.sequential:
+        from interop import quantize_sequential
+
+        batches, run = task.sequential_calibration()
+        with _timed(times, "quantize_s"):
+            notes["layers"] = len(quantize_sequential(model, config, batches, task.filter_fn, run=run, progress=False))
+        if config.needs_calibration:
+            with _timed(times, "calibrate_s"), calibrate(model):
+                task.run_calibration(model)
+        return notes
     stats = None
     if config.needs_stats:
         with _timed(times, "observe_s"), observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:

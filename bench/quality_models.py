@@ -112,6 +112,10 @@ class GemmaTask:
         for i in self.split.calib:
             model.model(input_ids=self._ids(i), use_cache=False)
 
+    def sequential_calibration(self) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], object]]:
+        """`interop.quantize_sequential`'s batches (the calibration chunks) and how one runs (the decoder only)."""
+        return [self._ids(int(i)) for i in self.split.calib], lambda m, ids: m.model(input_ids=ids, use_cache=False)
+
     @torch.no_grad()
     def chunk_nll(self, model: nn.Module, indices) -> np.ndarray:
         """Mean NLL (nats per token) of each chunk in `indices`."""
@@ -180,6 +184,9 @@ class MiniLMTask:
         idx = self.split.calib
         for i in range(0, len(idx), self.batch):
             self._embed(model, idx[i : i + self.batch])
+
+    def sequential_calibration(self):
+        raise NotImplementedError("the MiniLM task has no sequential calibration in this harness (Gemma only)")
 
     def item_cosines(self, model: nn.Module, indices) -> np.ndarray:
         """Cosine of each sentence's embedding to the float model's."""

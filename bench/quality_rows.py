@@ -28,11 +28,14 @@ class Row:
         quantization) or "rtn" (the harness's own per-row RTN baseline, `rtn_baseline.py`)
         or "preset" (`DuQuantConfig.preset(column)` where the core has it).
       options: `DuQuantConfig` fields beside the bit widths.
+      sequential: calibrate block by block (`interop.quantize_sequential`: each block observed on
+        the quantized blocks' outputs) instead of one observe pass over the float model.
     """
 
     name: str
     kind: str = "config"
     options: tuple[tuple[str, Any], ...] = ()
+    sequential: bool = False
 
     def config(self, weight_bits: int, act_bits: int, column: str = "") -> DuQuantConfig | None:
         if self.kind == "float":
@@ -65,6 +68,8 @@ class Row:
         }
         if self.kind == "preset":
             labels["rotation"] = f"preset: {labels['rotation']}"
+        if self.sequential:
+            labels["weight method"] += ", sequential"
         return labels
 
 
@@ -148,6 +153,7 @@ ROWS: dict[str, Row] = {
         _row("duquant+dyn-norows+gptq", rotation="duquant", block_size=128, act_scheme="dynamic-token",
              row_rot_mode="none", weight_method="gptq"),
         Row("presets", "preset"),
+        Row("presets-sequential", "preset", sequential=True),
         # W4A4 candidates (issue 16), each the w4a4 preset but for one change; chosen on the development split.
         _from_preset("w4a4-smooth0.6", "w4a4", smooth_alpha=0.6),
         _from_preset("w4a4-smooth0.7", "w4a4", smooth_alpha=0.7),
@@ -175,7 +181,7 @@ LISTS: dict[str, list[str]] = {
                "hadamard+dyn-norows+g128", "duquant+dyn+gptq", "hadamard+dyn+gptq", "hadamard+smooth+dyn-norows+gptq",
                "duquant+smooth+dyn+gptq"],
 }
-LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")]
+LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + ["presets-sequential"]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 
