@@ -71,7 +71,7 @@ HALF_WIDTH = 0.005  # the presets' Gemma interval half-width the test split must
 
 def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | None, times: dict) -> dict:
     """Observe (when needed), quantize and calibrate `model` in place; fills `times`; returns notes."""
-    from interop import calibrate, observe, quantize_
+    from interop import observe, quantize_
 
     notes: dict = {}
     if row.kind == "float":
@@ -88,12 +88,10 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
     if row.sequential:
         from interop import quantize_sequential
 
-        batches, run = task.sequential_calibration()
+        batches, run = task.calibration_batches()
         with _timed(times, "quantize_s"):
             notes["layers"] = len(quantize_sequential(model, config, batches, task.filter_fn, run=run, progress=False))
-        if config.needs_calibration:
-            with _timed(times, "calibrate_s"), calibrate(model):
-                task.run_calibration(model)
+        _after(task, model, row, config, times, notes)
         return notes
     stats = None
     if config.needs_stats:
@@ -101,10 +99,22 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
             task.run_calibration(model)
     with _timed(times, "quantize_s"):
         notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, stats=stats))
+    _after(task, model, row, config, times, notes)
+    return notes
+
+
+def _after(task, model: torch.nn.Module, row: Row, config: DuQuantConfig, times: dict, notes: dict) -> None:
+    """The steps after packing: static activation calibration, the per-layer clip search."""
+    from interop import calibrate, search_act_clip
+
     if config.needs_calibration:
         with _timed(times, "calibrate_s"), calibrate(model):
             task.run_calibration(model)
-    return notes
+    if row.clip_search:
+        batches, run = task.calibration_batches()
+        with _timed(times, "clip_search_s"):
+            clips = search_act_clip(model, batches, run=run)
+        notes["act_clips"] = {str(c): sum(v == c for v in clips.values()) for c in sorted(set(clips.values()))}
 
 
 @contextlib.contextmanager
@@ -166,7 +176,7 @@ def run_cell(task, row: Row, column: str, score: dict[str, tuple[str, ...]], rev
         model = task.float_model()
         times["copy_s"] = time.perf_counter() - t0
         base.update(_quantize(task, model, row, config, times))
-        times["prepare_s"] = sum(times.get(k, 0.0) for k in ("observe_s", "quantize_s", "calibrate_s"))
+        times["prepare_s"] = sum(times.get(k, 0.0) for k in ("observe_s", "quantize_s", "calibrate_s", "clip_search_s"))
     except Exception as e:  # keep going: one unsupported option must not stop a long run
         return [{**base, "kernels": "none", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6),
                  "times": {k: round(v, 2) for k, v in times.items()}}]

@@ -112,8 +112,9 @@ class GemmaTask:
         for i in self.split.calib:
             model.model(input_ids=self._ids(i), use_cache=False)
 
-    def sequential_calibration(self) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], object]]:
-        """`interop.quantize_sequential`'s batches (the calibration chunks) and how one runs (the decoder only)."""
+    def calibration_batches(self) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], object]]:
+        """The calibration chunks as batches, and how one runs (the decoder only): for `interop.quantize_sequential`
+        and `interop.search_act_clip`."""
         return [self._ids(int(i)) for i in self.split.calib], lambda m, ids: m.model(input_ids=ids, use_cache=False)
 
     @torch.no_grad()
@@ -185,8 +186,13 @@ class MiniLMTask:
         for i in range(0, len(idx), self.batch):
             self._embed(model, idx[i : i + self.batch])
 
-    def sequential_calibration(self):
-        raise NotImplementedError("the MiniLM task has no sequential calibration in this harness (Gemma only)")
+    def calibration_batches(self):
+        """The calibration sentences as tokenized batches, and how one runs (the encoder: what `encode` runs)."""
+        model_tok = self._model.tokenizer
+        idx = self.split.calib
+        batches = [dict(model_tok([self.sentences[i] for i in idx[j : j + self.batch]], padding=True, truncation=True,
+                                  return_tensors="pt")) for j in range(0, len(idx), self.batch)]
+        return batches, lambda m, features: m(dict(features))
 
     def item_cosines(self, model: nn.Module, indices) -> np.ndarray:
         """Cosine of each sentence's embedding to the float model's."""

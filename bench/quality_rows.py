@@ -30,12 +30,15 @@ class Row:
       options: `DuQuantConfig` fields beside the bit widths.
       sequential: calibrate block by block (`interop.quantize_sequential`: each block observed on
         the quantized blocks' outputs) instead of one observe pass over the float model.
+      clip_search: after quantizing, choose each layer's activation clip on the calibration data
+        (`interop.search_act_clip`).
     """
 
     name: str
     kind: str = "config"
     options: tuple[tuple[str, Any], ...] = ()
     sequential: bool = False
+    clip_search: bool = False
 
     def config(self, weight_bits: int, act_bits: int, column: str = "") -> DuQuantConfig | None:
         if self.kind == "float":
@@ -70,6 +73,8 @@ class Row:
             labels["rotation"] = f"preset: {labels['rotation']}"
         if self.sequential:
             labels["weight method"] += ", sequential"
+        if self.clip_search:
+            labels["act scheme"] += ", clip searched per layer"
         return labels
 
 
@@ -154,6 +159,8 @@ ROWS: dict[str, Row] = {
              row_rot_mode="none", weight_method="gptq"),
         Row("presets", "preset"),
         Row("presets-sequential", "preset", sequential=True),
+        Row("presets+clip-search", "preset", clip_search=True),
+        Row("presets-sequential+clip-search", "preset", sequential=True, clip_search=True),
         # W4A4 candidates (issue 16), each the w4a4 preset but for one change; chosen on the development split.
         _from_preset("w4a4-smooth0.6", "w4a4", smooth_alpha=0.6),
         _from_preset("w4a4-smooth0.7", "w4a4", smooth_alpha=0.7),
@@ -181,7 +188,8 @@ LISTS: dict[str, list[str]] = {
                "hadamard+dyn-norows+g128", "duquant+dyn+gptq", "hadamard+dyn+gptq", "hadamard+smooth+dyn-norows+gptq",
                "duquant+smooth+dyn+gptq"],
 }
-LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + ["presets-sequential"]
+LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
+    "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 

@@ -18,6 +18,7 @@ _EXPORTS = {
     "quantize_": "interop.convert",
     "observe": "interop.observe",
     "quantize_sequential": "interop.sequential",
+    "search_act_clip": "interop.act_clip",
     "jax_to_torch": "interop.dlpack",
     "torch_to_jax": "interop.dlpack",
     "save_quantized": "interop.serialize",
