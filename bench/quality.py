@@ -429,11 +429,17 @@ def _presets_section(model: str, mine: dict, ref) -> str:
                                               "NOT met, interval outside" if clear else "NOT met, interval straddles")
                 if mode == "default":
                     targets.append(f"- {model} `{column.lower()}` {op} {bound}: test {_fmt(model, test)}: {verdict.split(': ', 1)[1]}")
-            rows.append([f"`{column.lower()}`", mode, _fmt(model, dev), _fmt(model, test), half, verdict, versus])
+            kernels = ""
+            if mode == "float32":
+                default = next((c for k, c in mine.items() if k[2] == column and k[3] == "default" and _is_preset(c, column)), None)
+                shared = [p for p in ("test", "dev") if default and p in default["per_item"] and p in cell["per_item"]]
+                if shared:
+                    kernels = f"{shared[0]}: default kernels {_versus(model, default['per_item'][shared[0]], cell['per_item'][shared[0]])}"
+            rows.append([f"`{column.lower()}`", mode, _fmt(model, dev), _fmt(model, test), half, verdict, versus, kernels])
     if not rows:
         return ""
     what = "perplexity / float" if model == "gemma" else "mean cosine"
-    head = ["preset", "kernels", f"dev {what}", f"test {what} [95%]", "test half-width", "target (test)", "best peer, test; preset against it (paired)"]
+    head = ["preset", "kernels", f"dev {what}", f"test {what} [95%]", "test half-width", "target (test)", "best peer, test; preset against it (paired)", "default against float32 kernels (paired)"]
     return ("Presets (`DuQuantConfig.preset`), chosen on the development split, reported on the test split:\n\n"
             + table(head, rows) + ("\n\nTargets (issue 16, default kernels):\n\n" + "\n".join(targets) if targets else ""))
 

@@ -149,7 +149,8 @@ def test_report_renders_intervals_targets_and_peers_from_committed_lines_only(tm
     assert abs(ratio - np.exp(0.02)) < 0.002  # the latest committed line; not the superseded 0.5, not the dirty 0.0
     assert "<= 1.03: met, interval inside" in row  # exp(0.02) = 1.0202, the interval about ±0.001
     assert "llmc-gptq-w4a8" in row and "preset better" in row  # 0.02 against the peer's 0.1, paired
-    assert "| `w4a8` | float32 |" in body
+    f32 = next(x for x in body.splitlines() if x.startswith("| `w4a8` | float32 |"))
+    assert "test: default kernels " in f32  # compared with the default-kernel line on the same test chunks
     assert "+dirty" not in body
     args.allow_dirty = True
     assert "+dirty" in quality.report(args)
