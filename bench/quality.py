@@ -335,7 +335,8 @@ def _versus(model: str, a, b) -> str:
     m, lo, hi = paired_interval(a, b)
     better, worse = (hi < 0, lo > 0) if model == "gemma" else (lo > 0, hi < 0)
     word = "better" if better else "worse" if worse else "not separated"
-    return f"{word} (Δ {'log ppl' if model == 'gemma' else 'cosine'} {m:+.4f} [{lo:+.4f}, {hi:+.4f}])"
+    d = 4 if model == "gemma" else 6
+    return f"{word} (Δ {'log ppl' if model == 'gemma' else 'cosine'} {m:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}])"
 
 
 def _preset_config(column: str) -> dict:
@@ -343,7 +344,10 @@ def _preset_config(column: str) -> dict:
 
 
 def _is_preset(cell: dict, column: str) -> bool:
-    return cell["record"].get("config") == _preset_config(column)
+    """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step)."""
+    row = ROWS.get(cell["record"]["row"])
+    plain = row is None or not (row.sequential or row.clip_search)
+    return plain and cell["record"].get("config") == _preset_config(column)
 
 
 def report(args) -> str:
@@ -427,8 +431,9 @@ def _presets_section(model: str, mine: dict, ref) -> str:
                 clear = test[1] > bound if op == "<=" else test[2] < bound
                 verdict = f"{op} {bound}: " + ("met, interval inside" if sure else "met, interval straddles" if ok else
                                               "NOT met, interval outside" if clear else "NOT met, interval straddles")
-                if mode == "default":
-                    targets.append(f"- {model} `{column.lower()}` {op} {bound}: test {_fmt(model, test)}: {verdict.split(': ', 1)[1]}")
+                if not any(t.startswith(f"- {model} `{column.lower()}` ") for t in targets):  # default kernels first
+                    targets.append(f"- {model} `{column.lower()}` {op} {bound}: test {_fmt(model, test)} ({mode} kernels): "
+                                   f"{verdict.split(': ', 1)[1]}")
             kernels = ""
             if mode == "float32":
                 default = next((c for k, c in mine.items() if k[2] == column and k[3] == "default" and _is_preset(c, column)), None)
@@ -441,14 +446,16 @@ def _presets_section(model: str, mine: dict, ref) -> str:
     what = "perplexity / float" if model == "gemma" else "mean cosine"
     head = ["preset", "kernels", f"dev {what}", f"test {what} [95%]", "test half-width", "target (test)", "best peer, test; preset against it (paired)", "default against float32 kernels (paired)"]
     return ("Presets (`DuQuantConfig.preset`), chosen on the development split, reported on the test split:\n\n"
-            + table(head, rows) + ("\n\nTargets (issue 16, default kernels):\n\n" + "\n".join(targets) if targets else ""))
+            + table(head, rows) + ("\n\nTargets (issue 16; default kernels where their test line exists):\n\n" + "\n".join(targets) if targets else ""))
 
 
 def _rows_section(model: str, mine: dict, ref) -> str:
     """Every row measured, dev and test, by bit width (default kernels; peers their own)."""
     order = {name: i for i, name in enumerate(ROWS)}
-    names = sorted({(k[1], k[3]) for k in mine if k[1] != "float" and k[3] in ("default", "peer")},
-                   key=lambda nk: (nk[1] == "peer", order.get(nk[0], len(order)), nk[0]))
+    modes = ("default", "float32", "peer")
+    names = sorted({(k[1], k[3]) for k in mine if k[1] != "float" and k[3] in modes
+                    and (k[3] != "float32" or not any(j[1] == k[1] and j[3] == "default" for j in mine))},
+                   key=lambda nk: (modes.index(nk[1]), order.get(nk[0], len(order)), nk[0]))
     rows = []
     for name, mode in names:
         cols = []
@@ -459,14 +466,34 @@ def _rows_section(model: str, mine: dict, ref) -> str:
             cols.append(" / ".join(x for x in (f"dev {d[0]:.{d4}f}" if d else "", f"test {_fmt(model, t)}" if t else "") if x))
         any_cell = next(mine[(model, name, c, mode)] for c in BITS if (model, name, c, mode) in mine)
         labels = any_cell["record"].get("labels") or {}
+        row = ROWS.get(name)
+        if row is not None and row.kind == "preset":  # one config per column: name what the row adds
+            extra = [w for w, on in (("sequential", row.sequential), ("clip searched per layer", row.clip_search)) if on]
+            labels = {"rotation": "each column's preset" + "".join(f", {w}" for w in extra)}
         if mode == "peer":
             peer = any_cell["record"].get("peer", {})
             labels = {"rotation": f"{peer.get('name', 'peer')} {peer.get('version', '')}".strip()}
-        rows.append([f"{name}" + (" (peer)" if mode == "peer" else "")] + [labels.get(lab, "") for lab in LABELS] + cols)
+        rows.append([f"{name}" + {"peer": " (peer)", "float32": " (float32 kernels)"}.get(mode, "")]
+                    + [labels.get(lab, "") for lab in LABELS] + cols)
     if not rows:
         return ""
-    return "Every row measured (our rows with default kernels; dev: point estimate; test: with its interval):\n\n" + table(
-        ["row"] + list(LABELS) + list(BITS), rows)
+    return ("Every row measured (our rows with default kernels, or float32 kernels where only those were run; dev: point "
+            "estimate; test: with its interval):\n\n" + table(["row"] + list(LABELS) + list(BITS), rows) + _dev_choices(model, mine))
+
+
+def _dev_choices(model: str, mine: dict) -> str:
+    """Each development candidate against the preset of its column, paired on the development chunks, same kernels."""
+    lines = []
+    for (m, name, column, mode), cell in sorted(mine.items()):
+        if mode not in KERNEL_MODES or _is_preset(cell, column) or name in LISTS["baselines"] or "dev" not in cell["per_item"]:
+            continue
+        preset = next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)
+                       and "dev" in c["per_item"]), None)
+        if preset is not None:
+            lines.append(f"- {column} `{name}` ({mode} kernels) against the preset: "
+                         f"{_versus(model, cell['per_item']['dev'], preset['per_item']['dev'])}")
+    return ("\n\nDevelopment candidates against their column's preset (paired over the development items):\n\n"
+            + "\n".join(lines)) if lines else ""
 
 
 def plot(cells: dict, path: Path) -> None:
