@@ -302,7 +302,10 @@ def cells_of(records: list[dict], args) -> dict[tuple[str, str, str, str], dict]
     for r in records:
         if r.get("schema") != SCHEMA or r.get("kind") != "result" or "error" in r or "per_item" not in r:
             continue
-        if (_dirty(r) and not args.allow_dirty) or any(r["split"].get(k) != v for k, v in _wanted_split(r["model"], args).items()):
+        # a peer's line may come from a tree whose other files were being edited: its code is bench/peers*.py,
+        # and the report names such lines (`dirty_peers`); our own lines must come from a committed tree
+        peer_ok = r.get("kernels") == "peer"
+        if (_dirty(r) and not (args.allow_dirty or peer_ok)) or any(r["split"].get(k) != v for k, v in _wanted_split(r["model"], args).items()):
             continue
         key = (r["model"], r["row"], r["column"], r["kernels"])
         cell = out.get(key)
@@ -355,7 +358,8 @@ def report(args) -> str:
     cells = cells_of(records, args)
     if not cells:
         raise SystemExit(f"--report: no committed schema-{SCHEMA} results in {args.out} on the split these arguments ask for")
-    commits = sorted({c for cell in cells.values() for c in cell["commits"]})
+    commits = sorted({c for k, cell in cells.items() if k[3] != "peer" for c in cell["commits"]})
+    dirty_peers = sorted(k[1] for k, cell in cells.items() if k[3] == "peer" and any(c.endswith("+dirty") for c in cell["commits"]))
     parts = [
         "`python bench/quality.py --report` renders `bench/quality.jsonl` (our rows) and `bench/peers.jsonl` (peers, "
         "`bench/peers.py`): only lines measured from a committed tree, on the split below; the latest line of each "
@@ -367,6 +371,9 @@ def report(args) -> str:
         "interval over sentences. Kernels: `default` = what a user gets (autotuner on, `precision=\"any\"`), "
         "`float32` = autotuner off, float32 or exact integer products only; `peer` = the peer's own forward.",
     ]
+    if dirty_peers:
+        parts.append("Peer rows measured while other tracked files of the tree were uncommitted (their code is "
+                     "bench/peers.py and bench/peers_child.py): " + ", ".join(f"`{n}`" for n in dirty_peers) + ".")
     for model in ("gemma", "minilm"):
         mine = {k: v for k, v in cells.items() if k[0] == model}
         flt = mine.get((model, "float", "float", "none"))
