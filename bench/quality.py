@@ -519,20 +519,27 @@ def plot(cells: dict, path: Path) -> None:
         ref = (lambda part: flt["per_item"].get(part)) if flt else (lambda part: None)
         bars = []
         for (m, name, column, mode), cell in cells.items():
-            if m != model or mode not in ("default", "peer") or (mode == "default" and not _is_preset(cell, column)):
+            if m != model or mode not in KERNEL_MODES and mode != "peer" or (mode != "peer" and not _is_preset(cell, column)):
                 continue
+            default = cells.get((m, name, column, "default"))
+            if mode == "float32" and default is not None and "test" in default["per_item"]:
+                continue  # one bar per preset: the default kernels' where measured
             iv = _iv(model, cell, "test", ref)
             if iv is None:
                 continue
             if model == "minilm":
                 iv = (1 - iv[0], 1 - iv[2], 1 - iv[1])
-            bars.append((list(BITS).index(column), iv, f"{column} {'preset' if mode == 'default' else name}", mode))
+            label = name if mode == "peer" else "preset" + (" (float32 kernels)" if mode == "float32" else "")
+            bars.append((list(BITS).index(column), iv, f"{column} {label}", mode))
         bars.sort(key=lambda b: (b[0], b[1][0]))
         ys = range(len(bars))
         ax.barh(ys, [b[1][0] for b in bars], xerr=[[b[1][0] - b[1][1] for b in bars], [b[1][2] - b[1][0] for b in bars]],
-                color=["#2a7" if b[3] == "default" else "#888" for b in bars], capsize=3)
+                color=["#888" if b[3] == "peer" else "#2a7" for b in bars], capsize=3)
         ax.set_yticks(list(ys), [b[2] for b in bars], fontsize=7)
-        ax.set_xscale("log")
+        if model == "gemma":
+            ax.set_xlim(left=0.95)
+        else:
+            ax.set_xscale("log")
         if model == "gemma":
             ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_title(f"{model}, test split: {'perplexity / float' if model == 'gemma' else '1 - mean cosine'} "
