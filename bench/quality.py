@@ -63,7 +63,6 @@ TARGETS = {
     ("gemma", "W4A4"): ("<=", 1.25),
     ("minilm", "W8A8"): (">=", 0.9995), ("minilm", "W4A8"): (">=", 0.992), ("minilm", "W4A4"): (">=", 0.975),
 }
-HALF_WIDTH = 0.005  # the presets' Gemma interval half-width the test split must reach, relative to float
 
 
 # ---- running one cell -------------------------------------------------------------------
@@ -383,7 +382,7 @@ def report(args) -> str:
         parts.append(f"### {model}")
         parts.append(f"Split: seed {sp['seed']}, {sp['total']} {sp.get('unit', 'items')}: {sp['n_calib']} calibration, "
                      f"{sp['n_dev']} development, {sp['n_test']} test.")
-        ref = (lambda part: flt["per_item"].get(part)) if flt else (lambda part: None)
+        ref = flt["per_item"] if flt else {}
         if flt and model == "gemma":
             parts.append("Float model perplexity: " + ", ".join(
                 f"{p} {math.exp(np.mean(v)):.3f}" for p, v in flt["per_item"].items()) + ".")
@@ -398,16 +397,17 @@ def report(args) -> str:
     return body
 
 
-def _iv(model: str, cell: dict | None, part: str, ref) -> tuple[float, float, float] | None:
+def _iv(model: str, cell: dict | None, part: str, ref: dict) -> tuple[float, float, float] | None:
+    """The cell's figure on `part` and its interval (`_interval`); `ref`: the float model's values by part."""
     if cell is None or part not in cell["per_item"]:
         return None
-    r = ref(part)
+    r = ref.get(part)
     if model == "gemma" and (r is None or len(r) != len(cell["per_item"][part])):
         return None
     return _interval(model, cell["per_item"][part], r)
 
 
-def _best_peer(model: str, mine: dict, column: str, ref) -> tuple[str, dict] | None:
+def _best_peer(model: str, mine: dict, column: str) -> tuple[str, dict] | None:
     """The peer row of `column` with the best test figure."""
     peers = [(k[1], c) for k, c in mine.items() if k[3] == "peer" and k[2] == column and "test" in c["per_item"]]
     if not peers:
@@ -416,10 +416,10 @@ def _best_peer(model: str, mine: dict, column: str, ref) -> tuple[str, dict] | N
     return min(peers, key=lambda pc: sign * float(np.mean(pc[1]["per_item"]["test"])))
 
 
-def _presets_section(model: str, mine: dict, ref) -> str:
+def _presets_section(model: str, mine: dict, ref: dict) -> str:
     rows, targets = [], []
     for column in BITS:
-        peer = _best_peer(model, mine, column, ref)
+        peer = _best_peer(model, mine, column)
         for mode in KERNEL_MODES:
             cell = next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)), None)
             if cell is None:
@@ -456,7 +456,7 @@ def _presets_section(model: str, mine: dict, ref) -> str:
             + table(head, rows) + ("\n\nTargets (issue 16; default kernels where their test line exists):\n\n" + "\n".join(targets) if targets else ""))
 
 
-def _rows_section(model: str, mine: dict, ref) -> str:
+def _rows_section(model: str, mine: dict, ref: dict) -> str:
     """Every row measured, dev and test, by bit width (default kernels; peers their own)."""
     order = {name: i for i, name in enumerate(ROWS)}
     modes = ("default", "float32", "peer")
@@ -516,7 +516,7 @@ def plot(cells: dict, path: Path) -> None:
     for j, model in enumerate(models):
         ax = axes[0][j]
         flt = cells.get((model, "float", "float", "none"))
-        ref = (lambda part: flt["per_item"].get(part)) if flt else (lambda part: None)
+        ref = flt["per_item"] if flt else {}
         bars = []
         for (m, name, column, mode), cell in cells.items():
             if m != model or mode not in KERNEL_MODES and mode != "peer" or (mode != "peer" and not _is_preset(cell, column)):

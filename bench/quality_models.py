@@ -56,7 +56,28 @@ def _every_linear(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-class GemmaTask:
+class _HeldOutTask:
+    """What both tasks share: the held-out parts of `self.split`, a fresh float copy, and `evaluate`.
+
+    Subclasses set `self._model` and `self.split` and define `per_item` and `summarize`."""
+
+    _model: nn.Module
+    split: Split | ThreeWaySplit
+
+    def parts(self) -> dict[str, np.ndarray]:
+        """The held-out index arrays by name: "eval", or "dev" and "test"."""
+        split = self.split
+        return {"dev": split.dev, "test": split.test} if isinstance(split, ThreeWaySplit) else {"eval": split.eval}
+
+    def float_model(self) -> nn.Module:
+        return copy.deepcopy(self._model)
+
+    def evaluate(self, model: nn.Module) -> float:
+        """The metric on the evaluation (or development) items."""
+        return self.summarize(self.per_item(model, next(iter(self.parts().values()))))
+
+
+class GemmaTask(_HeldOutTask):
     """Gemma-3 270M, perplexity of held-out 512-token chunks of the CPython docs.
 
     Each chunk is scored after a BOS token, on all its `chunk` tokens; perplexity is
@@ -90,18 +111,12 @@ class GemmaTask:
         return {**self.split.describe(), "unit": f"{self.chunk}-token chunks", "bos": self.bos is not None,
                 "tokens_scored": scored * held_out}
 
-    def parts(self) -> dict[str, np.ndarray]:
-        return _parts(self.split)
-
     def per_item(self, model: nn.Module, indices) -> np.ndarray:
         return self.chunk_nll(model, indices)
 
     @staticmethod
     def summarize(values) -> float:
         return float(math.exp(np.mean(values)))
-
-    def float_model(self) -> nn.Module:
-        return copy.deepcopy(self._model)
 
     def _ids(self, i: int) -> torch.Tensor:
         ids = self.chunks[i] if self.bos is None else np.concatenate([[self.bos], self.chunks[i]])
@@ -127,12 +142,9 @@ class GemmaTask:
             out.append(float(nn.functional.cross_entropy(logits, ids[0, 1:], reduction="mean")))
         return np.asarray(out)
 
-    def evaluate(self, model: nn.Module) -> float:
-        """Perplexity on the evaluation (or development) items."""
-        return self.summarize(self.chunk_nll(model, next(iter(self.parts().values()))))
 
 
-class MiniLMTask:
+class MiniLMTask(_HeldOutTask):
     """all-MiniLM-L6-v2, mean cosine of held-out sentence embeddings to the float model's.
 
     Sentences: the prose sentences of the CPython docs (`quality_data.sentences`);
@@ -162,18 +174,12 @@ class MiniLMTask:
     def describe(self) -> dict:
         return {**self.split.describe(), "unit": "sentences", "batch": self.batch}
 
-    def parts(self) -> dict[str, np.ndarray]:
-        return _parts(self.split)
-
     def per_item(self, model: nn.Module, indices) -> np.ndarray:
         return self.item_cosines(model, indices)
 
     @staticmethod
     def summarize(values) -> float:
         return float(np.mean(values))
-
-    def float_model(self) -> nn.Module:
-        return copy.deepcopy(self._model)
 
     @torch.no_grad()
     def _embed(self, model: nn.Module, indices) -> np.ndarray:
@@ -202,19 +208,12 @@ class MiniLMTask:
             ref = self._embed(self._model, indices)
         return np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
 
-    def evaluate(self, model: nn.Module) -> float:
-        """Mean cosine on the evaluation (or development) items."""
-        return self.summarize(self.item_cosines(model, next(iter(self.parts().values()))))
 
 
 def _split(seed: int, total: int, n_calib: int, n_eval: int, n_test: int) -> Split | ThreeWaySplit:
     """`Split` (calibration, evaluation), or with `n_test > 0` `ThreeWaySplit` (the `n_eval` items develop)."""
     return ThreeWaySplit(seed, total, n_calib, n_eval, n_test) if n_test > 0 else Split(seed, total, n_calib, n_eval)
 
-
-def _parts(split: Split | ThreeWaySplit) -> dict[str, np.ndarray]:
-    """The held-out index arrays of `split` by name."""
-    return {"dev": split.dev, "test": split.test} if isinstance(split, ThreeWaySplit) else {"eval": split.eval}
 
 
 TASKS = {"gemma": GemmaTask, "minilm": MiniLMTask}

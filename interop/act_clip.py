@@ -27,6 +27,7 @@ from torch import nn
 
 from interop.kernels import ActQuant
 from interop.linear import DuQuantLinear
+from interop.modules import run_batch
 
 DEFAULT_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 
@@ -52,21 +53,13 @@ def _check_grid(grid: Iterable[float]) -> tuple[float, ...]:
     return values
 
 
-def _default_run(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple):
-        return model(*batch)
-    return model(batch)
-
-
 @torch.no_grad()
 def search_act_clip(
     model: nn.Module,
     batches: Iterable[Any],
     *,
     grid: Iterable[float] = DEFAULT_GRID,
-    run: Callable[[nn.Module, Any], Any] = _default_run,
+    run: Callable[[nn.Module, Any], Any] = run_batch,
     max_tokens: int = 4096,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -76,7 +69,8 @@ def search_act_clip(
       model: a model quantized with `interop.quantize_` (or loaded), changed in place.
       batches: calibration batches, each passed to `run(model, batch)`.
       grid: the candidate clips, each in (0, 1].
-      run: how a batch goes through the model (default `model(**batch)`, `model(*batch)` or `model(batch)`).
+      run: how a batch goes through the model (default `interop.modules.run_batch`: `model(**batch)`,
+        `model(*batch)` or `model(batch)`).
       max_tokens: at most this many input tokens (rows of `x2`) kept per layer, a seeded
         uniform sample over all batches (memory: `max_tokens * in_features` float32 per layer).
       seed: seed of that sample.
@@ -92,7 +86,6 @@ def search_act_clip(
     if not layers:
         raise ValueError("search_act_clip: the model has no DuQuantLinear with quantized 'dynamic-token' activations")
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    seen: dict[str, int] = dict.fromkeys(layers, 0)
     gen = torch.Generator().manual_seed(seed)
     keys: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
 
@@ -103,7 +96,6 @@ def search_act_clip(
             k = torch.rand(x2.shape[0], generator=gen)
             kept[name].append(x2.contiguous())
             keys[name].append(k)
-            seen[name] += x2.shape[0]
             if sum(t.shape[0] for t in kept[name]) > 2 * max_tokens:
                 _shrink(kept, keys, name, max_tokens)
         return pre
@@ -115,7 +107,7 @@ def search_act_clip(
     finally:
         for h in handles:
             h.remove()
-    if not any(seen.values()):
+    if not any(kept.values()):
         raise ValueError("search_act_clip: no batch reached a selected layer (is `batches` empty, or `run` wrong?)")
     chosen = {}
     for name, layer in layers.items():

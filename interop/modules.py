@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -27,3 +27,13 @@ def set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """The default way a calibration batch goes through a model: `model(**batch)` for a dict,
+    `model(*batch)` for a tuple or list, else `model(batch)`."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)

@@ -36,6 +36,7 @@ from duquant_jax.stats import LayerStats, save_stats
 from interop.convert import calibrate, quantize_
 from interop.linear import DuQuantLinear
 from interop.modules import FilterFn
+from interop.modules import run_batch as _default_run
 from interop.observe import observe
 
 
@@ -129,14 +130,6 @@ def _relative_filter(prefix: str, filter_fn: FilterFn | None) -> FilterFn | None
     if filter_fn is None:
         return None
     return lambda name, module: filter_fn(f"{prefix}.{name}", module)
-
-
-def _default_run(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def checked_inputs(config: DuQuantConfig, batches: Iterable[Any], who: str) -> list:
