@@ -71,6 +71,7 @@ TARGETS = {
 def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | None, times: dict) -> dict:
     """Observe (when needed), quantize and calibrate `model` in place; fills `times`; returns notes."""
     from interop import observe, quantize_
+    from interop.shared_input import input_groups
 
     notes: dict = {}
     if row.kind == "float":
@@ -90,6 +91,7 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
         batches, run = task.calibration_batches()
         with _timed(times, "quantize_s"):
             notes["layers"] = len(quantize_sequential(model, config, batches, task.filter_fn, run=run, progress=False))
+        notes["input_groups"] = len(input_groups(model))
         _after(task, model, row, config, times, notes)
         return notes
     stats = None
@@ -97,7 +99,9 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
         with _timed(times, "observe_s"), observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
             task.run_calibration(model)
     with _timed(times, "quantize_s"):
-        notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, stats=stats))
+        groups = None if row.per_layer else "auto"
+        notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, stats=stats, input_groups=groups))
+    notes["input_groups"] = len(input_groups(model))
     _after(task, model, row, config, times, notes)
     return notes
 
@@ -308,13 +312,19 @@ def cells_of(records: list[dict], args) -> dict[tuple[str, str, str, str], dict]
             continue
         key = (r["model"], r["row"], r["column"], r["kernels"])
         cell = out.get(key)
-        if cell is None or cell["record"].get("config") != r.get("config"):
+        if cell is None or cell["record"].get("config") != r.get("config") or _grouped(cell["record"]) != _grouped(r):
             cell = out[key] = {"per_item": {}, "commits": []}
         cell["per_item"].update(r["per_item"])
         cell["record"] = r
         if r["commit"] not in cell["commits"]:
             cell["commits"].append(r["commit"])
     return out
+
+
+def _grouped(record: dict) -> bool:
+    """Whether the line's layers that read one input shared one input transform (lines written before
+    input groups existed were fitted layer by layer)."""
+    return record.get("input_groups", 0) > 0
 
 
 def _interval(model: str, values, reference) -> tuple[float, float, float]:
@@ -348,7 +358,7 @@ def _preset_config(column: str) -> dict:
 def _is_preset(cell: dict, column: str) -> bool:
     """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step)."""
     row = ROWS.get(cell["record"]["row"])
-    plain = row is None or not (row.sequential or row.clip_search)
+    plain = row is None or not (row.sequential or row.clip_search or row.per_layer)
     return plain and cell["record"].get("config") == _preset_config(column)
 
 
@@ -475,7 +485,8 @@ def _rows_section(model: str, mine: dict, ref: dict) -> str:
         labels = any_cell["record"].get("labels") or {}
         row = ROWS.get(name)
         if row is not None and row.kind == "preset":  # one config per column: name what the row adds
-            extra = [w for w, on in (("sequential", row.sequential), ("clip searched per layer", row.clip_search)) if on]
+            extra = [w for w, on in (("sequential", row.sequential), ("clip searched per layer", row.clip_search),
+                                     ("input transforms fitted per layer", row.per_layer)) if on]
             labels = {"rotation": "each column's preset" + "".join(f", {w}" for w in extra)}
         if mode == "peer":
             peer = any_cell["record"].get("peer", {})

@@ -32,6 +32,8 @@ class Row:
         the quantized blocks' outputs) instead of one observe pass over the float model.
       clip_search: after quantizing, choose each layer's activation clip on the calibration data
         (`interop.search_act_clip`).
+      per_layer: fit every layer's input transform alone (`quantize_(input_groups=None)`), not one
+        per group of layers that read one input (the default).
     """
 
     name: str
@@ -39,6 +41,7 @@ class Row:
     options: tuple[tuple[str, Any], ...] = ()
     sequential: bool = False
     clip_search: bool = False
+    per_layer: bool = False
 
     def config(self, weight_bits: int, act_bits: int, column: str = "") -> DuQuantConfig | None:
         if self.kind == "float":
@@ -75,6 +78,8 @@ class Row:
             labels["weight method"] += ", sequential"
         if self.clip_search:
             labels["act scheme"] += ", clip searched per layer"
+        if self.per_layer:
+            labels["rotation"] += ", fitted per layer"
         return labels
 
 
@@ -158,6 +163,7 @@ ROWS: dict[str, Row] = {
         _row("duquant+dyn-norows+gptq", rotation="duquant", block_size=128, act_scheme="dynamic-token",
              row_rot_mode="none", weight_method="gptq"),
         Row("presets", "preset"),
+        Row("presets-per-layer", "preset", per_layer=True),  # before input groups: each layer's transform alone
         Row("presets-sequential", "preset", sequential=True),
         Row("presets+clip-search", "preset", clip_search=True),
         Row("presets-sequential+clip-search", "preset", sequential=True, clip_search=True),
@@ -188,6 +194,7 @@ LISTS: dict[str, list[str]] = {
                "hadamard+dyn-norows+g128", "duquant+dyn+gptq", "hadamard+dyn+gptq", "hadamard+smooth+dyn-norows+gptq",
                "duquant+smooth+dyn+gptq"],
 }
+LISTS["input-groups"] = ["presets", "presets-per-layer"]
 LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))

@@ -43,6 +43,7 @@ from duquant_jax.io import (
 )
 from duquant_jax.lock import exclusive
 from duquant_jax.pack import pack_weight
+from duquant_jax.shared_input import pack_group
 from duquant_jax.packed import Pack
 from duquant_jax.paths import contained, hf_blobs_root, safe_file_name
 from duquant_jax.stats import LayerStats, layer_for_tensor, stats_for_layer
@@ -246,11 +247,38 @@ def pack_checkpoint(
     shapes = {n: ckpt.shape(n) for n in names}
     files = {n: layer_file(out_dir, n) for n in names}
     layer_stats = {n: _stats_for(n, shapes[n], config, stats) for n in names}  # every layer checked before any is written
-    args = (ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo, layer_stats)
+    units = _units(names, stats)
+    args = (ckpt, out_dir, config, names, units, shapes, files, progress, on_layer, devices, echo, layer_stats)
     if jax.process_count() > 1:  # the lock is process 0's; the others write under it
         return _pack_locked(*args)
     with exclusive(out_dir, echo=echo):
         return _pack_locked(*args)
+
+
+def _units(names: list[str], stats: Mapping[str, LayerStats] | None) -> list[tuple[str, ...]]:
+    """The packing units, in checkpoint order: each selected input group of `stats.input_groups`
+    (as tensor names, at its first member's place) is one unit, packed with one input transform
+    (`duquant_jax.shared_input`); every other tensor is a unit of its own."""
+    groups = getattr(stats, "input_groups", ()) if stats is not None else ()
+    if not groups:
+        return [(n,) for n in names]
+    tensor_of = {}
+    for n in names:
+        layer = layer_for_tensor(stats, n)
+        if layer is not None:
+            tensor_of[layer] = n
+    unit_of = {}
+    for g in groups:
+        members = tuple(tensor_of[layer] for layer in g if layer in tensor_of)
+        if len(members) > 1:
+            unit_of.update({t: members for t in members})
+    units, placed = [], set()
+    for n in names:
+        unit = unit_of.get(n, (n,))
+        if unit[0] not in placed:
+            placed.add(unit[0])
+            units.append(unit)
+    return units
 
 
 def _stats_for(tensor: str, shape: tuple[int, ...], config: DuQuantConfig, stats: Mapping[str, LayerStats] | None) -> LayerStats | None:
@@ -260,7 +288,7 @@ def _stats_for(tensor: str, shape: tuple[int, ...], config: DuQuantConfig, stats
     return stats_for_layer(config, stats, layer or tensor.removesuffix(".weight"), shape[1])
 
 
-def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer, devices, echo, layer_stats) -> PackSummary:
+def _pack_locked(ckpt, out_dir, config, names, units, shapes, files, progress, on_layer, devices, echo, layer_stats) -> PackSummary:
     from tqdm import tqdm
 
     single = jax.process_count() == 1
@@ -270,12 +298,12 @@ def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer
         for tmp in (out_dir / "layers").glob(".*.tmp"):  # left by a killed run; nobody else writes here now
             tmp.unlink(missing_ok=True)
     devices = list(devices or jax.local_devices())
-    mine = [n for i, n in enumerate(names) if i % jax.process_count() == jax.process_index()]
+    mine = [u for i, u in enumerate(units) if i % jax.process_count() == jax.process_index()]
     t0 = time.perf_counter()
     counts = {"packed": 0, "skipped": 0, "params": 0}
     in_flight: deque[tuple[str, Pack]] = deque()
     # progress: a bar on a terminal, nothing in logs and pipes
-    bar = tqdm(total=len(mine), desc="duquant pack", unit="layer", disable=None if progress else True)
+    bar = tqdm(total=sum(map(len, mine)), desc="duquant pack", unit="layer", disable=None if progress else True)
 
     def finish_oldest() -> None:
         name, pack = in_flight.popleft()
@@ -291,21 +319,25 @@ def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer
             on_layer(name)
 
     with bar:  # closed before any error goes up, so the error is the last line
-        for name in mine:
-            why = _reuse(files[name], name, shapes[name], config)
-            if why is None:
-                counts["skipped"] += 1
-                bar.update()
+        for unit in mine:
+            whys = [_reuse(files[name], name, shapes[name], config) for name in unit]
+            if all(why is None for why in whys):
+                counts["skipped"] += len(unit)
+                bar.update(len(unit))
                 continue
-            if why != "absent":
-                echo(f"note: repacking {name}: {files[name]} is there but {why}")
+            for name, why in zip(unit, whys):
+                if why not in (None, "absent"):
+                    echo(f"note: repacking {name}: {files[name]} is there but {why}")
             device = devices[(counts["packed"] + len(in_flight)) % len(devices)]
             try:
-                pack = pack_weight(ckpt.tensor(name), config, layer_stats[name], device=device, wait=False)
+                if len(unit) == 1:
+                    packs = [pack_weight(ckpt.tensor(unit[0]), config, layer_stats[unit[0]], device=device, wait=False)]
+                else:  # a group repacks whole: its members share the input transform
+                    packs = pack_group([ckpt.tensor(n) for n in unit], config, layer_stats[unit[0]], names=unit, device=device)
             except (ValueError, TypeError) as e:
-                raise type(e)(f"tensor {name}: {e}") from e
-            in_flight.append((name, pack))
-            if len(in_flight) >= len(devices):
+                raise type(e)(f"tensor {unit[0] if len(unit) == 1 else list(unit)}: {e}") from e
+            in_flight.extend(zip(unit, packs))
+            while len(in_flight) >= len(devices):
                 finish_oldest()
         while in_flight:
             finish_oldest()
@@ -320,6 +352,9 @@ def _pack_locked(ckpt, out_dir, config, names, shapes, files, progress, on_layer
         "checkpoint": str(ckpt.path),
         "layers": {n: {"file": files[n].relative_to(out_dir).as_posix(), "shape": list(shapes[n])} for n in names},
     }
+    groups = [list(u) for u in units if len(u) > 1]
+    if groups:  # an optional key: readers without it see ungrouped layers
+        index["input_groups"] = groups
     if jax.process_index() == 0:
         try:
             atomic_write(out_dir / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
@@ -350,6 +385,9 @@ def _index(out_dir: Path) -> dict:
             shape = entry.get("shape") if isinstance(entry, dict) else None
             if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
                 raise ValueError(f"layer {name!r} has no valid shape")
+        for g in index.get("input_groups", []):
+            if not (isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) and n in layers for n in g)):
+                raise ValueError(f"input group {g!r:.200} does not name two or more of its layers")
     except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
         raise PackFileError(f"{path} is damaged or not a `duquant pack` index ({type(e).__name__}: {e}); run `duquant pack` again to rewrite it") from None
     return index
@@ -358,6 +396,11 @@ def _index(out_dir: Path) -> dict:
 def pack_dir_layers(out_dir: str | Path) -> list[str]:
     """The layer names of a directory written by `pack_checkpoint`, in checkpoint order."""
     return list(_index(Path(out_dir))["layers"])
+
+
+def pack_dir_groups(out_dir: str | Path) -> list[list[str]]:
+    """The input groups of a `pack_checkpoint` directory (tensor names packed with one input transform)."""
+    return [list(g) for g in _index(Path(out_dir)).get("input_groups", [])]
 
 
 def pack_dir_files(out_dir: str | Path) -> dict[str, Path]:

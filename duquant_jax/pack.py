@@ -25,7 +25,7 @@ from duquant_jax.checks import (
     require_scales,
 )
 from duquant_jax.config import DuQuantConfig
-from duquant_jax.fit import fit
+from duquant_jax.fit import Fitted, fit
 from duquant_jax.packed import Pack
 from duquant_jax.quantize import column_scales, quantize, weight_scales
 from duquant_jax.rotation import (
@@ -263,7 +263,22 @@ def pack_weight(
     except (TypeError, ValueError) as e:
         raise type(e)(f"layer {name}: {e}" if name else str(e)) from None
     check_stats(stats, config, tuple(w.shape), name)
-    fitted = fit(w, config, stats)
+    return pack_fitted(w, fit(w, config, stats), config, stats, device=device, wait=wait, name=name)
+
+
+def pack_fitted(
+    w: Any,
+    fitted: Fitted,
+    config: DuQuantConfig,
+    stats: LayerStats | None = None,
+    *,
+    device: jax.Device | None = None,
+    wait: bool = True,
+    name: str = "",
+) -> Pack:
+    """Packs a checked weight `w (out, in)` with its transform pieces already fitted (`duquant_jax.fit`):
+    the jitted stages of `pack_weight`, which fit what `fitted` leaves None (the "svd" family's rotations).
+    `duquant_jax.shared_input.pack_group` passes input pieces fitted jointly for several layers."""
     arrays = (w, fitted.perm, fitted.in_diag, fitted.r_pre, fitted.r_in, fitted.r_out, fitted.out_diag)
     arrays = jax.tree.map(jnp.asarray, arrays) if device is None else jax.device_put(arrays, device)
     if config.needs_xtx:

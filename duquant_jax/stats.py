@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -180,6 +180,29 @@ def _diag_deficit(diag: np.ndarray, absmax: np.ndarray) -> np.ndarray:
     return ((1 - DIAG_TOL) * m2 - DIAG_FLOOR) - diag.astype(np.float64)
 
 
+def check_input_groups(groups: Any, widths: Mapping[str, int]) -> tuple[tuple[str, ...], ...]:
+    """Validates groups of layer names that read one input: each a list of at least two distinct
+    names of `widths` ({name: in_features}) with one input width, no name in two groups."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        raise StatsError(f"input_groups must be a list of lists of layer names; got {type(groups).__name__}")
+    out, seen = [], {}
+    for i, g in enumerate(groups):
+        if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not all(isinstance(n, str) for n in g):
+            raise StatsError(f"input group {i} must be a list of layer names; got {g!r:.200}")
+        if len(g) < 2 or len(set(g)) != len(g):
+            raise StatsError(f"input group {i} must name at least two distinct layers; got {list(g)!r:.200}")
+        for n in g:
+            if n not in widths:
+                raise StatsError(f"input group {i} names {n!r}, which has no statistics")
+            if n in seen:
+                raise StatsError(f"layer {n!r} is in input groups {seen[n]} and {i}; a layer reads one input")
+            seen[n] = i
+        if len({widths[n] for n in g}) != 1:
+            raise StatsError(f"input group {i}: its layers have different input widths {[widths[n] for n in g]}; they cannot read one input")
+        out.append(tuple(g))
+    return tuple(out)
+
+
 class ModelStats(Mapping[str, LayerStats]):
     """Activation statistics of a model's linear layers: a mapping {layer name: LayerStats}.
 
@@ -188,11 +211,12 @@ class ModelStats(Mapping[str, LayerStats]):
     `RuntimeError`, so incomplete statistics are never used by mistake.
     """
 
-    def __init__(self, layers: Mapping[str, LayerStats] | None = None):
+    def __init__(self, layers: Mapping[str, LayerStats] | None = None, input_groups: Sequence[Sequence[str]] = ()):
         self._layers: dict[str, LayerStats] = {}
+        self._groups: tuple[tuple[str, ...], ...] = ()
         self._state = "complete"
         if layers is not None:
-            self._set(layers)
+            self._set(layers, input_groups)
 
     @classmethod
     def pending(cls) -> ModelStats:
@@ -201,7 +225,7 @@ class ModelStats(Mapping[str, LayerStats]):
         stats._state = "pending"
         return stats
 
-    def _set(self, layers: Mapping[str, LayerStats]) -> None:
+    def _set(self, layers: Mapping[str, LayerStats], input_groups: Sequence[Sequence[str]] = ()) -> None:
         for name, s in layers.items():
             if not isinstance(name, str) or not name:
                 raise StatsError(f"layer names must be non-empty strings; got {name!r}")
@@ -209,10 +233,19 @@ class ModelStats(Mapping[str, LayerStats]):
                 raise StatsError(f"{_name(name)}: expected LayerStats; got {type(s).__name__}")
         # Each entry carries its key as its name, for error messages.
         self._layers = {n: s if s.layer == n else dataclasses.replace(s, layer=n) for n, s in layers.items()}
+        self._groups = check_input_groups(input_groups, {n: s.in_features for n, s in layers.items()})
 
-    def _finish(self, layers: Mapping[str, LayerStats]) -> None:
-        self._set(layers)
+    def _finish(self, layers: Mapping[str, LayerStats], input_groups: Sequence[Sequence[str]] = ()) -> None:
+        self._set(layers, input_groups)
         self._state = "complete"
+
+    @property
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The layers that read one input tensor, as groups of names (q/k/v, gate/up): found by the
+        observe pass (every batch gave each member of a group the very same tensor), or given.
+        `interop.quantize_` fits one input transform per group (`duquant_jax.shared_input`)."""
+        self._layers_or_raise()
+        return self._groups
 
     def _fail(self) -> None:
         self._layers = {}
@@ -246,7 +279,8 @@ class ModelStats(Mapping[str, LayerStats]):
         if not self.complete:
             return f"ModelStats(<{self._state}>)"
         with_xtx = sum(s.xtx is not None for s in self._layers.values())
-        return f"ModelStats({len(self._layers)} layers, {with_xtx} with xtx)"
+        groups = f", {len(self._groups)} input groups" if self._groups else ""
+        return f"ModelStats({len(self._layers)} layers, {with_xtx} with xtx{groups})"
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the statistics to one safetensors file (`save_stats`)."""
@@ -259,13 +293,15 @@ def observe_session(
     stop: Callable[[], None],
     results: Callable[[], Mapping[str, LayerStats]],
     kind: str,
+    groups: Callable[[], Sequence[Sequence[str]]] | None = None,
 ) -> Iterator[ModelStats]:
     """One observe pass, for the PyTorch and the Flax observers alike.
 
     Calls `start()` (install the recorders), yields a pending `ModelStats`, and
     always calls `stop()` (remove them, also after a partial `start`). On a clean
     exit the statistics are `results()`, less the layers that saw no token (with
-    a warning; none at all is an error); on an exception they stay empty and say so.
+    a warning; none at all is an error), and the input groups are `groups()` among
+    the layers kept; on an exception they stay empty and say so.
     """
     stats = ModelStats.pending()
     ok = False
@@ -285,7 +321,8 @@ def observe_session(
         missed = [n for n in layers if n not in seen]
         if missed:
             warnings.warn(f"observe: these layers saw no batch and have no statistics: {missed}", stacklevel=3)
-        stats._finish(seen)
+        found = [] if groups is None else [[n for n in g if n in seen] for g in groups()]
+        stats._finish(seen, [g for g in found if len(g) > 1])
     except BaseException:
         stats._fail()
         raise
@@ -352,6 +389,9 @@ def save_stats(path: str | os.PathLike, stats: Mapping[str, LayerStats]) -> Path
             tensors[f"{name}.xtx"] = np.ascontiguousarray(s.xtx)
         table[name] = {"in_features": s.in_features, "tokens": s.tokens, "xtx": s.xtx is not None}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(table)}
+    groups = stats.input_groups if isinstance(stats, ModelStats) else ()
+    if groups:  # an optional key: files without it read as before
+        metadata["input_groups"] = json.dumps([list(g) for g in groups])
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -402,7 +442,11 @@ def load_stats(path: str | os.PathLike) -> ModelStats:
                 layers[name] = LayerStats(arrays["act_absmax"], arrays.get("xtx"), tokens, layer=name)
             except StatsError as e:
                 raise StatsFileError(f"statistics file {path}: {e}") from e
-    return ModelStats(layers)
+        try:
+            groups = json.loads(meta.get("input_groups", "[]"))
+            return ModelStats(layers, groups)
+        except (json.JSONDecodeError, StatsError) as e:
+            raise StatsFileError(f"statistics file {path} has bad input_groups: {e}") from e
 
 
 def layer_for_tensor(stats: Mapping[str, LayerStats], tensor: str) -> str | None:

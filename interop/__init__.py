@@ -19,6 +19,8 @@ _EXPORTS = {
     "observe": "interop.observe",
     "quantize_sequential": "interop.sequential",
     "search_act_clip": "interop.act_clip",
+    "input_groups": "interop.shared_input",
+    "link_input_groups": "interop.shared_input",
     "jax_to_torch": "interop.dlpack",
     "torch_to_jax": "interop.dlpack",
     "save_quantized": "interop.serialize",

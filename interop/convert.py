@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping
+import warnings
+from typing import Mapping, Sequence
 
+import numpy as np
+import torch
 from torch import nn
 
 from duquant_jax import DuQuantConfig
@@ -12,6 +15,7 @@ from duquant_jax.calibration import calibration_session
 from duquant_jax.stats import LayerStats
 from interop.linear import DuQuantLinear
 from interop.modules import FilterFn, selected_linears, set_child
+from interop.shared_input import SharedInput
 
 
 
@@ -37,6 +41,7 @@ def quantize_(
     stats: Mapping[str, LayerStats] | None = None,
     *,
     output_layer: int | None = None,
+    input_groups: str | Sequence[Sequence[str]] | None = "auto",
 ) -> dict[str, nn.Module]:
     """Replaces every selected `nn.Linear` of `model` by a `DuQuantLinear`, in place.
 
@@ -53,6 +58,12 @@ def quantize_(
         128), with a tied input embedding reading the same codes
         (`interop.output_layer.quantize_output_layer`; finer control there). The
         main configuration never applies to it then. None (default): as the filter says.
+      input_groups: layers that read one input tensor (q/k/v, gate/up) get one input
+        transform, fitted on their stacked weight (`duquant_jax.shared_input`) and run once
+        per input (`interop.shared_input`). "auto" (default): the groups the observe pass
+        found (`stats.input_groups`; none without statistics); a list of lists of module
+        names: these (they must be selected, and read one input); None or []: every layer
+        fitted alone, as before groups existed.
 
     Returns:
       {name: the new module} for every layer replaced (`DuQuantLinear`, and the
@@ -72,18 +83,99 @@ def quantize_(
         keep = filter_fn
         filter_fn = lambda n, m: n != head_name and (keep is None or keep(n, m))  # noqa: E731
     selected = selected_linears(model, filter_fn, "quantize_")
+    groups = resolve_input_groups(input_groups, stats, dict(selected), config)
+    group_of = {n: g for g in groups for n in g}
+    linears = dict(selected)
     replaced = {}
-    for name, linear in tqdm(selected, desc="duquant pack", unit="layer", disable=not progress):
+    bar = tqdm(total=len(selected), desc="duquant pack", unit="layer", disable=not progress)
+    for name, linear in selected:
+        if name in replaced:
+            continue
         layer_stats = None if stats is None else stats.get(name)
-        new = DuQuantLinear.from_linear(linear, config, name=name, stats=layer_stats)
-        new.train(linear.training)
-        set_child(model, name, new)
-        replaced[name] = new
+        if name in group_of:
+            members = group_of[name]
+            news = grouped_layers([linears[n] for n in members], config, members, layer_stats)
+        else:
+            members, news = [name], [DuQuantLinear.from_linear(linear, config, name=name, stats=layer_stats)]
+        for n, new in zip(members, news):
+            new.train(linears[n].training)
+            set_child(model, n, new)
+            replaced[n] = new
+        if len(news) > 1:
+            SharedInput(news, members)
+        bar.update(len(news))
+    bar.close()
     if head_name is not None:
         from interop.output_layer import quantize_output_layer
 
         replaced.update(quantize_output_layer(model, output_layer, 128 if output_layer == 4 else None, head=head_name))
     return replaced
+
+
+def resolve_input_groups(
+    input_groups: str | Sequence[Sequence[str]] | None,
+    stats: Mapping[str, LayerStats] | None,
+    selected: Mapping[str, nn.Linear],
+    config: DuQuantConfig,
+) -> list[list[str]]:
+    """`quantize_`'s input groups among the `selected` layers ({name: nn.Linear}), checked.
+
+    "auto": `stats.input_groups` (members the filter left out are dropped, and groups left
+    with one member); named groups must be selected whole. Members must have one input
+    width, and with statistics one input (equal `act_absmax`)."""
+    if isinstance(input_groups, str) and input_groups == "auto":
+        groups, named = (getattr(stats, "input_groups", ()) if stats is not None else ()), False
+    elif input_groups is None:
+        groups, named = (), True
+    elif isinstance(input_groups, (str, bytes)) or not isinstance(input_groups, Sequence):
+        raise ValueError(f"quantize_: input_groups must be 'auto', None or a list of lists of module names; got {input_groups!r:.200}")
+    else:
+        groups, named = input_groups, True
+    out, seen = [], set()
+    for g in groups:
+        if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not all(isinstance(n, str) for n in g):
+            raise ValueError(f"quantize_: each input group must be a list of module names; got {g!r:.200}")
+        if named:
+            left_out = [n for n in g if n not in selected]
+            if left_out:
+                raise ValueError(f"quantize_: input group {list(g)} names {left_out}, which the filter did not select as nn.Linear layers")
+        members = [n for n in g if n in selected]
+        if len(members) < 2:
+            continue
+        again = [n for n in members if n in seen]
+        if again or len(set(members)) != len(members):
+            raise ValueError(f"quantize_: input group {list(g)}: {again or members} appear in more than one group or twice")
+        seen.update(members)
+        widths = {selected[n].in_features for n in members}
+        if len(widths) != 1:
+            raise ValueError(f"quantize_: input group {members} has input widths {[selected[n].in_features for n in members]}; they cannot read one input")
+        if stats is not None and config.needs_stats and all(n in stats for n in members):
+            parts: dict[bytes, list[str]] = {}  # members by the values they saw
+            for n in members:
+                parts.setdefault(np.asarray(stats[n].act_absmax).tobytes(), []).append(n)
+            if len(parts) > 1 and named:
+                a, b = (p[0] for p in list(parts.values())[:2])
+                raise ValueError(f"quantize_: input group {members}: {b} and {a} did not read the same input in the observe pass (their act_absmax differ)")
+            if len(parts) > 1:  # found by identity alone (inference-mode tensors have no version counter)
+                warnings.warn(f"quantize_: layers {members} read one tensor object but saw different values (changed in place?); "
+                              f"grouped by what they saw: {list(parts.values())}", stacklevel=3)
+            out.extend(p for p in parts.values() if len(p) > 1)
+            continue
+        out.append(members)
+    return out
+
+
+def grouped_layers(linears: Sequence[nn.Linear], config: DuQuantConfig, names: Sequence[str], stats: LayerStats | None) -> list[DuQuantLinear]:
+    """The `DuQuantLinear` of each of `linears` (one input), packed with one input transform (`duquant_jax.shared_input.pack_group`)."""
+    from duquant_jax.shared_input import pack_group
+    from interop.dlpack import torch_to_jax
+
+    packs = pack_group([torch_to_jax(m.weight.detach()) for m in linears], config, stats, names=names)
+    out = []
+    for m, pack, name in zip(linears, packs, names):
+        dtype = m.weight.dtype if m.weight.dtype.is_floating_point else torch.float32
+        out.append(DuQuantLinear.from_pack(pack, bias=m.bias, dtype=dtype, name=name).to(m.weight.device))
+    return out
 
 
 def from_pack_dir(model: nn.Module, packs_dir, progress: bool = True) -> dict[str, DuQuantLinear]:
@@ -92,11 +184,12 @@ def from_pack_dir(model: nn.Module, packs_dir, progress: bool = True) -> dict[st
     A module matches the pack of tensor `T` when `T == name + ".weight"` or, for
     a model that wraps the checkpoint's (sentence-transformers' `0.auto_model.`),
     when `name + ".weight"` ends with `"." + T`. Each pack must fit the layer's
-    shape; the layer's bias is kept. Returns {module name: new layer}.
+    shape; the layer's bias is kept. Layers packed as one input group (`--stats` with
+    input groups) are linked to share the transform at run time. Returns {module name: new layer}.
     """
     from tqdm import tqdm
 
-    from duquant_jax.checkpoint import iter_pack_dir, pack_dir_layers
+    from duquant_jax.checkpoint import iter_pack_dir, pack_dir_groups, pack_dir_layers
 
     tensors = set(pack_dir_layers(packs_dir))
     matches = {}
@@ -118,6 +211,9 @@ def from_pack_dir(model: nn.Module, packs_dir, progress: bool = True) -> dict[st
         new.train(linear.training)
         set_child(model, name, new)
         replaced[name] = new
+    for group in pack_dir_groups(packs_dir):  # packed with one input transform: run it once per input
+        if all(t in matches for t in group):
+            SharedInput([replaced[matches[t][0]] for t in group], [matches[t][0] for t in group])
     return replaced
 
 

@@ -721,6 +721,7 @@ def quantized_matmul(
     act_scale: torch.Tensor | None = None,
     *,
     path: str | None = None,
+    prepared: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """`y = x3 @ W_hatᵀ` (module docstring): x2 (..., in) -> y (..., out) in x2's dtype.
 
@@ -736,12 +737,14 @@ def quantized_matmul(
         "static-channel"; unused otherwise.
       path: force this path for this call (else `weight.path`, else the global
         option, else the frozen choice of the token bucket, else the autotuner's choice).
+      prepared: `prepare(x2 (T, in), act, act_scale)` already computed (layers that read one
+        input share it, `interop.shared_input`).
     """
     _check_inputs(x2, weight, act, act_scale)
     lead = x2.shape[:-1]
     x = x2.reshape(-1, weight.in_features)
     if torch.compiler.is_compiling():
-        return _traced_product(x, weight, act, act_scale, path).reshape(*lead, weight.out_features)
+        return _traced_product(x, weight, act, act_scale, path, prepared).reshape(*lead, weight.out_features)
     tokens = x.shape[0]
     if tokens == 0:
         return x2.new_zeros(*lead, weight.out_features)
@@ -750,15 +753,16 @@ def quantized_matmul(
     name = resolve_path(weight, act, x.dtype, tokens, path or "", act_scale)
     weight.last_path = name
     with torch.no_grad():
-        y = PATHS[name].run(x, weight, act, act_scale)
+        y = PATHS[name].run(x, weight, act, act_scale) if prepared is None else PATHS[name].product(*prepared, weight, x.dtype)
     return y.reshape(*lead, weight.out_features)
 
 
-def _traced_product(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant, act_scale: torch.Tensor | None, path: str | None) -> torch.Tensor:
-    """x (T, in) -> (T, out) as traced ops (`prepare`) and one `duquant::quantized_mm`."""
+def _traced_product(x: torch.Tensor, weight: QuantizedWeight, act: ActQuant, act_scale: torch.Tensor | None, path: str | None,
+                    prepared: tuple | None = None) -> torch.Tensor:
+    """x (T, in) -> (T, out) as traced ops (`prepare`, unless `prepared`) and one `duquant::quantized_mm`."""
     from interop.custom_ops import quantized_mm
 
-    a, s_t = prepare(x, act, act_scale)
+    a, s_t = prepare(x, act, act_scale) if prepared is None else prepared
     return quantized_mm(
         a, s_t, weight.qdata, weight.scales, weight.in_features, weight.out_features, weight.bits,
         weight.group_size or 0, weight.layout, path_spec(weight, x.dtype, path), act.scheme, act.bits,

@@ -127,6 +127,7 @@ class DuQuantLinear(nn.Module):
             self.register_buffer(derived, None, persistent=False)
         self._stats: torch.Tensor | None = None
         self._stat_batches = -1  # -1: not calibrating
+        self.input_group = None  # an `interop.shared_input.SharedInput` when it shares its input transform
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_derived())
         self._refresh_derived()
 
@@ -227,6 +228,8 @@ class DuQuantLinear(nn.Module):
                 b = b * self.out_diag.float()
             bias = rotate_blocks(b, self.r_out.float().transpose(-1, -2)).to(bias.dtype)
         self.b_eff = None if bias is None else bias.detach()
+        if getattr(self, "input_group", None) is not None:  # .to() converts each member's buffers alone
+            self.input_group.link()
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16() ...
         out = super()._apply(fn, recurse)
@@ -304,10 +307,13 @@ class DuQuantLinear(nn.Module):
         y = rotate_blocks(y1, self.r_out.to(y1.dtype))
         return y if self.out_diag is None else y * self.out_diag.to(y.dtype)
 
-    def _product(self, x2: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    def _product(self, x2: torch.Tensor, act: ActQuant, group=None, compiling: bool = False) -> torch.Tensor:
         if self.qweight is not None:
             scale = self.a_scale if act.scheme in ("static-channel", "static-tensor") else None
-            return quantized_matmul(x2, self.qweight, act, scale)
+            prepared = None
+            if group is not None:
+                prepared = group.traced_prepared(x2, act, scale) if compiling else group.prepared(x2, act, scale)
+            return quantized_matmul(x2, self.qweight, act, scale, prepared=prepared)
         x3 = x2 if act.scheme == "none" else fake_quantize(x2, act, self.a_scale if act.scheme.startswith("static") else None)
         return nn.functional.linear(x3.to(x2.dtype), self.w2.to(x2.dtype))  # fake_quantize computes in float32
 
@@ -315,7 +321,11 @@ class DuQuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'DuQuantLinear'}: input must have last dimension {self.in_features}; got shape {tuple(x.shape)}")
         cfg = self.config
-        x2 = self.rotate_input(x)
+        group, compiling = self.input_group, torch.compiler.is_compiling()
+        if group is None:
+            x2 = self.rotate_input(x)
+        else:
+            x2 = group.traced(self, x) if compiling else group.rotated(x)
         act = self.act
         if self._stat_batches >= 0:
             self._record(x2)
@@ -325,7 +335,9 @@ class DuQuantLinear(nn.Module):
                 f"layer {self.name or '(unnamed)'} quantizes activations (A{cfg.act_bits}) but was never "
                 "calibrated: run batches inside `with interop.calibrate(model):` first"
             )
-        y = self._product(x2, act)
+        y = self._product(x2, act, group, compiling)
+        if group is not None:
+            group.traced_read() if compiling else group.read()
         if cfg.rotate_rows and cfg.row_rot_mode == "restore":
             y = self.restore_output(y)
         return y if self.b_eff is None else y + self.b_eff.to(y.dtype)

@@ -10,6 +10,7 @@ stats.save("stats.safetensors")       # duquant_jax.stats.load_stats reads it ba
 
 from __future__ import annotations
 
+import weakref
 from typing import ContextManager
 
 import torch
@@ -20,6 +21,34 @@ from interop.modules import FilterFn, selected_linears
 
 
 
+class _InputTracker:
+    """Tells input tensors apart for one observe pass: a serial number per live tensor object (its
+    `id` is not enough: a freed tensor's id comes back) and its version counter (an in-place change
+    makes it another input; inference-mode tensors have none, and `quantize_` then also requires
+    equal statistics). Layers whose calls saw the same sequence of inputs read one input."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[weakref.ref, int]] = {}
+        self._next = 0
+        self.seen: dict[str, list[tuple[int, int]]] = {}
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        entry = self._live.get(id(x))
+        if entry is None or entry[0]() is not x:
+            entry = (weakref.ref(x), self._next)
+            self._next += 1
+            self._live[id(x)] = entry
+        self.seen.setdefault(name, []).append((entry[1], -1 if x.is_inference() else x._version))
+
+    def groups(self, order: list[str]) -> list[list[str]]:
+        """Layers (in `order`) whose every call read the same tensor as each other's, in groups of two or more."""
+        by_inputs: dict[tuple, list[str]] = {}
+        for name in order:
+            if self.seen.get(name):
+                by_inputs.setdefault(tuple(self.seen[name]), []).append(name)
+        return [g for g in by_inputs.values() if len(g) > 1]
+
+
 class _Recorder:
     """Forward pre-hook of one `nn.Linear`: accumulates its input's statistics in torch, on its device.
 
@@ -27,8 +56,8 @@ class _Recorder:
     batch's `xᵀx`, both float32; the activations themselves are never kept.
     """
 
-    def __init__(self, name: str, linear: nn.Linear, xtx: bool):
-        self.name = name
+    def __init__(self, name: str, linear: nn.Linear, xtx: bool, tracker: _InputTracker):
+        self.name, self.tracker = name, tracker
         n, device = linear.in_features, linear.weight.device
         self.absmax = torch.zeros(n, dtype=torch.float32, device=device)
         self.xtx = torch.zeros(n, n, dtype=torch.float32, device=device) if xtx else None
@@ -39,6 +68,7 @@ class _Recorder:
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.absmax.shape[0]:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"observe: layer {self.name}: input must have shape (..., {self.absmax.shape[0]}); got {shape}")
+        self.tracker.record(self.name, x)
         with torch.no_grad():
             x2 = x.detach().reshape(-1, x.shape[-1]).to(device=self.absmax.device, dtype=torch.float32)
             if x2.shape[0] == 0:
@@ -91,10 +121,11 @@ def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = 
     selected = selected_linears(model, filter_fn, "observe")
     recorders: list[_Recorder] = []
     handles: list = []
+    tracker = _InputTracker()
 
     def start() -> None:
         for name, linear in selected:
-            recorders.append(_Recorder(name, linear, xtx))
+            recorders.append(_Recorder(name, linear, xtx, tracker))
             handles.append(linear.register_forward_pre_hook(recorders[-1], with_kwargs=True))
 
     def stop() -> None:
@@ -102,4 +133,5 @@ def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = 
             h.remove()
         handles.clear()
 
-    return observe_session(start, stop, lambda: {r.name: r.result() for r in recorders}, "nn.Linear")
+    results = lambda: {r.name: r.result() for r in recorders}  # noqa: E731
+    return observe_session(start, stop, results, "nn.Linear", lambda: tracker.groups([n for n, _ in selected]))

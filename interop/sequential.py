@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from duquant_jax.config import DuQuantConfig
-from duquant_jax.stats import LayerStats, save_stats
+from duquant_jax.stats import LayerStats, ModelStats, save_stats
 from interop.convert import calibrate, quantize_
 from interop.linear import DuQuantLinear
 from interop.modules import FilterFn
@@ -182,7 +182,7 @@ def quantize_sequential(
     if stats_path is not None and not config.needs_stats:
         raise ValueError(f"quantize_sequential: stats_path={str(stats_path)!r} but the config needs no statistics (nothing to write)")
     replaced: dict[str, DuQuantLinear] = {}
-    sink: dict[str, LayerStats] | None = None if stats_path is None else {}
+    sink: tuple[dict[str, LayerStats], list] | None = None if stats_path is None else ({}, [])
     with torch.no_grad():
         for k, (prefix, block) in enumerate(tqdm(found, desc="duquant sequential", unit="block", disable=not progress)):
             block_calls = list(zip(hidden, calls[k]))
@@ -191,23 +191,26 @@ def quantize_sequential(
                 replaced.update(_quantize_block(block, prefix, config, rel, block_calls, sink))
             hidden = [_hidden_out(block(h, *a, **kw)) for h, (a, kw) in block_calls]  # the quantized block's outputs
     if sink is not None:
-        save_stats(stats_path, sink)
+        save_stats(stats_path, ModelStats(*sink))
     return replaced
 
 
 def _quantize_block(
-    block: nn.Module, prefix: str, config: DuQuantConfig, rel: FilterFn | None, block_calls: list, sink: dict | None = None
+    block: nn.Module, prefix: str, config: DuQuantConfig, rel: FilterFn | None, block_calls: list, sink: tuple | None = None,
+    input_groups: str | list | None = "auto",
 ) -> dict[str, DuQuantLinear]:
     """Observe, quantize and (static schemes) calibrate one block on its recorded calls; {full name: layer}.
-    With `sink`, the block's statistics are added to it under the layers' full names."""
+    With `sink` ({name: LayerStats}, [input groups]), the block's statistics and input groups are added
+    to it under the layers' full names. `input_groups`: as `quantize_`'s, in the block's own names."""
     stats = None
     if config.needs_stats:
         with observe(block, rel, xtx=config.needs_xtx) as stats:
             for h, (a, kw) in block_calls:
                 block(h, *a, **kw)
         if sink is not None:
-            sink.update({f"{prefix}.{n}": LayerStats(st.act_absmax, st.xtx, st.tokens, layer=f"{prefix}.{n}") for n, st in stats.items()})
-    new = quantize_(block, config, rel, progress=False, stats=stats)
+            sink[0].update({f"{prefix}.{n}": LayerStats(st.act_absmax, st.xtx, st.tokens, layer=f"{prefix}.{n}") for n, st in stats.items()})
+            sink[1].extend([f"{prefix}.{n}" for n in g] for g in stats.input_groups)
+    new = quantize_(block, config, rel, progress=False, stats=stats, input_groups=input_groups)
     if config.needs_calibration:
         with calibrate(block):
             for h, (a, kw) in block_calls:

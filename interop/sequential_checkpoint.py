@@ -25,8 +25,11 @@ The model's parameters stay on the meta device except where needed:
    result into a freshly built model with `load_quantized`).
 3. The tensors outside the blocks are read again and become the last shard; the index and the
    record (`duquant_quantized.json`) are written last. The record is planned
-   from the configuration before the first shard is written, since every
-   shard records its digest; each quantized layer is checked against its plan.
+   from the configuration, and the first block's input groups (layers that read
+   one input, `interop.shared_input`; every later block is quantized with the
+   same groups, checked on its statistics), before the first shard is written,
+   since every shard records its digest; each quantized layer is checked against
+   its plan.
 
 Peak memory: the larger of the tensors outside the blocks (steps 1 and 3) and
 one float block with the calibration hidden states (batches x tokens x hidden)
@@ -54,6 +57,7 @@ from duquant_jax.paths import contained
 from interop.modules import FilterFn, set_child
 from interop.saved_checks import ROTATION_FIELDS
 from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, checked_inputs, find_blocks, run_until_stop
+from interop.shared_input import group_buffer_keys, input_groups
 from interop.serialize import CONFIG_FILE, _get_tensor, layer_record, make_record, write_index, write_shard
 
 
@@ -189,6 +193,14 @@ def _aliases(model: nn.Module, blocks: Sequence[str]) -> dict[str, str]:
     return aliases
 
 
+def _record(plan: dict, aliases: dict, files: list[str], blocks: Sequence[str], block_groups: list[list[str]]) -> str:
+    """The saved model's record; the first quantized block's input groups, repeated in every block."""
+    groups = [[f"{b}.{n}" for n in g] for b in blocks for g in block_groups]
+    groups = [g for g in groups if sum(n in plan for n in g) > 1]
+    groups = [[n for n in g if n in plan] for g in groups]
+    return make_record(plan, aliases, files, {"input_groups": groups} if groups else None)
+
+
 def quantize_checkpoint_sequential(
     model: nn.Module,
     checkpoint: str | os.PathLike,
@@ -231,7 +243,8 @@ def quantize_checkpoint_sequential(
     files = [f"model-{i + 1:05d}-of-{len(found) + 1:05d}.safetensors" for i in range(len(found) + 1)]
     plan = _plan(model, found, config, filter_fn, reader)
     aliases = _aliases(model, names)
-    record = make_record(plan, aliases, files)
+    record = None  # made once the first block shows its input groups
+    block_groups: list[list[str]] = []  # in a block's own names; every block is taken to repeat the first one's
     outside = nn.ModuleDict()  # placeholder so that blocks can be swapped out while the rest is read
     for name in names:
         set_child(model, name, outside)
@@ -249,12 +262,19 @@ def quantize_checkpoint_sequential(
             block_calls = list(zip(hidden, calls[k]))
             calls[k] = None
             rel = _relative_filter(prefix, filter_fn)
-            quantized = _quantize_block(block, prefix, config, rel, block_calls) if any(n.startswith(prefix + ".") for n in plan) else {}
+            quantized = {}
+            if any(n.startswith(prefix + ".") for n in plan):
+                groups = "auto" if record is None else [[n for n in g if f"{prefix}.{n}" in plan] for g in block_groups]
+                quantized = _quantize_block(block, prefix, config, rel, block_calls, input_groups=groups)
             for full, layer in quantized.items():
                 if layer_record(layer) != plan[full]:
                     raise AssertionError(f"layer {full}: its record {layer_record(layer)} differs from the plan {plan[full]}")
+            if record is None:  # the first block: its groups (none if it had no quantized layer) stand for all
+                block_groups = input_groups(block) if quantized else []
+                record = _record(plan, aliases, files, names, block_groups)
             hidden = [_hidden_out(block(h, *a, **kw)) for h, (a, kw) in block_calls]
-            state = {f"{prefix}.{key}": t.detach().contiguous() for key, t in block.state_dict().items()}
+            own = group_buffer_keys(block)  # one tensor per group in memory, one copy per member on disk
+            state = {f"{prefix}.{key}": t.detach().clone() if key in own else t.detach().contiguous() for key, t in block.state_dict().items()}
             write_shard(out / files[k], state, record)
             weight_map.update({key: files[k] for key in state})
             total += sum(t.numel() * t.element_size() for t in state.values())

@@ -9,7 +9,9 @@ Directory layout (transformers' sharded layout, plus one JSON of our own):
                                         config, shape, dtype and field shapes, and tied aliases
                                         (and "kernel_paths": the frozen kernel choices, and
                                         "tied_embeddings": {embedding: output layer} for
-                                        `interop.output_layer.QuantizedEmbedding`, if any)
+                                        `interop.output_layer.QuantizedEmbedding`, and
+                                        "input_groups": lists of layers that share one input
+                                        transform (`interop.shared_input`), if any)
 
 Each `DuQuantLinear` contributes its packed state (`qweight.codes` as 4-bit
 nibbles or int8, `qweight.scales`, the rotations, `a_scale`, `calibrated`,
@@ -43,6 +45,7 @@ from interop.linear import DuQuantLinear
 from interop.modules import set_child
 from interop.output_layer import QuantizedEmbedding, check_tieable, tied_embeddings
 from interop.saved_checks import SavedModelError
+from interop.shared_input import group_buffer_keys, input_groups, link_input_groups
 
 FORMAT = "duquant-quantized-model"
 FORMAT_VERSION = 2  # 2: every shard's metadata records the CRC-32 of the record (RECORD_DIGEST_KEY)
@@ -64,13 +67,18 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return digest(t.reshape(-1).view(torch.uint8).numpy(), dtype_code(t.dtype), t.shape)
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict without tied duplicates (safetensors stores no shared memory): (tensors, {alias: kept key})."""
+def _unique_state(model: nn.Module, own: frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without tied duplicates (safetensors stores no shared memory): (tensors, {alias: kept key}).
+    Keys in `own` (an input group's shared transform buffers) are stored as copies of their own instead:
+    the float model does not tie them, and loading links them again (`interop.shared_input`)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if key in own:
+            tensors[key] = t.detach().cpu().clone()
+            continue
         if ident is not None and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -144,13 +152,16 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, max_shard_
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).unlink(missing_ok=True)
-    tensors, aliases = _unique_state(model)
+    groups = input_groups(model)
+    tensors, aliases = _unique_state(model, group_buffer_keys(model))
     shards = _shards(tensors, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     extra = _frozen_paths_record(layers)
     tied = tied_embeddings(model)
     if tied:
         extra["tied_embeddings"] = tied
+    if groups:
+        extra["input_groups"] = groups
     record_text = make_record({name: layer_record(m) for name, m in layers.items()}, aliases, names, extra)
     for stale in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         if stale.name not in names:
@@ -372,6 +383,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, *, verify: bo
         except ValueError as e:
             raise SavedModelError(f"{source}: tied_embeddings: {e}") from None
     _apply_frozen_paths(model, record, source)
+    _link_groups(model, record, source)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:  # non-persistent buffers (rotary frequencies, ...) are in no state_dict and no file
         raise SavedModelError(
@@ -404,6 +416,22 @@ def _tie_embeddings(model: nn.Module, record: dict[str, Any], source: Path) -> l
         set_child(model, emb_name, emb)
         out.append(emb)
     return out
+
+
+def _link_groups(model: nn.Module, record: dict[str, Any], source: Path) -> None:
+    """The record's "input_groups" (lists of layer names sharing one input transform), linked again once
+    their tensors are loaded; members whose transform tensors differ are refused."""
+    groups = record.get("input_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups):
+        raise SavedModelError(f"{source}: 'input_groups' must be a list of lists of layer names; got {groups!r:.200}")
+    for g in groups:
+        unknown = [n for n in g if n not in record["layers"]]
+        if unknown:
+            raise SavedModelError(f"{source}: input group {g} names {unknown}, which are no quantized layers of the save")
+    try:
+        link_input_groups(model, groups)
+    except (TypeError, ValueError) as e:
+        raise SavedModelError(f"{source}: input_groups: {e}") from None
 
 
 def _frozen_paths_record(layers: dict[str, DuQuantLinear]) -> dict[str, Any]:

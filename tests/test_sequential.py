@@ -12,6 +12,7 @@ import torch
 from duquant_jax import DuQuantConfig
 from interop import name_filter, observe, quantize_
 from interop.sequential import find_blocks, quantize_sequential
+from interop.shared_input import input_groups
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,6 +129,7 @@ def test_from_a_checkpoint_equals_the_in_memory_run_and_loads(tmp_path):
     quantize_sequential(float_model, config, _batches(), name_filter(include=LINEARS), progress=False)
     loaded = load_quantized(_gemma(), tmp_path / "out")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert input_groups(loaded) == input_groups(float_model) and len(input_groups(loaded)) == 6  # q/k/v, gate/up x 3
     x = _batches()[0]
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, float_model(x).logits)
@@ -151,6 +153,7 @@ def test_duquant_pack_with_the_sequential_statistics_equals_the_sequential_model
     assert rc == 0
     replaced = from_pack_dir(float_model, tmp_path / "packs", progress=False)
     assert len(replaced) == 21
+    assert input_groups(float_model) == input_groups(seq) and len(input_groups(seq)) == 6  # packed and linked as groups
     x = _batches()[0]
     with torch.no_grad():
         assert torch.equal(float_model(x).logits, seq(x).logits)

@@ -8,7 +8,8 @@ With `DuQuantConfig()` it is SPEC's algorithm step by step.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import dataclasses
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -39,23 +40,51 @@ def _spec_rotations(m: np.ndarray, size: int) -> np.ndarray:
     return stack_blocks([left_rotation(m[list(rows), :]) for rows in block_ranges(m.shape[0], size)], size)
 
 
-def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig(), stats: LayerStats | None = None) -> Pack:
-    """Packs `w: (out, in)` in float64; returns a Pack of NumPy arrays."""
-    check_weight(w)
-    check_stats(stats, config, tuple(np.shape(w)))
+@dataclasses.dataclass(frozen=True)
+class InputSide:
+    """A layer's input transform, fitted (float64): `s` the smoothing factors (or None), `signs` the
+    Hadamard family's input signs (or None), and the Pack fields `in_diag`, `r_pre`, `perm`, `r_in`."""
+
+    s: np.ndarray | None
+    signs: np.ndarray | None
+    in_diag: np.ndarray | None
+    r_pre: np.ndarray | None
+    perm: np.ndarray
+    r_in: np.ndarray | None
+
+
+def _smoothed(w: np.ndarray, side: InputSide) -> np.ndarray:
+    """W diag(s): the weight as smoothing leaves it (W itself without smoothing)."""
+    return w if side.s is None else w * side.s[None, :]
+
+
+def _staged(w: np.ndarray, side: InputSide) -> np.ndarray:
+    """The weight in the basis before the input rotations: smoothed, signed, rotated by r_pre, permuted."""
+    w = _smoothed(w, side)
+    if side.signs is not None:
+        w = w * side.signs[None, :]
+    if side.r_pre is not None:
+        w = options.rotate_blocks(w, side.r_pre)
+    return w[:, side.perm]
+
+
+def input_side(w: Any, config: DuQuantConfig = DuQuantConfig(), stats: LayerStats | None = None) -> InputSide:
+    """Fits the input transform of `w: (out, in)`: smoothing, the family's transform before the
+    permutation, the permutation, the input rotations (docs/ALGORITHM.md "Packing a weight", steps 1-3).
+    For layers that read one input, `w` is their stacked weight (`pack_group`)."""
     w = np.asarray(w, dtype=np.float64)
-    out, n_in = w.shape
-    B, Bo = config.block_size, config.out_block_size
+    n_in = w.shape[1]
+    B = config.block_size
 
     # Smoothing: x -> x / s, W -> W diag(s).
-    in_diag = None
+    in_diag = s = None
     if config.smooth_alpha is not None:
         s = smoothing_factors(stats.act_absmax, np.abs(w).max(axis=0), config.smooth_alpha)
         w = w * s[None, :]
         in_diag = 1.0 / s
 
     # The family's transform before the permutation.
-    r_pre = None
+    r_pre = signs = None
     if config.rotation == "hadamard":
         signs = hadamard.random_signs(n_in, config.seed, hadamard.INPUT_STREAM)
         w = w * signs[None, :]
@@ -81,7 +110,35 @@ def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig(), stats: LayerSta
         r_in = options.greedy_rotation(m[perm].reshape(-1, b), greedy.base_rotation(b, config.seed, greedy.POST_STREAM), config.greedy_steps)[None]
     else:
         r_in = None
+    return InputSide(s=s, signs=signs, in_diag=in_diag, r_pre=r_pre, perm=perm, r_in=r_in)
+
+
+def pack_weight(w: Any, config: DuQuantConfig = DuQuantConfig(), stats: LayerStats | None = None) -> Pack:
+    """Packs `w: (out, in)` in float64; returns a Pack of NumPy arrays."""
+    check_weight(w)
+    check_stats(stats, config, tuple(np.shape(w)))
+    return pack_with_input_side(w, input_side(w, config, stats), config, stats)
+
+
+def pack_group(ws: Sequence[Any], config: DuQuantConfig = DuQuantConfig(), stats: LayerStats | None = None) -> list[Pack]:
+    """Layers that read one input (`duquant_jax.shared_input`): the input transform fitted once on
+    the stacked weight `[W_1; ...; W_k]`, then each layer packed with it; one Pack per weight."""
+    for w in ws:
+        check_weight(w)
+        check_stats(stats, config, tuple(np.shape(w)))
+    side = input_side(np.concatenate([np.asarray(w, np.float64) for w in ws], axis=0), config, stats)
+    return [pack_with_input_side(w, side, config, stats) for w in ws]
+
+
+def pack_with_input_side(w: Any, side: InputSide, config: DuQuantConfig, stats: LayerStats | None = None) -> Pack:
+    """Packs `w: (out, in)` with a fitted input transform: output rows, scales and codes (steps 4-8)."""
+    w = np.asarray(w, dtype=np.float64)
+    out, n_in = w.shape
+    Bo = config.out_block_size
+    perm, r_in, r_pre, in_diag = side.perm, side.r_in, side.r_pre, side.in_diag
+    wp = _staged(w, side)
     w1 = wp if r_in is None else options.rotate_blocks(wp, r_in)
+    w = _smoothed(w, side)  # the svd family's row rotations come from the smoothed W's row blocks
 
     # Output rows.
     r_out = out_diag = None
