@@ -233,6 +233,8 @@ class DuQuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .bfloat16() ...
         out = super()._apply(fn, recurse)
+        if self.a_scale.dtype != torch.float32:  # activation scales stay float32 (what the saved format stores)
+            self.a_scale = self.a_scale.float()
         self._refresh_derived()
         return out
 

@@ -98,6 +98,16 @@ def test_bfloat16_model_keeps_its_dtypes(tmp_path):
     assert torch.equal(loaded(ids), model(ids))
 
 
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=["static-channel", "static-tensor"])
+def test_model_converted_to_bfloat16_after_quantizing_saves_and_reloads(tmp_path, config):
+    """`.to(torch.bfloat16)` of a quantized model keeps the activation scales float32, as the format stores them."""
+    model = _quantized(config).to(torch.bfloat16)
+    assert model.up.a_scale.dtype == torch.float32 and model.up.r_in.dtype == torch.bfloat16
+    ids = torch.arange(12).reshape(2, 6)
+    save_quantized(model, tmp_path)
+    assert torch.equal(load_quantized(Tiny(), tmp_path)(ids), model(ids))
+
+
 def test_shards_with_an_index_above_the_size_limit(tmp_path):
     model = _quantized(DuQuantConfig())
     save_quantized(model, tmp_path, max_shard_bytes=4000)
