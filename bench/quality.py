@@ -95,12 +95,12 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
         _after(task, model, row, config, times, notes)
         return notes
     stats = None
-    find_groups = row.kind == "preset" and not row.per_layer  # a config without statistics observes for its input groups
+    find_groups = row.shared_inputs  # a config without statistics observes for its input groups
     if config.needs_stats or find_groups:
         with _timed(times, "observe_s"), observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
             task.run_calibration(model)
     with _timed(times, "quantize_s"):
-        groups = None if row.per_layer else "auto"
+        groups = "auto" if row.shared_inputs else None
         notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, stats=stats, input_groups=groups))
     notes["input_groups"] = len(input_groups(model))
     _after(task, model, row, config, times, notes)
@@ -359,7 +359,7 @@ def _preset_config(column: str) -> dict:
 def _is_preset(cell: dict, column: str) -> bool:
     """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step)."""
     row = ROWS.get(cell["record"]["row"])
-    plain = row is None or not (row.sequential or row.clip_search or row.per_layer)
+    plain = row is None or not (row.sequential or row.clip_search or row.shared_inputs)
     return plain and cell["record"].get("config") == _preset_config(column)
 
 
@@ -487,7 +487,7 @@ def _rows_section(model: str, mine: dict, ref: dict) -> str:
         row = ROWS.get(name)
         if row is not None and row.kind == "preset":  # one config per column: name what the row adds
             extra = [w for w, on in (("sequential", row.sequential), ("clip searched per layer", row.clip_search),
-                                     ("input transforms fitted per layer", row.per_layer)) if on]
+                                     ("one input transform per input group", row.shared_inputs)) if on]
             labels = {"rotation": "each column's preset" + "".join(f", {w}" for w in extra)}
         if mode == "peer":
             peer = any_cell["record"].get("peer", {})

@@ -32,8 +32,8 @@ class Row:
         the quantized blocks' outputs) instead of one observe pass over the float model.
       clip_search: after quantizing, choose each layer's activation clip on the calibration data
         (`interop.search_act_clip`).
-      per_layer: fit every layer's input transform alone (`quantize_(input_groups=None)`), not one
-        per group of layers that read one input (the default).
+      shared_inputs: one input transform per group of layers that read one input
+        (`quantize_(input_groups="auto")`), instead of every layer's own (the default).
     """
 
     name: str
@@ -41,7 +41,7 @@ class Row:
     options: tuple[tuple[str, Any], ...] = ()
     sequential: bool = False
     clip_search: bool = False
-    per_layer: bool = False
+    shared_inputs: bool = False
 
     def config(self, weight_bits: int, act_bits: int, column: str = "") -> DuQuantConfig | None:
         if self.kind == "float":
@@ -78,8 +78,8 @@ class Row:
             labels["weight method"] += ", sequential"
         if self.clip_search:
             labels["act scheme"] += ", clip searched per layer"
-        if self.per_layer:
-            labels["rotation"] += ", fitted per layer"
+        if self.shared_inputs:
+            labels["rotation"] += ", one per input group"
         return labels
 
 
@@ -163,7 +163,7 @@ ROWS: dict[str, Row] = {
         _row("duquant+dyn-norows+gptq", rotation="duquant", block_size=128, act_scheme="dynamic-token",
              row_rot_mode="none", weight_method="gptq"),
         Row("presets", "preset"),
-        Row("presets-per-layer", "preset", per_layer=True),  # before input groups: each layer's transform alone
+        Row("presets+shared-inputs", "preset", shared_inputs=True),
         Row("presets-sequential", "preset", sequential=True),
         Row("presets+clip-search", "preset", clip_search=True),
         Row("presets-sequential+clip-search", "preset", sequential=True, clip_search=True),
@@ -178,7 +178,7 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a4-damp0.05", "w4a4", gptq_damp=0.05),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
-        dataclasses.replace(_from_preset("w4a8-seed1-per-layer", "w4a8", seed=1), per_layer=True),
+        dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
     ]
 }
 
@@ -197,8 +197,8 @@ LISTS: dict[str, list[str]] = {
                "hadamard+dyn-norows+g128", "duquant+dyn+gptq", "hadamard+dyn+gptq", "hadamard+smooth+dyn-norows+gptq",
                "duquant+smooth+dyn+gptq"],
 }
-LISTS["input-groups"] = ["presets", "presets-per-layer"]
-LISTS["realizations"] = ["w4a8-seed1", "w4a8-seed1-per-layer"]  # with --bits W4A8
+LISTS["input-groups"] = ["presets", "presets+shared-inputs"]
+LISTS["realizations"] = ["w4a8-seed1", "w4a8-seed1+shared-inputs"]  # with --bits W4A8
 LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))

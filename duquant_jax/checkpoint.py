@@ -219,6 +219,7 @@ def pack_checkpoint(
     devices: list | None = None,
     echo: Callable[[str], None] = _stderr,
     stats: Mapping[str, LayerStats] | None = None,
+    input_groups: bool = False,
 ) -> PackSummary:
     """Packs every selected layer of `checkpoint` into `out_dir`, one tensor in memory at a time.
 
@@ -235,6 +236,8 @@ def pack_checkpoint(
     repacked. `echo` receives notes (a stale lock taken over, a layer repacked).
     `stats` ({layer: LayerStats}, e.g. `load_stats(path)`) serves configs that need
     activation statistics; a tensor matches its layer as in `stats.layer_for_tensor`.
+    With `input_groups`, the layers of each of `stats.input_groups` are packed with one
+    input transform (`duquant_jax.shared_input`) and the index records them.
 
     Raises:
       BusyError: another run is writing `out_dir`.
@@ -247,7 +250,7 @@ def pack_checkpoint(
     shapes = {n: ckpt.shape(n) for n in names}
     files = {n: layer_file(out_dir, n) for n in names}
     layer_stats = {n: _stats_for(n, shapes[n], config, stats) for n in names}  # every layer checked before any is written
-    units = _units(names, stats)
+    units = _units(names, stats if input_groups else None)
     args = (ckpt, out_dir, config, names, units, shapes, files, progress, on_layer, devices, echo, layer_stats)
     if jax.process_count() > 1:  # the lock is process 0's; the others write under it
         return _pack_locked(*args)

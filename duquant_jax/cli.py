@@ -100,7 +100,9 @@ def _pack(a: argparse.Namespace) -> int:
             join(a.coordinator, a.num_processes, a.process_id)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    summary = pack_checkpoint(a.checkpoint, a.out, config, include=a.include, exclude=a.exclude, stats=stats)
+    if a.input_groups and stats is None:
+        raise UsageError("--input-groups needs --stats: the groups come from the observe pass")
+    summary = pack_checkpoint(a.checkpoint, a.out, config, include=a.include, exclude=a.exclude, stats=stats, input_groups=a.input_groups)
     print(summary.table())
     print(f"packs written to {a.out}")
     return 0
@@ -208,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
     pack.add_argument("--include", help="regex over tensor names to pack (default: every 2-D *.weight)")
     pack.add_argument("--exclude", help="regex over tensor names to skip (default: 'embed|lm_head'; '' for none)")
     pack.add_argument("--stats", help="activation statistics (a file saved by the observe pass), for configs that need them")
+    pack.add_argument("--input-groups", action="store_true",
+                      help="one input transform per group of layers that read one input (q/k/v, gate/up), as --stats records them")
     pack.add_argument("--coordinator", help="HOST:PORT of process 0, to pack as one of several jax.distributed processes")
     pack.add_argument("--num-processes", type=int, help="with --coordinator: how many processes take part")
     pack.add_argument("--process-id", type=int, help="with --coordinator: this process's index, 0..num-processes-1")

@@ -41,7 +41,7 @@ def quantize_(
     stats: Mapping[str, LayerStats] | None = None,
     *,
     output_layer: int | None = None,
-    input_groups: str | Sequence[Sequence[str]] | None = "auto",
+    input_groups: str | Sequence[Sequence[str]] | None = None,
 ) -> dict[str, nn.Module]:
     """Replaces every selected `nn.Linear` of `model` by a `DuQuantLinear`, in place.
 
@@ -58,12 +58,12 @@ def quantize_(
         128), with a tied input embedding reading the same codes
         (`interop.output_layer.quantize_output_layer`; finer control there). The
         main configuration never applies to it then. None (default): as the filter says.
-      input_groups: layers that read one input tensor (q/k/v, gate/up) get one input
+      input_groups: give layers that read one input tensor (q/k/v, gate/up) one input
         transform, fitted on their stacked weight (`duquant_jax.shared_input`) and run once
-        per input (`interop.shared_input`). "auto" (default): the groups the observe pass
-        found (`stats.input_groups`; none without statistics); a list of lists of module
-        names: these (they must be selected, and read one input); None or []: every layer
-        fitted alone, as before groups existed.
+        per input (`interop.shared_input`): faster, but measured 0.75-1% worse perplexity on
+        Gemma-3 270M at 4-bit weights (README). "auto": the groups the observe pass found
+        (`stats.input_groups`); a list of lists of module names: these (they must be
+        selected, and read one input); None (default) or []: every layer fitted alone.
 
     Returns:
       {name: the new module} for every layer replaced (`DuQuantLinear`, and the

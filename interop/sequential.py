@@ -152,6 +152,7 @@ def quantize_sequential(
     run: Callable[[nn.Module, Any], Any] = _default_run,
     progress: bool = True,
     stats_path: str | os.PathLike | None = None,
+    input_groups: str | None = None,
 ) -> dict[str, DuQuantLinear]:
     """Quantizes the selected linears of `model`'s repeated blocks one block at a time, in place.
 
@@ -170,6 +171,10 @@ def quantize_sequential(
         FILE` on the float checkpoint then packs every layer exactly as this run did:
         the JAX route of sequential calibration. Every block's statistics are held
         until the end (XᵀX is in² float32 per layer: 0.4 GB for Gemma-3 270M's GPTQ).
+        The file records each block's input groups (`duquant pack --input-groups` uses them).
+      input_groups: "auto": one input transform per group of layers that read one input,
+        as each block's observe pass finds them (`quantize_`'s option); None (default): every
+        layer alone.
 
     Returns:
       {full name: DuQuantLinear} of every layer replaced.
@@ -188,7 +193,7 @@ def quantize_sequential(
             block_calls = list(zip(hidden, calls[k]))
             rel = _relative_filter(prefix, filter_fn)
             if any(isinstance(m, nn.Linear) and (rel is None or rel(n, m)) for n, m in block.named_modules()):
-                replaced.update(_quantize_block(block, prefix, config, rel, block_calls, sink))
+                replaced.update(_quantize_block(block, prefix, config, rel, block_calls, sink, input_groups))
             hidden = [_hidden_out(block(h, *a, **kw)) for h, (a, kw) in block_calls]  # the quantized block's outputs
     if sink is not None:
         save_stats(stats_path, ModelStats(*sink))
@@ -197,7 +202,7 @@ def quantize_sequential(
 
 def _quantize_block(
     block: nn.Module, prefix: str, config: DuQuantConfig, rel: FilterFn | None, block_calls: list, sink: tuple | None = None,
-    input_groups: str | list | None = "auto",
+    input_groups: str | list | None = None,
 ) -> dict[str, DuQuantLinear]:
     """Observe, quantize and (static schemes) calibrate one block on its recorded calls; {full name: layer}.
     With `sink` ({name: LayerStats}, [input groups]), the block's statistics and input groups are added

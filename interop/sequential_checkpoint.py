@@ -57,7 +57,8 @@ from duquant_jax.paths import contained
 from interop.modules import FilterFn, set_child
 from interop.saved_checks import ROTATION_FIELDS
 from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, checked_inputs, find_blocks, run_until_stop
-from interop.shared_input import group_buffer_keys, input_groups
+from interop.shared_input import group_buffer_keys
+from interop.shared_input import input_groups as linked_groups
 from interop.serialize import CONFIG_FILE, _get_tensor, layer_record, make_record, write_index, write_shard
 
 
@@ -212,6 +213,7 @@ def quantize_checkpoint_sequential(
     blocks: str | None = None,
     run: Callable[[nn.Module, Any], Any] = _default_run,
     progress: bool = True,
+    input_groups: str | None = None,
 ) -> Path:
     """Quantizes `model`'s blocks one at a time from `checkpoint` and writes a `save_quantized` directory.
 
@@ -221,7 +223,8 @@ def quantize_checkpoint_sequential(
       checkpoint: the float weights: a `.safetensors` file or a directory of shards
         (with or without transformers' index), keys as in `model.state_dict()`.
       out_dir: where the quantized model goes (`load_quantized` reads it).
-      config, batches, filter_fn, blocks, run, progress: as `quantize_sequential`.
+      config, batches, filter_fn, blocks, run, progress, input_groups: as `quantize_sequential`
+        ("auto": the first block's groups, found by its observe pass, are every block's).
 
     Returns:
       `out_dir`.
@@ -264,13 +267,13 @@ def quantize_checkpoint_sequential(
             rel = _relative_filter(prefix, filter_fn)
             quantized = {}
             if any(n.startswith(prefix + ".") for n in plan):
-                groups = "auto" if record is None else [[n for n in g if f"{prefix}.{n}" in plan] for g in block_groups]
+                groups = input_groups if record is None or input_groups is None else [[n for n in g if f"{prefix}.{n}" in plan] for g in block_groups]
                 quantized = _quantize_block(block, prefix, config, rel, block_calls, input_groups=groups)
             for full, layer in quantized.items():
                 if layer_record(layer) != plan[full]:
                     raise AssertionError(f"layer {full}: its record {layer_record(layer)} differs from the plan {plan[full]}")
             if record is None:  # the first block: its groups (none if it had no quantized layer) stand for all
-                block_groups = input_groups(block) if quantized else []
+                block_groups = linked_groups(block) if quantized else []
                 record = _record(plan, aliases, files, names, block_groups)
             hidden = [_hidden_out(block(h, *a, **kw)) for h, (a, kw) in block_calls]
             own = group_buffer_keys(block)  # one tensor per group in memory, one copy per member on disk

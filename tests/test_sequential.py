@@ -113,7 +113,8 @@ def test_bad_arguments_are_named_errors(kwargs, match):
         quantize_sequential(_gemma(), args["config"], args["batches"], progress=False, **{k: v for k, v in kwargs.items() if k == "blocks"})
 
 
-def test_from_a_checkpoint_equals_the_in_memory_run_and_loads(tmp_path):
+@pytest.mark.parametrize("groups", [None, "auto"], ids=["per-layer", "input-groups"])
+def test_from_a_checkpoint_equals_the_in_memory_run_and_loads(tmp_path, groups):
     """A meta-device model, one block's float weights at a time, written shard by shard: the saved model
     loads with load_quantized and equals quantize_sequential of the float model bit for bit."""
     accelerate = pytest.importorskip("accelerate")
@@ -125,18 +126,19 @@ def test_from_a_checkpoint_equals_the_in_memory_run_and_loads(tmp_path):
     float_model.save_pretrained(tmp_path / "ckpt")  # safetensors; the tied output layer is not stored
     with accelerate.init_empty_weights():
         meta = transformers.Gemma3ForCausalLM(float_model.config).eval()
-    quantize_checkpoint_sequential(meta, tmp_path / "ckpt", tmp_path / "out", config, _batches(), name_filter(include=LINEARS), progress=False)
-    quantize_sequential(float_model, config, _batches(), name_filter(include=LINEARS), progress=False)
+    quantize_checkpoint_sequential(meta, tmp_path / "ckpt", tmp_path / "out", config, _batches(), name_filter(include=LINEARS), progress=False,
+                                   input_groups=groups)
+    quantize_sequential(float_model, config, _batches(), name_filter(include=LINEARS), progress=False, input_groups=groups)
     loaded = load_quantized(_gemma(), tmp_path / "out")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert input_groups(loaded) == input_groups(float_model) and len(input_groups(loaded)) == 6  # q/k/v, gate/up x 3
+    assert input_groups(loaded) == input_groups(float_model) and len(input_groups(loaded)) == (6 if groups else 0)  # q/k/v, gate/up x 3
     x = _batches()[0]
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, float_model(x).logits)
 
 
-@pytest.mark.parametrize("preset", ["w4a8", "w4a16"])
-def test_duquant_pack_with_the_sequential_statistics_equals_the_sequential_model(tmp_path, preset):
+@pytest.mark.parametrize(("preset", "groups"), [("w4a8", None), ("w4a16", None), ("w4a8", "auto")])
+def test_duquant_pack_with_the_sequential_statistics_equals_the_sequential_model(tmp_path, preset, groups):
     """The JAX route: `quantize_sequential(stats_path=...)` writes the statistics each block was quantized with;
     `duquant pack --stats` on the float checkpoint then gives the same layers (outputs bit-identical)."""
     from safetensors.torch import save_file
@@ -147,13 +149,15 @@ def test_duquant_pack_with_the_sequential_statistics_equals_the_sequential_model
     config = DuQuantConfig.preset(preset)
     float_model, seq = _gemma(), _gemma()
     save_file({k: v.contiguous() for k, v in float_model.state_dict().items() if "layers." in k}, str(tmp_path / "ckpt.safetensors"))
-    quantize_sequential(seq, config, _batches(), name_filter(include=LINEARS), progress=False, stats_path=tmp_path / "stats.safetensors")
+    quantize_sequential(seq, config, _batches(), name_filter(include=LINEARS), progress=False, stats_path=tmp_path / "stats.safetensors",
+                        input_groups=groups)
     rc = main(["pack", str(tmp_path / "ckpt.safetensors"), "--out", str(tmp_path / "packs"), "--preset", preset,
-               "--include", LINEARS.replace("$", r"\.weight$"), "--stats", str(tmp_path / "stats.safetensors")])
+               "--include", LINEARS.replace("$", r"\.weight$"), "--stats", str(tmp_path / "stats.safetensors"),
+               *(["--input-groups"] if groups else [])])
     assert rc == 0
     replaced = from_pack_dir(float_model, tmp_path / "packs", progress=False)
     assert len(replaced) == 21
-    assert input_groups(float_model) == input_groups(seq) and len(input_groups(seq)) == 6  # packed and linked as groups
+    assert input_groups(float_model) == input_groups(seq) and len(input_groups(seq)) == (6 if groups else 0)  # packed and linked as groups
     x = _batches()[0]
     with torch.no_grad():
         assert torch.equal(float_model(x).logits, seq(x).logits)

@@ -111,7 +111,7 @@ def test_quantize_packs_each_group_with_one_transform_like_pack_group(preset):
     model = _gemma()
     stats = _observed(model)
     config = DuQuantConfig.preset(preset)
-    quantize_(model, config, stats=stats, progress=False)
+    quantize_(model, config, stats=stats, progress=False, input_groups="auto")
     assert input_groups(model) == [list(g) for g in _expected_groups()]
     names = _expected_groups()[0]
     float_model = _gemma()
@@ -138,7 +138,7 @@ def _unlinked_outputs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def test_linked_groups_give_the_outputs_of_their_members_run_alone_bit_for_bit(preset, dtype):
     model = _gemma()
     stats = _observed(model)
-    quantize_(model, DuQuantConfig.preset(preset), stats=stats, progress=False)
+    quantize_(model, DuQuantConfig.preset(preset), stats=stats, progress=False, input_groups="auto")
     model = model.to(dtype)
     assert model.get_submodule(_expected_groups()[1][1]).perm is model.get_submodule(_expected_groups()[1][0]).perm
     ids = _ids(7)
@@ -151,7 +151,7 @@ def test_linked_calibrated_layers_match_their_members_run_alone():
     model = _gemma()
     stats = _observed(model, xtx=False)
     config = DuQuantConfig(rotation="hadamard", block_size=32, smooth_alpha=0.5, act_scheme="static-channel")
-    quantize_(model, config, stats=stats, progress=False)
+    quantize_(model, config, stats=stats, progress=False, input_groups="auto")
     with calibrate(model), torch.no_grad():
         model(_ids(3))
     scales = [model.get_submodule(n).a_scale for n in _expected_groups()[0]]
@@ -163,7 +163,7 @@ def test_linked_calibrated_layers_match_their_members_run_alone():
 
 def test_each_input_is_transformed_once_per_group(monkeypatch):
     model = _gemma()
-    quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False)
+    quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False, input_groups="auto")
     calls = []
     layer_type = type(model.get_submodule("model.layers.0.self_attn.q_proj"))
     original = layer_type.rotate_input
@@ -206,11 +206,11 @@ def test_an_input_changed_in_place_between_members_is_transformed_again():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_input_groups_none_fits_every_layer_alone():
+def test_every_layer_is_fitted_alone_by_default():
     model, other = _gemma(), _gemma()
     stats = _observed(model)
     config = DuQuantConfig.preset("w4a8")
-    quantize_(model, config, stats=stats, progress=False, input_groups=None)
+    quantize_(model, config, stats=stats, progress=False)
     assert input_groups(model) == []
     from interop.linear import DuQuantLinear
 
@@ -239,7 +239,7 @@ def test_bad_named_groups_are_refused_naming_the_layers(groups, match):
 
 def test_saved_model_reloads_its_groups_and_outputs_bit_for_bit(tmp_path):
     model = _gemma()
-    quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False)
+    quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False, input_groups="auto")
     save_quantized(model, tmp_path)
     loaded = load_quantized(_gemma(seed=5), tmp_path)
     assert input_groups(loaded) == input_groups(model)
@@ -264,7 +264,7 @@ def test_saved_group_whose_members_differ_is_refused_on_load(tmp_path, monkeypat
 
 def test_deepcopy_links_the_copies_and_drops_the_cached_input():
     model = _gemma()
-    quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False)
+    quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False, input_groups="auto")
     dup = copy.deepcopy(model)
     q, k = dup.get_submodule(_expected_groups()[0][0]), dup.get_submodule(_expected_groups()[0][1])
     assert k.input_group is q.input_group and k.input_group.members[0] is q
@@ -288,7 +288,7 @@ def test_compiled_group_transforms_its_input_once_and_equals_eager():
     x = torch.randn(1, 24, 128)
     with observe(model, xtx=True) as stats, torch.no_grad():
         model(x)
-    quantize_(model, DuQuantConfig.preset("w4a8"), stats=stats, progress=False)
+    quantize_(model, DuQuantConfig.preset("w4a8"), stats=stats, progress=False, input_groups="auto")
     with torch.no_grad():
         eager = model(x)
         compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
@@ -304,7 +304,7 @@ def test_inference_mode_inputs_are_shared_by_identity_and_give_the_same_outputs(
     with observe(model, xtx=True) as stats, torch.inference_mode():
         model(_ids(1))
     assert list(stats.input_groups) == _expected_groups()
-    quantize_(model, DuQuantConfig.preset("w4a8"), stats=stats, progress=False)
+    quantize_(model, DuQuantConfig.preset("w4a8"), stats=stats, progress=False, input_groups="auto")
     ids = _ids(4)
     with torch.inference_mode():
         linked = model(ids).logits
@@ -317,5 +317,5 @@ def test_one_tensor_object_with_different_values_is_not_grouped_under_inference_
         model(torch.randn(3, 16))
     assert stats.input_groups == (("a", "b", "c"),)  # identity alone: c reads x after x.mul_(2)
     with pytest.warns(UserWarning, match="saw different values"):
-        quantize_(model, DuQuantConfig(smooth_alpha=0.5), stats=stats, progress=False)
+        quantize_(model, DuQuantConfig(smooth_alpha=0.5), stats=stats, progress=False, input_groups="auto")
     assert input_groups(model) == [["a", "b"]]
