@@ -58,7 +58,7 @@ def variants(names: tuple[str, ...], preset: str, dtype: torch.dtype) -> dict[st
     with torch.no_grad(), observe(group) as stats:
         for _ in range(4):
             group(torch.randn(256, n_in, generator=gen))
-    quantize_(group, DuQuantConfig.preset(preset, weight_method="rtn"), progress=False, stats=stats)
+    quantize_(group, DuQuantConfig.preset(preset, weight_method="rtn"), progress=False, stats=stats, input_groups="auto")
     group = group.to(dtype)
     freeze_paths(group, dtype=dtype)
     alone = copy.deepcopy(group)
