@@ -197,7 +197,10 @@ def quantized(source, spec: Spec, dtype: torch.dtype) -> tuple[torch.nn.Module, 
 
 
 def _linear_names(model: torch.nn.Module, filter_fn) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, DuQuantLinear)) and filter_fn(n, m)]
+    """The projection linears: the float model's that `filter_fn` selects, or the quantized model's DuQuantLinears
+    other than its output layer."""
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if (isinstance(m, DuQuantLinear) and m is not head) or filter_fn(n, m)]
 
 
 def measure(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, save: bool) -> dict:
