@@ -243,7 +243,8 @@ class ModelStats(Mapping[str, LayerStats]):
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
         """The layers that read one input tensor, as groups of names (q/k/v, gate/up): found by the
         observe pass (every batch gave each member of a group the very same tensor), or given.
-        `interop.quantize_` fits one input transform per group (`duquant_jax.shared_input`)."""
+        `interop.quantize_(input_groups="auto")` fits one input transform per group
+        (`duquant_jax.shared_input`)."""
         self._layers_or_raise()
         return self._groups
 

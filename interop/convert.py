@@ -7,7 +7,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from duquant_jax import DuQuantConfig
@@ -60,8 +59,8 @@ def quantize_(
         main configuration never applies to it then. None (default): as the filter says.
       input_groups: give layers that read one input tensor (q/k/v, gate/up) one input
         transform, fitted on their stacked weight (`duquant_jax.shared_input`) and run once
-        per input (`interop.shared_input`): faster, but measured 0.75-1% worse perplexity on
-        Gemma-3 270M at 4-bit weights (README). "auto": the groups the observe pass found
+        per input (`interop.shared_input`): faster, but measured 0.5-1% worse perplexity on
+        Gemma-3 270M at every preset (README). "auto": the groups the observe pass found
         (`stats.input_groups`); a list of lists of module names: these (they must be
         selected, and read one input); None (default) or []: every layer fitted alone.
 
@@ -171,11 +170,7 @@ def grouped_layers(linears: Sequence[nn.Linear], config: DuQuantConfig, names: S
     from interop.dlpack import torch_to_jax
 
     packs = pack_group([torch_to_jax(m.weight.detach()) for m in linears], config, stats, names=names)
-    out = []
-    for m, pack, name in zip(linears, packs, names):
-        dtype = m.weight.dtype if m.weight.dtype.is_floating_point else torch.float32
-        out.append(DuQuantLinear.from_pack(pack, bias=m.bias, dtype=dtype, name=name).to(m.weight.device))
-    return out
+    return [DuQuantLinear.replacing(m, pack, name) for m, pack, name in zip(linears, packs, names)]
 
 
 def from_pack_dir(model: nn.Module, packs_dir, progress: bool = True) -> dict[str, DuQuantLinear]:

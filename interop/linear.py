@@ -157,7 +157,12 @@ class DuQuantLinear(nn.Module):
 
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
-        pack = pack_weight(torch_to_jax(linear.weight.detach()), config, stats, name=name)
+        return cls.replacing(linear, pack_weight(torch_to_jax(linear.weight.detach()), config, stats, name=name), name)
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear, pack: Pack, name: str = "") -> DuQuantLinear:
+        """The layer that stands in for `linear`, from its pack: its bias, dtype (float32 for a
+        non-float weight) and device."""
         dtype = linear.weight.dtype if linear.weight.dtype.is_floating_point else torch.float32
         return cls.from_pack(pack, bias=linear.bias, dtype=dtype, name=name).to(linear.weight.device)
 
