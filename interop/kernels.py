@@ -20,7 +20,7 @@ Paths (`PATHS`), each checked against the oracle by `tests/test_kernels.py`:
 | path | activations | weights | arithmetic |
 | --- | --- | --- | --- |
 | `fake-quant` | all | all | float32: `x3` and `W_hat` tiles in float32, float32 GEMM: the oracle |
-| `dequant-bf16` | all | all | `W_hat` tiles rounded to bfloat16, times `xq` (exact in bfloat16; `s_t` applied to the output in float32) or x2 / `x3` rounded to bfloat16; bfloat16 GEMM |
+| `dequant-bf16` | all | all | `W_hat` tiles rounded to bfloat16 (made in one C pass by `interop.compiled` where it is built, else by torch ops: the same bits), times `xq` (exact in bfloat16; `s_t` applied to the output in float32) or x2 / `x3` rounded to bfloat16; bfloat16 GEMM |
 | `int-mm` | dynamic-token, static-tensor | all | `torch._int_mm` on int8 `xq` and int8 code tiles: exact int32 sums, then `s_t * s_w` in float32; groups: one int32 product per group |
 | `int8pack` | none, dynamic-token, static-tensor | int8 layout, per row, CPU | `torch._weight_int8pack_mm`: bfloat16 input (`xq` is exact in it), bfloat16 scales and output |
 | `int4pack` | none, dynamic-token, static-tensor | int4pack layout, CPU | `_weight_int4pack_mm_for_cpu`: bfloat16 input, bfloat16 group scales, float32 accumulation, bfloat16 output |
@@ -41,7 +41,13 @@ float dtype of the machine").
 
 Temporaries: weight tiles of at most TILE_ROWS rows are unpacked per call into
 per-thread scratch buffers that are reused (`interop.qweight.scratch`;
-`release_scratch()` frees them); no float copy of a whole weight is ever made.
+`release_scratch()` frees them); a float tile holds at most TILE_BYTES of codes
+(torch ops) or FLOAT_TILE_BYTES of bfloat16 (`interop.compiled`, which may make
+a weight of up to 8M elements, a 2048 x 2048 projection, in one tile), so the
+scratch stays bounded whatever the model.
+On the CPU, `quantize_tokens` of float32 and bfloat16 inputs also runs as one C
+pass per token there, with the same codes and scales; `kernel_options(compiled=False)`
+keeps both to torch ops.
 
 Which path runs: the one forced per call (`path=`), else per weight
 (`weight.path`), else globally (`set_kernel_options(path=...)`); else the path
@@ -70,7 +76,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from interop import kernel_tuning, native
+from interop import compiled, kernel_tuning, native
 from interop.qweight import INT4PACK_GROUPS, QuantizedWeight, natural_view, release_scratch, rows_view, scratch, to_tile_order
 
 __all__ = [
@@ -87,6 +93,9 @@ DYNAMIC_EPS = 1e-8  # float32 floor of a dynamic per-token scale
 # int-mm on the Gemma-2B shapes here (bench/RESULTS.md); at most TILE_BYTES of int8 codes.
 TILE_ROWS = 1024
 TILE_BYTES = 16 << 20
+# bfloat16 tiles made by interop.compiled in one pass: at most this many bytes (whole 2048 x 2048 weights at once;
+# measured fastest against 512-2048 rows on the Gemma-2B shapes, bench/RESULTS.md "Compiled helpers")
+FLOAT_TILE_BYTES = 16 << 20
 
 
 # -- activation handling ------------------------------------------------------
@@ -144,6 +153,8 @@ def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | N
     """
     if torch.compiler.is_compiling():
         return _quantize_tokens_functional(x2, act, act_scale)
+    if _OPTIONS.compiled and _compiled_quantize_ok(x2) and compiled.load() is not None:
+        return native.quantize_tokens(x2, act.scheme == "dynamic-token", act.clip, act.qa, act_scale)
     shape, device = tuple(x2.shape), x2.device
     xf = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else scratch("act", shape, torch.float32, device).copy_(x2)
     qa = act.qa
@@ -154,6 +165,13 @@ def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | N
         s = act_scale.reshape(1, 1).float().expand(xf.shape[0], 1)
     xq = torch.div(xf, s, out=scratch("act_q", shape, torch.float32, device)).round_().clamp_(-qa - 1, qa).to(torch.int8)
     return xq, s
+
+
+def _compiled_quantize_ok(x2: torch.Tensor) -> bool:
+    """Whether `native.quantize_tokens` takes x2 as it is: float32 or bfloat16 on the CPU, unit column stride."""
+    return x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16) and x2.dim() == 2 and x2.shape[1] > 0 and (
+        x2.stride(1) == 1 and x2.stride(0) >= x2.shape[1]
+    )
 
 
 def _quantize_tokens_functional(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +259,11 @@ def _float_product(x3: torch.Tensor, weight: QuantizedWeight, dtype: torch.dtype
     """x3 (T, in) in `dtype` @ W_hat tiles in `dtype` -> (T, out) in `dtype` (per-row scales applied to the product)."""
     y = _output(x3.shape[0], weight, dtype, final)
     x_split, per_row = None, weight.group_size is None
-    for r0, r1 in _tiles(weight):
-        w, tile = weight.float_tile(r0, r1, dtype, split=True)
+    one_pass = _OPTIONS.compiled and dtype == torch.bfloat16 and weight.qdata.device.type == "cpu" and compiled.load() is not None
+    # one-pass tiles are cheap to make, so they may be larger: fewer, wider GEMMs, and none into a column slice of y
+    tiles = weight.row_tiles(max(64, FLOAT_TILE_BYTES // (2 * weight.in_features))) if one_pass else _tiles(weight)
+    for r0, r1 in tiles:
+        w, tile = weight.float_tile(r0, r1, dtype, split=True, compiled=one_pass)
         if tile.split:
             x_split = split_columns(x3) if x_split is None else x_split
         a = x_split if tile.split else x3
@@ -342,8 +363,10 @@ def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> to
     (y is scaled in place only when it already has `dtype`: then it is a fresh buffer, never scratch)."""
     if s_t is None:
         return y.to(dtype)
-    if y.dtype == dtype:
+    if y.dtype == dtype == torch.float32:
         return y.mul_(s_t)
+    if y.dtype == dtype:  # through a float32 scratch: the same bits as the mixed-dtype mul_, in a third of its time
+        return y.copy_(scratch("finish", tuple(y.shape), torch.float32, y.device).copy_(y).mul_(s_t))
     return torch.mul(y, s_t, out=torch.empty(y.shape, dtype=dtype, device=y.device))
 
 
@@ -445,17 +468,22 @@ class KernelOptions:
         `FALLBACK_ORDER` without measuring (False).
       precision: "any" (default: bfloat16 paths may serve float32 inputs) or
         "float32" (only paths with float32 or exact integer arithmetic).
+      compiled: let `dequant-bf16` make its weight tiles with `interop.compiled`'s C code
+        where it is available (the same bits, one pass); False: torch ops only.
     """
 
     path: str | None = None
     autotune: bool = True
     precision: str = "any"
+    compiled: bool = True
 
     def __post_init__(self) -> None:
         if self.path is not None and self.path not in PATHS:
             raise ValueError(f"kernel path must be one of {tuple(PATHS)} or None; got {self.path!r}")
         if not isinstance(self.autotune, bool):
             raise ValueError(f"autotune must be a bool; got {self.autotune!r}")
+        if not isinstance(self.compiled, bool):
+            raise ValueError(f"compiled must be a bool; got {self.compiled!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
 
@@ -502,9 +530,12 @@ def candidates(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, token
 
 
 def choice_key(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, bucket: str, precision: str) -> str:
-    """The autotuner's key: machine, threads, shape, codes, layout, activations, dtype, token bucket, precision."""
+    """The autotuner's key: machine, threads, shape, codes, layout, activations, dtype, token bucket, precision,
+    and "compiled-dequant" where `dequant-bf16` uses `interop.compiled` (its speed differs)."""
     device = weight.qdata.device
     machine = kernel_tuning.machine_id(device.type, device.index or 0)
+    if device.type == "cpu" and _OPTIONS.compiled and compiled.load() is not None:
+        precision = f"{precision} | compiled-dequant"
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     group = "row" if weight.group_size is None else f"g{weight.group_size}"
     a = "a16" if act.scheme == "none" else f"{act.scheme}{act.bits}"
@@ -520,7 +551,7 @@ def choose_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, toke
     bucket, rep = kernel_tuning.token_bucket(tokens)
     # the weight remembers its choices (dropped when it moves or changes layout), so that a call
     # costs one dict lookup; the tuner's generation changes when it forgets or changes its file
-    memo = (bucket, dtype, act, opts.precision, opts.autotune, torch.get_num_threads(), id(tuner), tuner.generation)
+    memo = (bucket, dtype, act, opts.precision, opts.autotune, opts.compiled, torch.get_num_threads(), id(tuner), tuner.generation)
     name = weight.choices.get(memo)
     if name is not None:
         return name

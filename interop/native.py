@@ -25,6 +25,12 @@ Hence two rules:
 Every wrapper checks device, dtypes, dimensions, shapes, contiguity,
 alignment and the shape constraints above, with messages that name the
 operand and its value. Pure torch: no JAX.
+
+The compiled helpers of `interop.compiled` (our C code, built on the machine)
+go through this door too: `dequant_int4pack`, `dequant_rows` and
+`quantize_tokens` check that every pointer the C code will walk stays inside
+its tensor (shapes, row ranges on block boundaries, contiguity, dtypes) and
+refuse otherwise; the C functions themselves check nothing.
 """
 
 from __future__ import annotations
@@ -158,6 +164,105 @@ def convert_weight_to_int4pack(offset_codes: torch.Tensor, inner_k_tiles: int = 
         lo, hi = int(offset_codes.min()), int(offset_codes.max())
         _require(0 <= lo and hi <= 15, kernel, f"offset codes must lie in [0, 15]; got range [{lo}, {hi}]")
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(aligned(offset_codes), inner_k_tiles)
+
+
+# -- the compiled dequantizer (interop.compiled) ----------------------------------------
+def _dequant_operands(kernel: str, scales: torch.Tensor, out: torch.Tensor, out_shape: tuple[int, int]) -> None:
+    _operand(kernel, "scales", scales, torch.float32)
+    _operand(kernel, "out", out, torch.bfloat16)
+    _require(scales.is_contiguous(), kernel, f"scales must be contiguous; got strides {scales.stride()}")
+    _require(out.is_contiguous(), kernel, f"out must be contiguous; got strides {out.stride()}")
+    _require(tuple(out.shape) == out_shape, kernel, f"out must have shape {out_shape}; got {tuple(out.shape)}")
+
+
+def _group_count(kernel: str, in_features: int, group: int) -> int:
+    _require(isinstance(group, int) and group >= 1, kernel, f"group must be a positive int; got {group!r}")
+    _require(in_features >= 1, kernel, f"in_features must be positive; got {in_features}")
+    return -(-in_features // group)
+
+
+def _library(kernel: str):
+    from interop import compiled
+
+    lib = compiled.load()
+    _require(lib is not None, kernel, f"the compiled dequantizer is unavailable: {compiled.unavailable()}")
+    return lib
+
+
+def dequant_int4pack(
+    qdata: torch.Tensor, in_features: int, r0: int, r1: int, variant: tuple[str, int], scales_t: torch.Tensor, group: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Rows r0:r1 of an int4pack weight `qdata (out_features, in/2) uint8` -> out (in, r1 - r0) bfloat16,
+    `Q * s` in natural row order. `variant` is `qweight.int4pack_variant()`; `scales_t (groups, out_features)`
+    float32 holds bfloat16-rounded scales; `group` input columns share one (in_features for one per row).
+    r0 must start a block; r1 ends one or the weight (its short last block)."""
+    kernel = "duq_dequant_int4pack"
+    _operand(kernel, "qdata", qdata, torch.uint8)
+    _require(qdata.is_contiguous(), kernel, f"qdata must be contiguous; got strides {qdata.stride()}")
+    n_out, kind, block = qdata.shape[0], variant[0], variant[1]
+    _require(qdata.shape[1] * 2 == in_features, kernel, f"qdata must have in_features / 2 = {in_features / 2} columns; got {qdata.shape[1]}")
+    _require(block >= 2 and block % 2 == 0, kernel, f"the variant's block must be even; got {block}")
+    _require(0 <= r0 < r1 <= n_out and r0 % block == 0, kernel, f"rows {r0}:{r1} must start a block of {block} inside {n_out} rows")
+    rows = r1 - r0
+    full = rows // block * block
+    _require(full == rows or (r1 == n_out and (rows - full) % 2 == 0), kernel, f"rows {r0}:{r1} must end a block of {block} or the weight")
+    groups = _group_count(kernel, in_features, group)
+    _dequant_operands(kernel, scales_t, out, (in_features, rows))
+    _require(tuple(scales_t.shape) == (groups, n_out), kernel, f"scales_t must have shape {(groups, n_out)}; got {tuple(scales_t.shape)}")
+    lib, threads = _library(kernel), torch.get_num_threads()
+    base, s, o = qdata.data_ptr() + r0 * (in_features // 2), scales_t.data_ptr() + r0 * 4, out.data_ptr()
+    if full:
+        lib.duq_dequant_int4pack(base, full // block, in_features, block, int(kind == "lanes"), s, n_out, group, o, threads)
+    if full < rows:  # the short last block: bytes (in, tail / 2), rows 2b and 2b + 1 in byte b
+        tail = torch.empty(in_features, rows - full, dtype=torch.bfloat16)
+        lib.duq_dequant_int4pack(base + full * (in_features // 2), 1, in_features, rows - full, 0, s + full * 4, n_out, group, tail.data_ptr(), threads)
+        out[:, full:].copy_(tail)
+    return out
+
+
+def dequant_rows(codes: torch.Tensor, layout: str, in_features: int, scales: torch.Tensor, group: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows of `"nibbles"` `(rows, ceil(in/2)) uint8` or `"int8"` `(rows, in) int8` codes -> out (rows, in)
+    bfloat16, `Q * s`; `scales (rows, groups)` float32 bfloat16-rounded, `group` columns per scale."""
+    kernel = f"duq_dequant_{layout}"
+    _require(layout in ("nibbles", "int8"), kernel, f"layout must be 'nibbles' or 'int8'; got {layout!r}")
+    _operand(kernel, "codes", codes, torch.uint8 if layout == "nibbles" else torch.int8)
+    _require(codes.is_contiguous(), kernel, f"codes must be contiguous; got strides {codes.stride()}")
+    rows = codes.shape[0]
+    width = -(-in_features // 2) if layout == "nibbles" else in_features
+    _require(codes.shape[1] == width, kernel, f"codes must have {width} columns for in_features={in_features}; got {codes.shape[1]}")
+    groups = _group_count(kernel, in_features, group)
+    _dequant_operands(kernel, scales, out, (rows, in_features))
+    _require(tuple(scales.shape) == (rows, groups), kernel, f"scales must have shape {(rows, groups)}; got {tuple(scales.shape)}")
+    lib, threads = _library(kernel), torch.get_num_threads()
+    if layout == "nibbles":
+        lib.duq_dequant_nibbles(codes.data_ptr(), rows, width, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
+    else:
+        lib.duq_dequant_int8(codes.data_ptr(), rows, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
+    return out
+
+
+def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, n) float32 or bfloat16, unit column stride -> (xq (T, n) int8, s_t (T, 1) float32), in one pass per
+    token, with `interop.kernels.quantize_tokens`'s arithmetic (dynamic per token, or one static scale)."""
+    kernel = "duq_quantize_tokens"
+    _require(isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.bfloat16), kernel,
+             f"x must be a float32 or bfloat16 tensor; got {getattr(x, 'dtype', type(x).__name__)}")
+    _require(x.dim() == 2 and x.device.type == "cpu", kernel, f"x must be 2-D on the CPU; got shape {tuple(x.shape)} on {x.device}")
+    tokens, n = x.shape
+    _require(n >= 1 and (x.stride(1) == 1 or n == 1) and x.stride(0) >= n, kernel, f"x must have unit column stride and rows at least {n} apart; got strides {x.stride()}")
+    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, f"qa must be an int in 1..127; got {qa!r}")
+    _require(0 < clip <= 1, kernel, f"clip must lie in (0, 1]; got {clip!r}")
+    if not dynamic:
+        _require(isinstance(static_scale, torch.Tensor) and static_scale.numel() == 1, kernel, "static quantization needs a one-element scale tensor")
+        static_scale = static_scale.detach().reshape(1).float().cpu().contiguous()
+    xq, s_t = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens, 1, dtype=torch.float32)
+    if tokens:
+        lib = _library(kernel)
+        lib.duq_quantize_tokens(
+            x.data_ptr(), int(x.dtype == torch.bfloat16), tokens, n, x.stride(0) if tokens > 1 else n, int(dynamic), float(clip), qa,
+            None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(), torch.get_num_threads(),
+        )
+    return xq, s_t
 
 
 def available(name: str) -> bool:

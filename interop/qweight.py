@@ -232,7 +232,7 @@ class CodeTile:
     """Some rows of the codes as the right operand of `x @ b`.
 
     Attributes:
-      b: (in', n) int8 holding `Q + offset` for the n rows.
+      b: (in', n) int8 holding `Q + offset` for the n rows (from `float_tile(compiled=True)`: the float tile).
       offset: 0 or 8 (`x @ b = x @ Qᵀ + offset * sum(x)`).
       lanes: 0 when b's columns are the rows in order; h > 0 when the rows come in blocks of 2h
         and b's columns are rows 0..h-1 of every block, then rows h..2h-1 of every block
@@ -268,6 +268,13 @@ def rows_view(y: torch.Tensor, lanes: int) -> torch.Tensor:
         return y
     rows, n = y.shape
     return y.view(rows, n // (2 * lanes), 2, lanes)
+
+
+def _compiled_ready() -> bool:
+    """Whether `interop.compiled`'s dequantizer is built, checked and enabled here."""
+    from interop import compiled
+
+    return compiled.load() is not None
 
 
 @torch._dynamo.assume_constant_result
@@ -541,14 +548,20 @@ class QuantizedWeight(nn.Module):
         out[:, 1].bitwise_and_(_LOW_NIBBLES)
         return CodeTile(out.view(torch.int8).view(self.in_features, n), 8, block // 2, False)
 
-    def float_tile(self, r0: int, r1: int, dtype: torch.dtype, *, split: bool = False) -> tuple[torch.Tensor, CodeTile]:
+    def float_tile(self, r0: int, r1: int, dtype: torch.dtype, *, split: bool = False, compiled: bool = False) -> tuple[torch.Tensor, CodeTile]:
         """Rows r0:r1 of the weight as `(in', n)` in `dtype`, and the `CodeTile` that says its orders.
 
         With groups the tile is `W_hat` (each code times its group's scale), columns in
         natural order. With per-row scales it is `Q` alone (exact in any float dtype):
         the caller scales the product's columns by `scales[r0:r1]`, which costs a pass
         over (T, n) instead of (in, n); `split` is honoured then.
+
+        `compiled` (bfloat16 on the CPU only): one pass of `interop.compiled`'s C code
+        where it is available, the same bits in natural order (the returned tile's
+        `lanes` and `split` say so); else the torch ops below.
         """
+        if compiled and dtype == torch.bfloat16 and self.qdata.device.type == "cpu" and _compiled_ready():
+            return self._compiled_float_tile(r0, r1)
         tile = self.code_tile(r0, r1, split=split and self.group_size is None)
         b = tile.b  # (in', n), row- or column-major; w gets the same order, so every pass is contiguous
         w = scratch("float", b.shape[::-1], dtype, b.device).t() if b.stride(0) == 1 else scratch("float", b.shape, dtype, b.device)
@@ -575,6 +588,24 @@ class QuantizedWeight(nn.Module):
             if full < self.in_features:
                 w[full:].mul_(st[full // g])
         return w, tile
+
+    def _compiled_float_tile(self, r0: int, r1: int) -> tuple[torch.Tensor, CodeTile]:
+        """`float_tile` in bfloat16 by the compiled dequantizer: (in, n), natural row order."""
+        n, n_in = r1 - r0, self.in_features
+        group = self.group_size or n_in  # per row: codes times 1, the caller scales the product
+        if self.group_size is None:
+            scales = self.derived("unit_scales", lambda: torch.ones(self.out_features, 1, device=self.qdata.device))
+        else:
+            scales = self.derived("bf16_scales", lambda: self.scales_2d().to(torch.bfloat16).float().contiguous())
+        if self.layout == "int4pack":
+            w = scratch("float", (n_in, n), torch.bfloat16, self.qdata.device)
+            st = scales.view(1, -1) if self.group_size is None else self.derived("bf16_scales_t", lambda: scales.t().contiguous())
+            native.dequant_int4pack(self.qdata, n_in, r0, r1, int4pack_variant(), st, group, w)
+        else:
+            w = scratch("float", (n, n_in), torch.bfloat16, self.qdata.device)
+            native.dequant_rows(self.qdata[r0:r1], self.layout, n_in, scales[r0:r1], group, w)
+            w = w.t()
+        return w, CodeTile(w, 0, 0, False)
 
     def derived(self, key: str, build) -> torch.Tensor:
         """A small per-kernel tensor (e.g. bf16 scales), built once and dropped on `.to()`/load."""
