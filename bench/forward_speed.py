@@ -54,7 +54,7 @@ from common import commit, table, write_section  # noqa: E402
 from quality_models import GemmaTask  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
-from interop import DuQuantLinear, load_quantized, save_quantized  # noqa: E402
+from interop import DuQuantLinear, compiled, kernel_tuning, load_quantized, save_quantized  # noqa: E402
 
 PREFILL, DECODE, REPEATS = 256, 64, 3
 DECODE_2B = 16  # decode steps on the 2B-shaped model (each reads every weight)
@@ -341,7 +341,8 @@ def main() -> None:
     with open(os.devnull if args.no_write else Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
         for r in records:
             f.write(json.dumps({**r, "commit": commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg()[0]}) + "\n")
+                                "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg()[0],
+                                "compiled_helpers": compiled.unavailable() or "on", "cpu": kernel_tuning.cpu_description()}) + "\n")
     keys = [f"{m}_{k}_tok_s" for m in modes for k in ("prefill", "decode")]
     rows = []
     for r in records:
@@ -367,6 +368,7 @@ def main() -> None:
         f"(int8 rows for w8a8, int4 groups of 128 for w4a8); `+shared`: one input transform per group of layers that read one input. "
         f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
         f"after a warm-up. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
+        f"Compiled helpers (`interop.compiled`): {compiled.unavailable() or 'on'}. CPU: {kernel_tuning.cpu_description()}. "
         f"Ratios: against the faster float dtype of the same mode (✓/✗: the issue's target). torch threads: "
         f"{torch.get_num_threads()}; 1-minute load average at the end {os.getloadavg()[0]:.1f}.\n\n"
         + table(head, rows) + "\n"
