@@ -79,6 +79,11 @@ class QuantizedEmbedding(nn.Module):
         scale = getattr(like, "embed_scale", None)
         self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).detach().clone(), persistent=False)
 
+    def _apply(self, fn, recurse=True):  # .to(dtype), .half(), ...: the rows follow, as an nn.Embedding's weight would
+        out = super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return out
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.head.qweight.rows(input_ids.reshape(-1), self.dtype)
         out = rows.view(*input_ids.shape, self.embedding_dim)

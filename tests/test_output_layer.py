@@ -77,6 +77,27 @@ def test_tied_embedding_reads_the_head_codes_and_logits_stay_close(bits, group):
     assert "model.embed_tokens.weight" not in model.state_dict()
 
 
+def test_tied_embedding_follows_the_model_dtype():
+    """`.to(bfloat16)` of a model quantized in float32 gives bfloat16 embedding rows (as an nn.Embedding would), so
+    the whole model computes in bfloat16; the rows are the float32 rows rounded once; `.float()` turns back."""
+    model = _gemma()
+    quantize_output_layer(model, 4, 32)
+    ids = _ids()
+    with torch.no_grad():
+        rows32 = model.model.embed_tokens(ids)
+        model.to(torch.bfloat16)
+        emb = model.model.embed_tokens
+        assert emb.dtype == torch.bfloat16 and emb(ids).dtype == torch.bfloat16
+        hidden = model.model(input_ids=ids).last_hidden_state
+        assert hidden.dtype == torch.bfloat16 and model(ids).logits.dtype == torch.bfloat16
+        # W_hat rows in bfloat16, times the scale that .to() rounded to bfloat16
+        want = (model.lm_head.qweight.dequantize()[ids].to(torch.bfloat16) * emb.embed_scale.to(torch.bfloat16))
+        assert torch.equal(emb(ids), want)
+        assert (emb(ids).float() - rows32).abs().max() <= 2 ** -7 * rows32.abs().max()
+        model.float()
+        assert emb.dtype == torch.float32 and torch.equal(emb(ids), rows32)
+
+
 def test_saved_model_stores_the_tied_matrix_once_and_reloads_bit_identically(tmp_path):
     model = _gemma(vocab=2048)
     quantize_output_layer(model, 4, 32)
