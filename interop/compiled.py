@@ -43,7 +43,7 @@ __all__ = ["SOURCE", "forget", "library_path", "load", "unavailable"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "duquant_kernels.c"
 LIBRARY = "libduquant_kernels.so"
-ABI_VERSION = 2
+ABI_VERSION = 3
 # tried in order; the first the compiler accepts wins
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -123,6 +123,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.duq_dequant_int8.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int]
     lib.duq_quantize_tokens.restype = None
     lib.duq_quantize_tokens.argtypes = [ptr, c_int, i64, i64, i64, c_int, ctypes.c_float, c_int, ptr, ptr, ptr, c_int]
+    lib.duq_quantize_tokens_t.restype = None
+    lib.duq_quantize_tokens_t.argtypes = lib.duq_quantize_tokens.argtypes
     return lib
 
 
@@ -169,6 +171,11 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         lib.duq_quantize_tokens(ptr, int(dtype == torch.bfloat16), 5, 70, 70, 1, clip, qa, None, q.data_ptr(), st.data_ptr(), 2)
         if not (torch.equal(q, want_q) and torch.equal(st, want_s[:, 0])):
             return f"duq_quantize_tokens ({dtype}, clip {clip}) differs from torch"
+        xt = xd.t().contiguous()  # (70, 5): the transposed form
+        q.zero_()
+        lib.duq_quantize_tokens_t(xt.data_ptr(), int(dtype == torch.bfloat16), 5, 70, 5, 1, clip, qa, None, q.data_ptr(), st.data_ptr(), 2)
+        if not (torch.equal(q, want_q) and torch.equal(st, want_s[:, 0])):
+            return f"duq_quantize_tokens_t ({dtype}, clip {clip}) differs from torch"
     return None
 
 

@@ -242,14 +242,17 @@ def dequant_rows(codes: torch.Tensor, layout: str, in_features: int, scales: tor
 
 
 def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (T, n) float32 or bfloat16, unit column stride -> (xq (T, n) int8, s_t (T, 1) float32), in one pass per
-    token, with `interop.kernels.quantize_tokens`'s arithmetic (dynamic per token, or one static scale)."""
+    """x (T, n) float32 or bfloat16 -> (xq (T, n) int8, s_t (T, 1) float32), in one pass per token, with
+    `interop.kernels.quantize_tokens`'s arithmetic (dynamic per token, or one static scale). x is row-major
+    (unit column stride) or the transpose of a row-major (n, T) (unit row stride, as `rotate_input` returns)."""
     kernel = "duq_quantize_tokens"
     _require(isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.bfloat16), kernel,
              f"x must be a float32 or bfloat16 tensor; got {getattr(x, 'dtype', type(x).__name__)}")
     _require(x.dim() == 2 and x.device.type == "cpu", kernel, f"x must be 2-D on the CPU; got shape {tuple(x.shape)} on {x.device}")
     tokens, n = x.shape
-    _require(n >= 1 and (x.stride(1) == 1 or n == 1) and x.stride(0) >= n, kernel, f"x must have unit column stride and rows at least {n} apart; got strides {x.stride()}")
+    rows = tokens <= 1 or (x.stride(1) == 1 and x.stride(0) >= n)
+    columns = not rows and x.stride(0) == 1 and x.stride(1) >= tokens
+    _require(n >= 1 and (rows or columns), kernel, f"x must be row-major or a transposed row-major tensor (unit stride on one dimension, rows apart by at least their length); got shape {tuple(x.shape)}, strides {x.stride()}")
     _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, f"qa must be an int in 1..127; got {qa!r}")
     _require(0 < clip <= 1, kernel, f"clip must lie in (0, 1]; got {clip!r}")
     if not dynamic:
@@ -258,10 +261,11 @@ def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static
     xq, s_t = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens, 1, dtype=torch.float32)
     if tokens:
         lib = _library(kernel)
-        lib.duq_quantize_tokens(
-            x.data_ptr(), int(x.dtype == torch.bfloat16), tokens, n, x.stride(0) if tokens > 1 else n, int(dynamic), float(clip), qa,
-            None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(), torch.get_num_threads(),
-        )
+        if tokens == 1:  # one token: its n values may sit at any common stride; give them a unit one
+            x = x.contiguous() if x.stride(1) != 1 else x
+        fn, ld = (lib.duq_quantize_tokens, x.stride(0) if tokens > 1 else n) if rows else (lib.duq_quantize_tokens_t, x.stride(1))
+        fn(x.data_ptr(), int(x.dtype == torch.bfloat16), tokens, n, ld, int(dynamic), float(clip), qa,
+           None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(), torch.get_num_threads())
     return xq, s_t
 
 

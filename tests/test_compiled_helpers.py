@@ -98,30 +98,39 @@ def test_compiled_tiles_and_products_equal_torch_ops_bit_for_bit():
             assert got[f"{case} {dtype} vs plain"] == 0, (case, dtype, got[f"{case} {dtype} vs plain"])
 
 
-QUANT_CASES = [  # (tokens, n, dtype, scheme, bits, clip, row stride)
-    (7, 100, "float32", "dynamic-token", 8, 1.0, 100),
-    (7, 100, "bfloat16", "dynamic-token", 8, 0.85, 100),
-    (300, 257, "float32", "dynamic-token", 4, 1.0, 300),
-    (300, 257, "bfloat16", "dynamic-token", 8, 1.0, 257),
-    (5, 64, "float32", "static-tensor", 8, 1.0, 64),
-    (1, 2048, "bfloat16", "dynamic-token", 8, 0.9, 2048),
+QUANT_CASES = [  # (tokens, n, dtype, scheme, bits, clip, row stride, transposed: x = (rows of tokens)ᵀ)
+    (7, 100, "float32", "dynamic-token", 8, 1.0, 100, False),
+    (7, 100, "bfloat16", "dynamic-token", 8, 0.85, 100, False),
+    (300, 257, "float32", "dynamic-token", 4, 1.0, 300, False),
+    (300, 257, "bfloat16", "dynamic-token", 8, 1.0, 257, False),
+    (5, 64, "float32", "static-tensor", 8, 1.0, 64, False),
+    (1, 2048, "bfloat16", "dynamic-token", 8, 0.9, 2048, False),
+    (300, 257, "bfloat16", "dynamic-token", 8, 1.0, 300, True),
+    (70, 130, "float32", "dynamic-token", 8, 0.9, 80, True),
+    (65, 64, "float32", "static-tensor", 8, 1.0, 65, True),
 ]
 
 
 @needs_library
 def test_compiled_quantize_tokens_equals_torch_ops():
     """Codes and scales of the C per-token quantizer equal the torch ops' for float32 and bfloat16, clipped and
-    not, 4- and 8-bit, static scales, rows further apart than their length, all-zero and huge tokens."""
+    not, 4- and 8-bit, static scales, rows further apart than their length, transposed inputs (partial
+    chunks of tokens and tiles of channels), all-zero and huge tokens."""
     got = _child(
         f"""
         import json, torch
         from interop.kernels import ActQuant, kernel_options, quantize_tokens
         out = {{}}
         for case in {QUANT_CASES!r}:
-            tokens, n, dtype, scheme, bits, clip, ld = case
+            tokens, n, dtype, scheme, bits, clip, ld, transposed = case
             g = torch.Generator().manual_seed(tokens + n)
-            base = torch.randn(tokens, ld, generator=g) * torch.logspace(-4, 3, tokens)[:, None]
-            x = base[:, :n].to(getattr(torch, dtype))
+            if transposed:
+                base = torch.randn(n, ld, generator=g) * torch.logspace(-4, 3, ld)[None, :]
+                x = base.to(getattr(torch, dtype))[:, :tokens].t()
+                assert x.stride(0) == 1 and x.stride(1) == ld
+            else:
+                base = torch.randn(tokens, ld, generator=g) * torch.logspace(-4, 3, tokens)[:, None]
+                x = base[:, :n].to(getattr(torch, dtype))
             if tokens > 2:
                 x[1] = 0
             act, scale = ActQuant(scheme, bits, clip), torch.tensor([0.037])
@@ -175,8 +184,8 @@ def test_native_quantize_tokens_refuses_bad_operands_by_name():
     x = torch.randn(4, 16)
     with pytest.raises(native.NativeKernelError, match="float32 or bfloat16"):
         native.quantize_tokens(x.half(), True, 1.0, 127, None)
-    with pytest.raises(native.NativeKernelError, match="unit column stride"):
-        native.quantize_tokens(torch.randn(16, 4).t(), True, 1.0, 127, None)
+    with pytest.raises(native.NativeKernelError, match="must be row-major or a transposed row-major"):
+        native.quantize_tokens(torch.randn(8, 16)[::2, ::2], True, 1.0, 127, None)
     with pytest.raises(native.NativeKernelError, match="qa must be an int in 1..127"):
         native.quantize_tokens(x, True, 1.0, 128, None)
     with pytest.raises(native.NativeKernelError, match="one-element scale"):

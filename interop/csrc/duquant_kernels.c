@@ -16,7 +16,7 @@
 #include <math.h>
 #include <string.h>
 
-int duq_abi_version(void) { return 2; }
+int duq_abi_version(void) { return 3; }
 
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -125,17 +125,35 @@ static inline int8_t to_code(float quotient, float lo, float hi) {
   return v == v ? (int8_t)v : 0;
 }
 
+/* The scale of one token from the max magnitude bits of its values (see duq_quantize_tokens). */
+static inline float token_scale(uint32_t m, int dynamic, float clip, int qa, const float *static_scale) {
+  if (!dynamic) return *static_scale;
+  float st;
+  if (m > 0x7F800000u) {
+    st = NAN;
+  } else {
+    memcpy(&st, &m, 4);
+  }
+  if (clip != 1.0f) st = st * clip;
+  st = st / (float)qa;
+  return st < 1e-8f ? 1e-8f : st;
+}
+
+static inline uint32_t magnitude_bits(const void *x, int bf16, int64_t i) {
+  if (bf16) return (uint32_t)(((const uint16_t *)x)[i] & 0x7FFFu) << 16;
+  return ((const uint32_t *)x)[i] & 0x7FFFFFFFu;
+}
+
 void duq_quantize_tokens(const void *x, int bf16, int64_t tokens, int64_t n, int64_t ld, int dynamic, float clip,
                          int qa, const float *static_scale, int8_t *xq, float *s, int threads) {
   const float lo = (float)(-qa - 1), hi = (float)qa;
 #pragma omp parallel for num_threads(threads) schedule(static) if (tokens * n >= 65536)
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t row = t * ld;
-    float st;
+    /* max |x| as the max of the magnitude bits, an integer reduction that vectorizes;
+     * bits above those of infinity are a NaN, which makes the scale NaN (as torch's amax) */
+    uint32_t m = 0;
     if (dynamic) {
-      /* max |x| as the max of the magnitude bits, an integer reduction that vectorizes;
-       * bits above those of infinity are a NaN, which makes the scale NaN (as torch's amax) */
-      uint32_t m = 0;
       if (bf16) {
         const uint16_t *xb = (const uint16_t *)x + row;
         for (int64_t j = 0; j < n; ++j) {
@@ -149,17 +167,8 @@ void duq_quantize_tokens(const void *x, int bf16, int64_t tokens, int64_t n, int
           m = a > m ? a : m;
         }
       }
-      if (m > 0x7F800000u) {
-        st = NAN;
-      } else {
-        memcpy(&st, &m, 4);
-      }
-      if (clip != 1.0f) st = st * clip;
-      st = st / (float)qa;
-      st = st < 1e-8f ? 1e-8f : st;
-    } else {
-      st = *static_scale;
     }
+    const float st = token_scale(m, dynamic, clip, qa, static_scale);
     s[t] = st;
     int8_t *q = xq + t * n;
     if (bf16) {
@@ -168,6 +177,39 @@ void duq_quantize_tokens(const void *x, int bf16, int64_t tokens, int64_t n, int
     } else {
       const float *xf = (const float *)x + row;
       for (int64_t j = 0; j < n; ++j) q[j] = to_code(xf[j] / st, lo, hi);
+    }
+  }
+}
+
+/* duq_quantize_tokens of x = xtᵀ, given xt: (n, tokens) with row stride ld (the transposed view
+ * DuQuantLinear.rotate_input returns). Tokens are swept together in chunks (contiguous loads);
+ * the codes go through a small tile to come out row-major, xq: (tokens, n). */
+#define TOKENS_PER_CHUNK 64
+#define CHANNELS_PER_TILE 64
+void duq_quantize_tokens_t(const void *xt, int bf16, int64_t tokens, int64_t n, int64_t ld, int dynamic, float clip,
+                           int qa, const float *static_scale, int8_t *xq, float *s, int threads) {
+  const float lo = (float)(-qa - 1), hi = (float)qa;
+  const int64_t chunks = (tokens + TOKENS_PER_CHUNK - 1) / TOKENS_PER_CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens * n >= 65536)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t t0 = c * TOKENS_PER_CHUNK;
+    const int64_t tb = tokens - t0 < TOKENS_PER_CHUNK ? tokens - t0 : TOKENS_PER_CHUNK;
+    uint32_t m[TOKENS_PER_CHUNK] = {0};
+    float st[TOKENS_PER_CHUNK];
+    if (dynamic) {
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t t = 0; t < tb; ++t) {
+          const uint32_t a = magnitude_bits(xt, bf16, j * ld + t0 + t);
+          m[t] = a > m[t] ? a : m[t];
+        }
+    }
+    for (int64_t t = 0; t < tb; ++t) s[t0 + t] = st[t] = token_scale(m[t], dynamic, clip, qa, static_scale);
+    int8_t tile[TOKENS_PER_CHUNK][CHANNELS_PER_TILE];
+    for (int64_t j0 = 0; j0 < n; j0 += CHANNELS_PER_TILE) {
+      const int64_t jb = n - j0 < CHANNELS_PER_TILE ? n - j0 : CHANNELS_PER_TILE;
+      for (int64_t j = 0; j < jb; ++j)
+        for (int64_t t = 0; t < tb; ++t) tile[t][j] = to_code(load(xt, bf16, (j0 + j) * ld + t0 + t) / st[t], lo, hi);
+      for (int64_t t = 0; t < tb; ++t) memcpy(xq + (t0 + t) * n + j0, tile[t], (size_t)jb);
     }
   }
 }
