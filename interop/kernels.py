@@ -470,8 +470,8 @@ class KernelOptions:
         `FALLBACK_ORDER` without measuring (False).
       precision: "any" (default: bfloat16 paths may serve float32 inputs) or
         "float32" (only paths with float32 or exact integer arithmetic).
-      compiled: let `dequant-bf16` make its weight tiles with `interop.compiled`'s C code
-        where it is available (the same bits, one pass); False: torch ops only.
+      compiled: use `interop.compiled`'s C code where it is built (the same bits, one pass):
+        `dequant-bf16`'s weight tiles and `quantize_tokens` on the CPU; False: torch ops only.
     """
 
     path: str | None = None
