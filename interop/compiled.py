@@ -14,7 +14,7 @@ compiler (`$CC`, else `cc`, else `gcc`) and `-O3 -march=native -fopenmp`
 (falling back to fewer flags where the compiler refuses one) into
 `~/.cache/duquant/compiled/<key>/` (`$DUQUANT_COMPILED_DIR` overrides), where
 `key` hashes the source, the flags, the compiler's version and this CPU's
-description: a library built for another processor is never loaded (it could
+model and full feature list: a library built for another processor is never loaded (it could
 die on an instruction this one lacks). The file is written atomically, so
 processes that build at once do not see each other's half-written output.
 Before first use the library is checked against torch's own arithmetic on
@@ -28,6 +28,7 @@ before every call. Pure torch and the standard library: no JAX.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -63,6 +64,26 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_fingerprint() -> str:
+    """The CPU model and every feature flag the kernel reports (`-march=native` may use any of them), or what
+    the platform says where there is no /proc/cpuinfo."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware", "cpu model") and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return f"{model or platform.processor()} | {flags} | {cpu_description()}"
+
+
+@functools.lru_cache(maxsize=None)
 def _version(cc: str) -> str:
     try:
         done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
@@ -77,7 +98,7 @@ def _cache_root() -> Path:
 
 
 def _key(source: bytes, cc: str, flags: tuple[str, ...]) -> str:
-    text = "\n".join((source.hex(), cc, _version(cc), " ".join(flags), cpu_description(), platform.machine(), platform.system()))
+    text = "\n".join((source.hex(), cc, _version(cc), " ".join(flags), _cpu_fingerprint(), platform.machine(), platform.system()))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -300,6 +300,9 @@ class DuQuantLinear(nn.Module):
         if self.r_in_t is None:
             return xt.t().reshape(*lead, n_in)
         n, size, _ = self.r_in_t.shape
+        if n == 1 and tokens == 1:  # one token (decode): its blocks are the rows of one (n_in / B, B) product with
+            # R_in itself, where broadcasting R_in^T over the blocks would copy it on every call
+            return (xt.view(n_in // size, size) @ self.r_in[0].to(x.dtype)).reshape(*lead, n_in)
         r = self.r_in_t.to(x.dtype)
         if n == 1:
             x2t = (r[0] @ xt.view(n_in // size, size, tokens)).view(n_in, tokens)
