@@ -329,6 +329,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown modes or dtypes: {bad}")
     torch.manual_seed(0)
+    rev = commit()  # before this run writes its own lines and section (which would make the tree differ)
     source = MODELS[args.model]()
     save = args.model == "gemma3-270m"
     records = []
@@ -340,7 +341,7 @@ def main() -> None:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
     with open(os.devnull if args.no_write else Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
         for r in records:
-            f.write(json.dumps({**r, "commit": commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            f.write(json.dumps({**r, "commit": rev, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "threads": torch.get_num_threads(), "loadavg_end": os.getloadavg()[0],
                                 "compiled_helpers": compiled.unavailable() or "on", "cpu": kernel_tuning.cpu_description()}) + "\n")
     keys = [f"{m}_{k}_tok_s" for m in modes for k in ("prefill", "decode")]
@@ -363,7 +364,7 @@ def main() -> None:
         "random weights), statistics on 4 random 64-token prompts, preset weights rounded to nearest (same layout and kernels as GPTQ)"
     )
     body = (
-        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs}` (commit {commit()}) — {described}. "
+        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs}` (commit {rev}) — {described}. "
         f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
         f"(int8 rows for w8a8, int4 groups of 128 for w4a8); `+shared`: one input transform per group of layers that read one input. "
         f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
