@@ -166,7 +166,7 @@ def convert_weight_to_int4pack(offset_codes: torch.Tensor, inner_k_tiles: int = 
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(aligned(offset_codes), inner_k_tiles)
 
 
-# -- the compiled dequantizer (interop.compiled) ----------------------------------------
+# -- the compiled helpers (interop.compiled) ----------------------------------------------
 def _dequant_operands(kernel: str, scales: torch.Tensor, out: torch.Tensor, out_shape: tuple[int, int]) -> None:
     _operand(kernel, "scales", scales, torch.float32)
     _operand(kernel, "out", out, torch.bfloat16)
@@ -185,7 +185,7 @@ def _library(kernel: str):
     from interop import compiled
 
     lib = compiled.load()
-    _require(lib is not None, kernel, f"the compiled dequantizer is unavailable: {compiled.unavailable()}")
+    _require(lib is not None, kernel, f"the compiled helpers are unavailable: {compiled.unavailable()}")
     return lib
 
 

@@ -590,7 +590,7 @@ class QuantizedWeight(nn.Module):
         return w, tile
 
     def _compiled_float_tile(self, r0: int, r1: int) -> tuple[torch.Tensor, CodeTile]:
-        """`float_tile` in bfloat16 by the compiled dequantizer: (in, n), natural row order."""
+        """`float_tile` in bfloat16 by `interop.compiled`: (in, n), natural row order."""
         n, n_in = r1 - r0, self.in_features
         group = self.group_size or n_in  # per row: codes times 1, the caller scales the product
         if self.group_size is None:
