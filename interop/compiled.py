@@ -38,9 +38,9 @@ import threading
 from pathlib import Path
 
 from duquant_jax.atomic import atomic_write
-from interop.kernel_tuning import DEFAULT_CACHE_DIR, cpu_description
+from interop.kernel_tuning import DEFAULT_CACHE_DIR, cpu_description, cpu_info
 
-__all__ = ["SOURCE", "forget", "library_path", "load", "unavailable"]
+__all__ = ["SOURCE", "forget", "load", "unavailable"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "duquant_kernels.c"
 LIBRARY = "libduquant_kernels.so"
@@ -66,21 +66,9 @@ def _compiler() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_fingerprint() -> str:
-    """The CPU model and every feature flag the kernel reports (`-march=native` may use any of them), or what
-    the platform says where there is no /proc/cpuinfo."""
-    model, flags = "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "hardware", "cpu model") and not model:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = " ".join(sorted(value.split()))
-    except OSError:
-        pass
-    return f"{model or platform.processor()} | {flags} | {cpu_description()}"
+    """The CPU model and every feature flag the kernel reports (`-march=native` may use any of them)."""
+    model, flags = cpu_info()
+    return f"{model or platform.processor()} | {' '.join(sorted(flags))} | {cpu_description()}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,12 +90,9 @@ def _key(source: bytes, cc: str, flags: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def library_path(flags: tuple[str, ...] = FLAG_SETS[0]) -> Path | None:
-    """Where the library built with `flags` lives (or would), or None without a compiler."""
-    cc = _compiler()
-    if cc is None:
-        return None
-    return _cache_root() / _key(SOURCE.read_bytes(), cc, flags) / LIBRARY
+def _library_file(source: bytes, cc: str, flags: tuple[str, ...]) -> Path:
+    """Where the library built from `source` by `cc` with `flags` lives (or will)."""
+    return _cache_root() / _key(source, cc, flags) / LIBRARY
 
 
 def _build(cc: str) -> tuple[Path | None, str]:
@@ -115,7 +100,7 @@ def _build(cc: str) -> tuple[Path | None, str]:
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        path = _cache_root() / _key(source, cc, flags) / LIBRARY
+        path = _library_file(source, cc, flags)
         if path.is_file():
             return path, ""
 

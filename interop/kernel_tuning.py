@@ -56,9 +56,10 @@ def token_bucket(tokens: int) -> tuple[str, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_description() -> str:
-    """The CPU model and the vector/matrix extensions that matter here, e.g. `AMD EPYC [avx2 avx512_vnni ...]`."""
-    model, flags = "", set()
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The first CPU's model name and its feature flags from /proc/cpuinfo (x86 "flags", Arm "Features");
+    ("", empty) where there is no such file."""
+    model, flags = "", frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -67,9 +68,16 @@ def cpu_description() -> str:
                 if key in ("model name", "hardware", "cpu model") and not model:
                     model = value.strip()
                 elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
+                    flags = frozenset(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_description() -> str:
+    """The CPU model and the vector/matrix extensions that matter here, e.g. `AMD EPYC [avx2 avx512_vnni ...]`."""
+    model, flags = cpu_info()
     model = model or platform.processor() or platform.machine() or "unknown cpu"
     found = " ".join(f for f in _CPU_FEATURES if f in flags)
     return f"{model} [{found}]" if found else model

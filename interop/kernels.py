@@ -168,12 +168,8 @@ def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | N
 
 
 def _compiled_quantize_ok(x2: torch.Tensor) -> bool:
-    """Whether `native.quantize_tokens` takes x2 as it is: float32 or bfloat16 on the CPU, row-major or a
-    transposed row-major tensor (what `DuQuantLinear.rotate_input` returns)."""
-    if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16) or x2.dim() != 2 or x2.shape[1] == 0:
-        return False
-    tokens, n = x2.shape
-    return tokens <= 1 or (x2.stride(1) == 1 and x2.stride(0) >= n) or (x2.stride(0) == 1 and x2.stride(1) >= tokens)
+    """Whether `native.quantize_tokens` takes x2 as it is: float32 or bfloat16 on the CPU, in a layout it walks."""
+    return x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16) and native.token_layout(x2) is not None
 
 
 def _quantize_tokens_functional(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

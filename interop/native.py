@@ -241,6 +241,19 @@ def dequant_rows(codes: torch.Tensor, layout: str, in_features: int, scales: tor
     return out
 
 
+def token_layout(x: torch.Tensor) -> str | None:
+    """How `quantize_tokens` walks a (T, n) tensor: "rows" (row-major, or one token), "columns" (the transpose
+    of a row-major (n, T), as `DuQuantLinear.rotate_input` returns), or None when it cannot."""
+    if x.dim() != 2 or x.shape[1] == 0:
+        return None
+    tokens, n = x.shape
+    if tokens <= 1 or (x.stride(1) == 1 and x.stride(0) >= n):
+        return "rows"
+    if x.stride(0) == 1 and x.stride(1) >= tokens:
+        return "columns"
+    return None
+
+
 def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, n) float32 or bfloat16 -> (xq (T, n) int8, s_t (T, 1) float32), in one pass per token, with
     `interop.kernels.quantize_tokens`'s arithmetic (dynamic per token, or one static scale). x is row-major
@@ -250,9 +263,9 @@ def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static
              f"x must be a float32 or bfloat16 tensor; got {getattr(x, 'dtype', type(x).__name__)}")
     _require(x.dim() == 2 and x.device.type == "cpu", kernel, f"x must be 2-D on the CPU; got shape {tuple(x.shape)} on {x.device}")
     tokens, n = x.shape
-    rows = tokens <= 1 or (x.stride(1) == 1 and x.stride(0) >= n)
-    columns = not rows and x.stride(0) == 1 and x.stride(1) >= tokens
-    _require(n >= 1 and (rows or columns), kernel, f"x must be row-major or a transposed row-major tensor (unit stride on one dimension, rows apart by at least their length); got shape {tuple(x.shape)}, strides {x.stride()}")
+    layout = token_layout(x)
+    rows = layout == "rows"
+    _require(layout is not None, kernel, f"x must be row-major or a transposed row-major tensor (unit stride on one dimension, rows apart by at least their length); got shape {tuple(x.shape)}, strides {x.stride()}")
     _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, f"qa must be an int in 1..127; got {qa!r}")
     _require(0 < clip <= 1, kernel, f"clip must lie in (0, 1]; got {clip!r}")
     if not dynamic:
