@@ -218,9 +218,10 @@ def _symmetric_part_consuming(h) -> jax.Array:
 def hessian_in_basis(xtx: Any, perm, r_in, in_diag, r_pre, device: jax.Device | None = None) -> jax.Array:
     """`Tᵀ (XᵀX) T` (in, in), symmetric, for the input transform T, as the GPTQ pack computes it.
 
-    XLA reads a NumPy array through a copy of its own anyway; that copy (1 GiB for a 16384-wide
-    input) is made here once and handed over: each program takes the previous one's buffer.
-    `xtx` itself is left unchanged.
+    The float32 matrix is put on `device` once (a copy, 1 GiB for a 16384-wide input, except where
+    XLA shares an aligned host array, which the first program then copies instead of overwriting)
+    and handed over: each program takes the previous one's buffer. `xtx` itself is left unchanged.
+    On the host `pack` uses `duquant_jax.hessian_in_place` instead (one (in, in) matrix, not three).
     """
     h = jax.device_put(np.asarray(xtx, np.float32), device)
     h = _transform_rows_consuming(h, perm, r_in, in_diag, r_pre)
@@ -236,6 +237,7 @@ def pack_weight(
     device: jax.Device | None = None,
     wait: bool = True,
     name: str = "",
+    consume_stats: bool = False,
 ) -> Pack:
     """Packs one weight, every block's rotation computed at once.
 
@@ -252,6 +254,11 @@ def pack_weight(
         concurrently, which deadlocks jaxlib 0.10.2 (see rotation.after). On an
         accelerator, `wait=False` lets packs on several devices overlap.
       name: the layer's name, used in error messages.
+      consume_stats: GPTQ may transform and factor `stats.xtx` inside its own buffer
+        (`duquant_jax.hessian_in_place`, on the host: one (in, in) float32 matrix less at
+        the peak, 1 GiB for a 16384-wide input); `stats.xtx` is then set to None. Ignored
+        where the buffer does not allow it (not a writable float32 C-ordered NumPy array)
+        and on an accelerator. Without it the host factors a copy.
 
     Returns:
       A Pack of JAX arrays (see `duquant_jax.packed.Pack` for every field's shape).
@@ -263,7 +270,7 @@ def pack_weight(
     except (TypeError, ValueError) as e:
         raise type(e)(f"layer {name}: {e}" if name else str(e)) from None
     check_stats(stats, config, tuple(w.shape), name)
-    return pack_fitted(w, fit(w, config, stats), config, stats, device=device, wait=wait, name=name)
+    return pack_fitted(w, fit(w, config, stats), config, stats, device=device, wait=wait, name=name, consume_stats=consume_stats)
 
 
 def pack_fitted(
@@ -275,31 +282,47 @@ def pack_fitted(
     device: jax.Device | None = None,
     wait: bool = True,
     name: str = "",
+    consume_stats: bool = False,
 ) -> Pack:
     """Packs a checked weight `w (out, in)` with its transform pieces already fitted (`duquant_jax.fit`):
     the jitted stages of `pack_weight`, which fit what `fitted` leaves None (the "svd" family's rotations).
-    `duquant_jax.shared_input.pack_group` passes input pieces fitted jointly for several layers."""
+    `duquant_jax.shared_input.pack_group` passes input pieces fitted jointly for several layers.
+    `consume_stats`: as `pack_weight`'s."""
     arrays = (w, fitted.perm, fitted.in_diag, fitted.r_pre, fitted.r_in, fitted.r_out, fitted.out_diag)
     arrays = jax.tree.map(jnp.asarray, arrays) if device is None else jax.device_put(arrays, device)
     if config.needs_xtx:
-        return _gptq_pack(arrays, stats, config, name)
+        return _gptq_pack(arrays, stats, config, name, consume_stats)
     pack = _pack_rtn(*arrays, None, config, name)
     if wait or next(iter(arrays[0].devices())).platform == "cpu":
         jax.block_until_ready(pack)
     return pack
 
 
-def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: str) -> Pack:
-    from duquant_jax.gptq import gptq_codes
+def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: str, consume_stats: bool = False) -> Pack:
+    from duquant_jax import hessian_in_place
+    from duquant_jax.gptq import gptq_codes, gptq_round
 
     unrounded = _pack_rtn(*arrays, None, config, name, keep_w2=True)  # the RTN scales, W2 as w_codes
     w2 = unrounded.w_codes
-    # The factorization takes the rotated Hessian's buffer.
-    h2 = hessian_in_basis(stats.xtx, unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre, next(iter(w2.devices())))
-    codes = gptq_codes(
-        w2, h2, unrounded.w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
-        block=config.gptq_block, act_order=config.gptq_act_order, name=name, consume_h=True,
-    )
+    device = next(iter(w2.devices()))
+    pieces = (unrounded.perm, unrounded.r_in, unrounded.in_diag, unrounded.r_pre)
+    rounding = {"group_size": config.weight_group_size, "block": config.gptq_block, "name": name}
+    if device.platform == "cpu":  # the Hessian transformed and factored in one host buffer: the statistics' own, or a copy
+        consume = consume_stats and hessian_in_place.usable(stats.xtx)
+        h = stats.xtx if consume else hessian_in_place.aligned_copy(stats.xtx)
+        try:
+            factor = hessian_in_place.factor_in_place(h, *pieces, damp=config.gptq_damp, act_order=config.gptq_act_order, name=name)
+        finally:
+            if consume:
+                object.__setattr__(stats, "xtx", None)  # its buffer holds the factor (or is spoilt): a later use fails loudly
+        del h
+        codes = gptq_round(w2, factor, unrounded.w_scale, config.weight_bits, **rounding)
+    else:
+        h2 = hessian_in_basis(stats.xtx, *pieces, device)  # the factorization takes the rotated Hessian's buffer
+        codes = gptq_codes(
+            w2, h2, unrounded.w_scale, config.weight_bits, damp=config.gptq_damp, act_order=config.gptq_act_order,
+            consume_h=True, **rounding,
+        )
     return jax.block_until_ready(unrounded.replace(w_codes=codes))
 
 

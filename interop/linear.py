@@ -148,16 +148,18 @@ class DuQuantLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, config: DuQuantConfig = DuQuantConfig(), name: str = "", stats: LayerStats | None = None
+        cls, linear: nn.Linear, config: DuQuantConfig = DuQuantConfig(), name: str = "", stats: LayerStats | None = None,
+        consume_stats: bool = False,
     ) -> DuQuantLinear:
         """Packs `linear.weight` with the JAX path and carries the result over.
-        `stats`: the layer's input statistics, for configs that need them (`interop.observe`)."""
+        `stats`: the layer's input statistics, for configs that need them (`interop.observe`);
+        `consume_stats`: GPTQ may factor `stats.xtx` in its own buffer (`pack_weight`'s option)."""
         from duquant_jax.pack import pack_weight
         from interop.dlpack import torch_to_jax
 
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear; got {type(linear).__name__}")
-        return cls.replacing(linear, pack_weight(torch_to_jax(linear.weight.detach()), config, stats, name=name), name)
+        return cls.replacing(linear, pack_weight(torch_to_jax(linear.weight.detach()), config, stats, name=name, consume_stats=consume_stats), name)
 
     @classmethod
     def replacing(cls, linear: nn.Linear, pack: Pack, name: str = "") -> DuQuantLinear:

@@ -33,8 +33,10 @@ The model's parameters stay on the meta device except where needed:
 
 Peak memory: the larger of the tensors outside the blocks (steps 1 and 3) and
 one float block with the calibration hidden states (batches x tokens x hidden)
-and the packing's temporaries (GPTQ: the largest `XᵀX`, its rotated copy and
-factor), not the float model.
+and the packing's temporaries (GPTQ: the block's `XᵀX`s, each transformed and
+factored in its own buffer (`duquant_jax.hessian_in_place`), and one layer's
+float32 copies of its weight), not the float model. Between blocks the memory
+freed is handed back to the system (`interop.sequential.release_memory`).
 The recorders assume that a block's other arguments do not depend on the
 previous block's output (true of transformers' decoder layers: masks and
 rotary embeddings are computed before the loop).
@@ -56,7 +58,9 @@ from duquant_jax.field_shapes import expected_shapes
 from duquant_jax.paths import contained
 from interop.modules import FilterFn, set_child
 from interop.saved_checks import ROTATION_FIELDS
-from interop.sequential import _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, checked_inputs, find_blocks, run_until_stop
+from interop.sequential import (
+    _default_run, _hidden_out, _no_cache, _quantize_block, _relative_filter, _Stop, checked_inputs, find_blocks, release_memory, run_until_stop,
+)
 from interop.shared_input import group_buffer_keys
 from interop.shared_input import input_groups as linked_groups
 from interop.serialize import CONFIG_FILE, _get_tensor, layer_record, make_record, write_index, write_shard
@@ -283,6 +287,7 @@ def quantize_checkpoint_sequential(
             total += sum(t.numel() * t.element_size() for t in state.values())
             set_child(model, prefix, nn.Identity())  # released: the model is left without its blocks
             del block, block_calls, quantized, state  # before the next block's weights are read
+            release_memory()
     _materialize(model, "", reader, aliases)
     rest = {key: t.detach().contiguous() for key, t in model.state_dict().items() if not any(key.startswith(b + ".") for b in names) and key not in aliases}
     write_shard(out / files[-1], rest, record)
