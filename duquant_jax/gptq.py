@@ -190,12 +190,6 @@ def gptq_factor(h: Any, *, damp: float = 0.01, act_order: bool = False, name: st
     return _factor_checked(h, damp, act_order, name)
 
 
-def _m_block(l: jax.Array, r0: int, r1: int, c0: int, c1: int) -> jax.Array:
-    """`M[r0:r1, c0:c1]` for `M = J l J` (static bounds)."""
-    n = l.shape[0]
-    return jnp.flip(l[n - r1 : n - r0, n - c1 : n - c0])
-
-
 def _round_columns(w1: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) -> tuple[jax.Array, jax.Array]:
     """w1: (out, c) state, u: (c, c) upper, s: (out, c) -> (codes, errors), both (out, c) float.
 
@@ -309,26 +303,32 @@ def _prepare(
     return w0, gidx, l_padded, lax.linalg.triangular_solve(m_diag, eye, left_side=True, lower=False)
 
 
-@partial(jax.jit, static_argnames=("a", "e", "panel"), donate_argnums=(0, 1))
+@partial(jax.jit, static_argnames=("width", "panel", "first"), donate_argnums=(0, 1))
 def _panel_step(
     diffs: jax.Array, codes: jax.Array, w0: jax.Array, l: jax.Array, u_diag: jax.Array, scale: jax.Array, gidx: jax.Array,
-    q_max: jax.Array, *, a: int, e: int, panel: int,
+    q_max: jax.Array, a: jax.Array, *, width: int, panel: int, first: bool,
 ) -> tuple[jax.Array, jax.Array]:
-    """Rounds columns `a:e` (one panel; the panels before it are `panel` wide): `diffs` (out, n_pad)
-    `D = W - Q̂` and `codes` (out, n_pad) int8 of the panels before it, updated in their own (donated) buffers."""
+    """Rounds the `width` columns from `a` on (one panel; the `a // panel` panels before it are `panel`
+    wide, none when `first`): `diffs` (out, n_pad) `D = W - Q̂` and `codes` (out, n_pad) int8 of the
+    panels before it, updated in their own (donated) buffers. `a` is traced, so one program serves
+    every panel of a shape (a program per panel cost 10 MiB of code each, 16 for a 16384-wide input)."""
     block, n = u_diag.shape[1], l.shape[0]
+    e = a + width
 
     def earlier(k: jax.Array, g: jax.Array) -> jax.Array:
-        """`g + D_k M[k, this panel]` for the k-th earlier panel (all `panel` wide): in a loop, so that one
-        slice of `D` and one block of `M` are alive at a time (XLA held every panel's at once)."""
+        """`g + D_k M[k, this panel]` for the k-th earlier panel: in a loop, so that one slice of `D`
+        and one block of `M` are alive at a time (XLA held every panel's at once)."""
         d_k = lax.dynamic_slice_in_dim(diffs, k * panel, panel, axis=1)
-        m_k = jnp.flip(lax.dynamic_slice(l, (n - (k + 1) * panel, n - e), (panel, e - a)))  # M[k*panel:(k+1)*panel, a:e]
+        m_k = jnp.flip(lax.dynamic_slice(l, (n - (k + 1) * panel, n - e), (panel, width)))  # M[k*panel:(k+1)*panel, a:e]
         return g + jnp.dot(d_k, m_k, precision=HIGHEST)
 
-    g = jnp.zeros((w0.shape[0], e - a), w0.dtype)
-    if a:  # the first panel has none before it (and may be narrower than `panel`)
+    g = jnp.zeros((w0.shape[0], width), w0.dtype)
+    if not first:  # (the first panel may be narrower than `panel`: no slice of that width exists)
         g = lax.fori_loop(0, a // panel, earlier, g)
-    d, q = _round_panel(w0[:, a:e], g, _m_block(l, a, e, a, e), u_diag[a // block : e // block], scale, gidx[a:e], q_max)
+    m_pp = jnp.flip(lax.dynamic_slice(l, (n - e, n - e), (width, width)))  # M[a:e, a:e]
+    u_p = lax.dynamic_slice_in_dim(u_diag, a // block, width // block)
+    cols = lambda x: lax.dynamic_slice_in_dim(x, a, width, axis=x.ndim - 1)  # noqa: E731
+    d, q = _round_panel(cols(w0), g, m_pp, u_p, scale, cols(gidx), q_max)
     return lax.dynamic_update_slice_in_dim(diffs, d, a, axis=1), lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
 
 
@@ -354,16 +354,17 @@ def _round(
     the identity) and `dead`; `scale (out, n_groups)`, `col_group (in,)` the group of each
     column, `q_max` the largest code; `block` columns per block, `panel` per panel.
 
-    One program per panel (static shapes), the panels' `D` and codes carried in donated
-    buffers: one program for them all held every panel's slices of `M` and of `D` at once
-    (0.8 GiB of temporaries at 2048 x 16384)."""
+    One program call per panel (at most three programs: the first panel, the others, a narrower
+    last one), the panels' `D` and codes carried in donated buffers: one program for them all held
+    every panel's slices of `M` and of `D` at once (0.8 GiB of temporaries at 2048 x 16384)."""
     out, n = w.shape
     w0, gidx, l_padded, u_diag = _prepare(w, l, order, dead, col_group, block=block)
     l = l if l_padded is None else l_padded
     n_pad = w0.shape[1]
     diffs, codes = jnp.zeros((out, n_pad), w.dtype), jnp.zeros((out, n_pad), jnp.int8)
     for a in range(0, n_pad, panel):
-        diffs, codes = _panel_step(diffs, codes, w0, l, u_diag, scale, gidx, q_max, a=a, e=min(a + panel, n_pad), panel=panel)
+        width = min(panel, n_pad - a)
+        diffs, codes = _panel_step(diffs, codes, w0, l, u_diag, scale, gidx, q_max, jnp.int32(a), width=width, panel=panel, first=not a)
     del diffs
     return _in_weight_order(codes, order, n=n)
 

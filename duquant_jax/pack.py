@@ -9,6 +9,7 @@ With `DuQuantConfig()` this is SPEC's algorithm exactly.
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Any, Iterable
 
 import jax
@@ -317,6 +318,12 @@ def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: st
                 object.__setattr__(stats, "xtx", None)  # its buffer holds the factor (or is spoilt): a later use fails loudly
         del h
         codes = gptq_round(w2, factor, unrounded.w_scale, config.weight_bits, **rounding)
+        # The factor's JAX array shares the host buffer; jaxlib hands such buffers back only when a garbage
+        # collection runs (its gc callback, jax-ml/jax#14882): a generation-0 pass frees the (in, in) matrix now
+        # instead of at some later layer's peak.
+        factor.l.delete()
+        del factor
+        gc.collect(0)
     else:
         h2 = hessian_in_basis(stats.xtx, *pieces, device)  # the factorization takes the rotated Hessian's buffer
         codes = gptq_codes(
