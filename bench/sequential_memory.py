@@ -83,6 +83,7 @@ def _batches(n: int, tokens: int):
 def _child(args) -> None:
     """In a fresh process: one run; prints a JSON line with wall time and max RSS."""
     import accelerate
+    import jax
     import torch
     import transformers
 
@@ -93,6 +94,9 @@ def _child(args) -> None:
     config = DuQuantConfig.preset(args.preset)
     only = name_filter(include=r"(q|k|v|o|gate|up|down)_proj$")
     torch.manual_seed(0)
+    jax.numpy.ones(1).block_until_ready()  # the JAX runtime started, as for any pack
+    with open("/proc/self/statm") as f:  # the process before any model: libraries and runtimes
+        runtime_gib = int(f.read().split()[1]) * resource.getpagesize() / 2**30
     t0 = time.perf_counter()
     if args.child == "checkpoint":
         with accelerate.init_empty_weights():
@@ -114,7 +118,8 @@ def _child(args) -> None:
         save_quantized(model, args.work / "mem")
         print(json.dumps({"load_s": loaded}))
     wall = time.perf_counter() - t0
-    print(json.dumps({"run": args.child, "wall_s": wall, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    print(json.dumps({"run": args.child, "wall_s": wall, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "runtime_gib": runtime_gib}))
 
 
 def _run_child(args, kind: str) -> dict:
@@ -172,6 +177,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return _child(args)
+    from common import commit  # bench/
+
     t0 = time.perf_counter()
     if not (args.work / "ckpt" / "model.safetensors.index.json").exists():
         float_bytes = write_checkpoint(args.work / "ckpt", args.blocks)
@@ -193,7 +200,8 @@ def main() -> None:
         "embedding (bf16)": v * h * 2,
         "one float block (bf16)": block_bytes,
         "activations (float hidden states, bf16)": args.batches * args.tokens * h * 2,
-        "GPTQ's largest XᵀX and factor (down_proj, float32)": 2 * m * m * 4,
+        "GPTQ's largest XᵀX (down_proj, float32; transformed and factored in its own buffer)": m * m * 4,
+        "one down_proj's float32 weight copies (the weight, its transformed copy, GPTQ's state and differences)": 4 * m * h * 4,
     }
     lines = [
         "# Sequential calibration from a checkpoint (bench/sequential_memory.py)",
@@ -205,10 +213,11 @@ def main() -> None:
         "| what | GiB |",
         "|---|---|",
         f"| float model, bf16 bytes | {float_bytes / 2**30:.2f} |",
+        f"| the process before the model (torch, JAX, transformers; measured) | {seq['runtime_gib']:.2f} |",
         *[f"| {k} | {b / 2**30:.2f} |" for k, b in parts.items()],
         f"| **peak RSS, `quantize_checkpoint_sequential`** | **{seq['max_rss_gib']:.2f}** ({seq['max_rss_gib'] * 2**30 / float_bytes:.2f}x the float bytes) |",
         "",
-        f"Wall time from the checkpoint: {seq['wall_s']:.0f} s.",
+        f"Wall time from the checkpoint: {seq['wall_s']:.0f} s. Commit {commit()}.",
     ]
     if args.in_memory:
         mem = _run_child(args, "memory")
