@@ -156,12 +156,17 @@ def _factor_checked(h: Any, damp: float, act_order: bool, name: str, consume_h: 
     else:
         order, dead, l, ok = _factor(jnp.asarray(h, jnp.float32), jnp.float32(float(damp)), act_order=act_order)
     if not bool(ok):  # waits for the Cholesky: no later LAPACK call overlaps it
-        raise ValueError(
-            f"{_who(name)}: h (shape {shape}) is not positive definite even after dampening "
-            f"(damp={damp} of the mean diagonal): its Cholesky factorization failed; check the "
-            "statistics, or raise damp"
-        )
+        raise not_positive_definite(name, shape, damp)
     return GPTQFactor(order, dead, l, act_order)
+
+
+def not_positive_definite(name: str, shape: tuple[int, ...], damp: float) -> ValueError:
+    """The error for a Hessian whose Cholesky factorization failed even after dampening."""
+    return ValueError(
+        f"{_who(name)}: h (shape {shape}) is not positive definite even after dampening "
+        f"(damp={damp} of the mean diagonal): its Cholesky factorization failed; check the "
+        "statistics, or raise damp"
+    )
 
 
 def gptq_factor(h: Any, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> GPTQFactor:

@@ -36,18 +36,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.gptq import GPTQFactor, _who
+from duquant_jax.gptq import GPTQFactor, _who, not_positive_definite
+from duquant_jax.pack import input_transform
 
 ROWS = 256  # rows per panel of a transform pass: 16 MiB of a 16384-wide matrix
 TILE = 1024  # side of the tiles swapped by a transpose or symmetrization
 
 
-def usable(xtx: Any, device: jax.Device | None = None) -> bool:
-    """Whether `xtx` can be factored in place: a writable C-contiguous float32 NumPy (in, in)
-    array, and the pack runs on the host (`device` None or a CPU)."""
+def usable(xtx: Any) -> bool:
+    """Whether `xtx` can be factored in place: a writable C-contiguous float32 NumPy (in, in) array."""
     return (
         isinstance(xtx, np.ndarray) and xtx.dtype == np.float32 and xtx.ndim == 2 and xtx.shape[0] == xtx.shape[1]
-        and xtx.flags.c_contiguous and xtx.flags.writeable and (device is None or device.platform == "cpu")
+        and xtx.flags.c_contiguous and xtx.flags.writeable
     )
 
 
@@ -66,8 +66,6 @@ def aligned_copy(xtx: Any) -> np.ndarray:
 def _panel(x: jax.Array, perm, r_in, in_diag, r_pre, gather, *, transform: bool) -> tuple[jax.Array, jax.Array]:
     """One panel of rows (p, in) -> (its rows times T (or not), then columns gathered by `gather` (or not)),
     and the count of its non-finite entries."""
-    from duquant_jax.pack import input_transform
-
     if transform:
         x = input_transform(x, perm, r_in, in_diag, r_pre)
     if gather is not None:
@@ -75,7 +73,7 @@ def _panel(x: jax.Array, perm, r_in, in_diag, r_pre, gather, *, transform: bool)
     return x, jnp.sum(~jnp.isfinite(x))
 
 
-def _row_pass(h: np.ndarray, pieces: tuple, gather: np.ndarray | None, transform: bool) -> int:
+def _row_pass(h: np.ndarray, pieces: tuple, gather: jax.Array | None, transform: bool) -> int:
     """Every panel of `ROWS` rows of `h` replaced by `_panel` of it; returns the non-finite entries seen."""
     bad = 0
     for i in range(0, h.shape[0], ROWS):
@@ -141,7 +139,7 @@ def factor_in_place(
                          f"got {type(xtx).__name__} {getattr(xtx, 'dtype', '')} {getattr(xtx, 'shape', '')}")
     h, n = xtx, xtx.shape[0]
     pieces = tuple(None if p is None else jnp.asarray(p) for p in (perm, r_in, in_diag, r_pre))
-    fold = None if act_order else np.arange(n - 1, -1, -1, dtype=np.int32)  # J folded into both passes
+    fold = None if act_order else jnp.arange(n - 1, -1, -1, dtype=jnp.int32)  # J folded into both passes
     _row_pass(h, pieces, fold, True)
     transpose_(h)
     bad = _row_pass(h, pieces, fold, True)  # a NaN/Inf of the first pass reaches the second
@@ -154,9 +152,10 @@ def factor_in_place(
     if act_order:
         order = np.argsort(-d, kind="stable").astype(np.int32)
         rev = order[::-1].copy()
-        _row_pass(h, pieces, rev, False)
+        gather = jnp.asarray(rev)
+        _row_pass(h, pieces, gather, False)
         transpose_(h)
-        _row_pass(h, pieces, rev, False)
+        _row_pass(h, pieces, gather, False)
         dead = dead_stored
         bump = dead_stored[rev].astype(np.float32)
     else:
@@ -170,10 +169,6 @@ def factor_in_place(
         h[...] = c.T
     ld = h.diagonal()
     if info != 0 or not (np.all(np.isfinite(ld)) and np.all(ld > 0)):
-        raise ValueError(
-            f"{_who(name)}: h (shape {(n, n)}) is not positive definite even after dampening "
-            f"(damp={damp} of the mean diagonal): its Cholesky factorization failed; check the "
-            "statistics, or raise damp"
-        )
+        raise not_positive_definite(name, (n, n), damp)
     _zero_upper_(h)
     return GPTQFactor(jnp.asarray(order), jnp.asarray(dead), jax.device_put(h), act_order)

@@ -19,14 +19,14 @@ quantize_sequential(model, DuQuantConfig.preset("w4a8"), calibration_batches)
 GPTQ factors each layer's `XᵀX` in the statistics' own buffer (`consume_stats` of
 `quantize_`; not with `stats_path`, which keeps them). Activations between blocks
 stay in memory: one hidden-state tensor per batch (batches x tokens x hidden),
-e.g. 16 x 512 x 640 float32 = 21 MB for Gemma-3 270M. Linears outside the blocks (the output layer) are left as they
-are. Pure torch on the run side; packing uses the JAX path as `quantize_` does.
+e.g. 16 x 512 x 640 float32 = 21 MB for Gemma-3 270M. Linears outside the blocks
+(the output layer) are left as they are. Pure torch on the run side; packing uses
+the JAX path as `quantize_` does.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import os
 import re
@@ -107,14 +107,13 @@ def _record_calls(model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], bat
 
 def release_memory() -> None:
     """Returns a finished block's memory to the system before the next block: a garbage collection
-    (safetensors' writer leaves reference cycles, and the next block's `XᵀX` should not meet the
-    last one's uncollected), then glibc's `malloc_trim` (freed heap pages go back; without it the
-    heap kept 0.3 GiB per block on a Gemma-2B-shaped run). Elsewhere only the collection runs."""
+    (safetensors' writer leaves reference cycles; jaxlib releases host buffers it shared at a
+    collection), then glibc's `malloc_trim` (freed heap pages go back; without it the heap kept
+    0.3 GiB per block on a Gemma-2B-shaped run). Without glibc only the collection runs."""
     gc.collect()
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's, without a library search
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         pass
 
 
