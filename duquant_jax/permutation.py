@@ -28,9 +28,10 @@ def zigzag_order(e: np.ndarray) -> np.ndarray:
     return order[np.where(i % 2 == 0, i // 2, n - 1 - i // 2)].astype(np.int32)
 
 
-def input_permutation(w: Any, enable_permute: bool, lambda_smooth: float) -> np.ndarray:
-    """w: (out, in) (NumPy or JAX) -> perm: (in,) int32; the identity when `enable_permute` is off."""
+def input_permutation(w: Any, enable_permute: bool, lambda_smooth: float, col_scale: np.ndarray | None = None) -> np.ndarray:
+    """w: (out, in) (NumPy or JAX) -> perm: (in,) int32 of `w * col_scale` (in,) (float64; None: of `w`);
+    the identity when `enable_permute` is off."""
     n_in = w.shape[1]
     if not enable_permute:
         return np.arange(n_in, dtype=np.int32)
-    return zigzag_order(channel_energy(np.asarray(w), lambda_smooth))
+    return zigzag_order(channel_energy(np.asarray(w), lambda_smooth, col_scale))

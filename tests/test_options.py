@@ -197,3 +197,16 @@ def test_rotations_and_smoothing_beat_svd_and_no_rotation_on_outlier_inputs():
         errs[name] = rel_err(forward(pack_weight(w, DuQuantConfig(**base, **kw), stats), x), y_true)
     for good, bad in itertools.product(("hadamard+smooth", "duquant+smooth"), ("none", "svd")):
         assert errs[good] < errs[bad], errs
+
+
+def test_smoothed_energies_and_column_maxima_equal_the_float64_copy_bit_for_bit():
+    """fit smooths the weight chunk by chunk (no float64 copy): the same numbers as the reference's whole copy."""
+    from duquant_jax.fit import _column_absmax
+    from duquant_jax.reference.spec import ENERGY_ROWS, channel_energy
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((2 * ENERGY_ROWS + 37, 96)) * rng.uniform(0.01, 5, 96)).astype(np.float32)
+    s = rng.uniform(0.1, 10, 96)
+    whole = w.astype(np.float64) * s
+    np.testing.assert_array_equal(channel_energy(w, 0.3, s), channel_energy(whole, 0.3))
+    np.testing.assert_array_equal(_column_absmax(w).astype(np.float64), np.abs(w.astype(np.float64)).max(axis=0))

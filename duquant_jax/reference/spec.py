@@ -18,17 +18,21 @@ from duquant_jax.quantize import SCALE_ALPHAS
 ENERGY_ROWS = 512
 
 
-def channel_energy(w: np.ndarray, lambda_smooth: float) -> np.ndarray:
+def channel_energy(w: np.ndarray, lambda_smooth: float, col_scale: np.ndarray | None = None) -> np.ndarray:
     """SPEC step 1. w: (out, in), any float dtype -> e: (in,) float64, `mean_i w_ij²` then smoothing.
 
     Squares are summed in float64, `ENERGY_ROWS` rows at a time (the same order on every
     path: the JAX path calls this function too, so both permutations are identical), which
-    needs no float64 copy of the whole weight.
+    needs no float64 copy of the whole weight. `col_scale (in,)` float64: the energies of
+    `w * col_scale` (a smoothed weight), each chunk scaled in float64 as it is read, so the
+    result equals `channel_energy(w.astype(float64) * col_scale)` bit for bit.
     """
     w = np.asarray(w)
     total = np.zeros(w.shape[1])
     for start in range(0, w.shape[0], ENERGY_ROWS):
         chunk = w[start : start + ENERGY_ROWS].astype(np.float64)
+        if col_scale is not None:
+            chunk *= col_scale
         total += np.einsum("ij,ij->j", chunk, chunk)
     e = total / w.shape[0]
     if lambda_smooth > 0:
