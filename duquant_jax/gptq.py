@@ -252,7 +252,7 @@ def _round_panel(
     scale: jax.Array,
     g_idx: jax.Array,
     q_max: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """One panel of P columns, its blocks in a `lax.scan`.
 
     Args:
@@ -261,7 +261,7 @@ def _round_panel(
       scale: (out, n_groups); g_idx: (P,) group of each column; q_max: largest code.
 
     Returns:
-      `D = W - Q̂` (out, P) float and the codes (out, P) int8.
+      the codes (out, P) int8 (`D = W - Q̂` is rebuilt from them where later panels need it).
     """
     out, width = w_p.shape
     block = u_p.shape[1]
@@ -277,12 +277,11 @@ def _round_panel(
         d = lax.dynamic_update_slice_in_dim(d, wb - q * s, c0, axis=1)
         return d, q.astype(jnp.int8)
 
-    d, q = lax.scan(step, jnp.zeros_like(w_p), jnp.arange(width // block))
-    return d, jnp.transpose(q, (1, 0, 2)).reshape(out, width)
+    _, q = lax.scan(step, jnp.zeros_like(w_p), jnp.arange(width // block))
+    return jnp.transpose(q, (1, 0, 2)).reshape(out, width)
 
 
-@partial(jax.jit, static_argnames=("block",))
-def _prepare(
+def _prepare_body(
     w: jax.Array, l: jax.Array, order: jax.Array | None, dead: jax.Array, col_group: jax.Array, *, block: int
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
     """`w (out, in)` with dead columns zeroed, in the rounding order and padded to blocks; the group of
@@ -308,22 +307,33 @@ def _prepare(
     return w0, gidx, l_padded, lax.linalg.triangular_solve(m_diag, eye, left_side=True, lower=False)
 
 
-@partial(jax.jit, static_argnames=("width", "panel", "first"), donate_argnums=(0, 1))
+_prepare = partial(jax.jit, static_argnames=("block",))(_prepare_body)
+# The same, `w`'s buffer donated: with no column order and no padding `w0` is `w` with dead columns
+# zeroed, made inside that buffer (one (out, in) float32 matrix less, 0.125 GiB at 2048 x 16384).
+_prepare_consuming = partial(jax.jit, static_argnames=("block",), donate_argnums=0)(_prepare_body)
+
+
+@partial(jax.jit, static_argnames=("width", "panel", "first"), donate_argnums=(0,))
 def _panel_step(
-    diffs: jax.Array, codes: jax.Array, w0: jax.Array, l: jax.Array, u_diag: jax.Array, scale: jax.Array, gidx: jax.Array,
+    codes: jax.Array, w0: jax.Array, l: jax.Array, u_diag: jax.Array, scale: jax.Array, gidx: jax.Array,
     q_max: jax.Array, a: jax.Array, *, width: int, panel: int, first: bool,
-) -> tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """Rounds the `width` columns from `a` on (one panel; the `a // panel` panels before it are `panel`
-    wide, none when `first`): `diffs` (out, n_pad) `D = W - Q̂` and `codes` (out, n_pad) int8 of the
-    panels before it, updated in their own (donated) buffers. `a` is traced, so one program serves
-    every panel of a shape (a program per panel cost 10 MiB of code each, 16 for a 16384-wide input)."""
+    wide, none when `first`): `codes` (out, n_pad) int8 of the panels before it, updated in its own
+    (donated) buffer. An earlier panel's `D = W - Q̂` is made again from its codes when it is needed
+    (`w0 - codes * scale`, the expression that `_round_panel` uses), so no (out, in) float matrix of `D`
+    is kept (0.125 GiB at 2048 x 16384). `a` is traced, so one program serves every panel of a shape
+    (a program per panel cost 10 MiB of code each, 16 for a 16384-wide input)."""
     block, n = u_diag.shape[1], l.shape[0]
     e = a + width
 
     def earlier(k: jax.Array, g: jax.Array) -> jax.Array:
         """`g + D_k M[k, this panel]` for the k-th earlier panel: in a loop, so that one slice of `D`
         and one block of `M` are alive at a time (XLA held every panel's at once)."""
-        d_k = lax.dynamic_slice_in_dim(diffs, k * panel, panel, axis=1)
+        c0 = k * panel
+        cols_k = lambda x: lax.dynamic_slice_in_dim(x, c0, panel, axis=x.ndim - 1)  # noqa: E731
+        s_k = jnp.take(scale, cols_k(gidx), axis=1)
+        d_k = cols_k(w0) - cols_k(codes).astype(w0.dtype) * s_k
         m_k = jnp.flip(lax.dynamic_slice(l, (n - (k + 1) * panel, n - e), (panel, width)))  # M[k*panel:(k+1)*panel, a:e]
         return g + jnp.dot(d_k, m_k, precision=HIGHEST)
 
@@ -333,8 +343,8 @@ def _panel_step(
     m_pp = jnp.flip(lax.dynamic_slice(l, (n - e, n - e), (width, width)))  # M[a:e, a:e]
     u_p = lax.dynamic_slice_in_dim(u_diag, a // block, width // block)
     cols = lambda x: lax.dynamic_slice_in_dim(x, a, width, axis=x.ndim - 1)  # noqa: E731
-    d, q = _round_panel(cols(w0), g, m_pp, u_p, scale, cols(gidx), q_max)
-    return lax.dynamic_update_slice_in_dim(diffs, d, a, axis=1), lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
+    q = _round_panel(cols(w0), g, m_pp, u_p, scale, cols(gidx), q_max)
+    return lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
 
 
 @partial(jax.jit, static_argnames=("n",))
@@ -354,23 +364,25 @@ def _round(
     *,
     block: int,
     panel: int,
+    consume_w: bool = False,
 ) -> jax.Array:
     """GPTQ codes (out, in) int8 of `w (out, in)` given the factor's `l`, `order` (None:
     the identity) and `dead`; `scale (out, n_groups)`, `col_group (in,)` the group of each
-    column, `q_max` the largest code; `block` columns per block, `panel` per panel.
+    column, `q_max` the largest code; `block` columns per block, `panel` per panel;
+    `consume_w`: `w`'s buffer may be reused (where no order or padding needs a new one).
 
     One program call per panel (at most three programs: the first panel, the others, a narrower
-    last one), the panels' `D` and codes carried in donated buffers: one program for them all held
-    every panel's slices of `M` and of `D` at once (0.8 GiB of temporaries at 2048 x 16384)."""
+    last one), the codes carried in a donated buffer: one program for them all held every panel's
+    slices of `M` and of `D` at once (0.8 GiB of temporaries at 2048 x 16384)."""
     out, n = w.shape
-    w0, gidx, l_padded, u_diag = _prepare(w, l, order, dead, col_group, block=block)
+    prepare = _prepare_consuming if consume_w and order is None and n % block == 0 else _prepare
+    w0, gidx, l_padded, u_diag = prepare(w, l, order, dead, col_group, block=block)
     l = l if l_padded is None else l_padded
     n_pad = w0.shape[1]
-    diffs, codes = jnp.zeros((out, n_pad), w.dtype), jnp.zeros((out, n_pad), jnp.int8)
+    codes = jnp.zeros((out, n_pad), jnp.int8)
     for a in range(0, n_pad, panel):
         width = min(panel, n_pad - a)
-        diffs, codes = _panel_step(diffs, codes, w0, l, u_diag, scale, gidx, q_max, jnp.int32(a), width=width, panel=panel, first=not a)
-    del diffs
+        codes = _panel_step(codes, w0, l, u_diag, scale, gidx, q_max, jnp.int32(a), width=width, panel=panel, first=not a)
     return _in_weight_order(codes, order, n=n)
 
 
@@ -400,18 +412,24 @@ def gptq_round(
     group_size: int | None = None,
     block: int = 128,
     name: str = "",
+    consume_w: bool = False,
 ) -> jax.Array:
-    """GPTQ codes of `w2 (out, in)` given its Hessian's `gptq_factor` (arguments as `gptq_codes`)."""
+    """GPTQ codes of `w2 (out, in)` given its Hessian's `gptq_factor` (arguments as `gptq_codes`).
+
+    `consume_w`: you will not use `w2` again; a float32 JAX `w2` may then be deleted, its buffer
+    holding the working copy of the weight (used without a column order, and when `block` divides `in`)."""
     out, n_in = _check_weight(w2, name)
     if tuple(factor.l.shape) != (n_in, n_in):
         raise ValueError(f"{_who(name)}: the factor is for {factor.l.shape[0]} inputs; w2 has shape {(out, n_in)}")
     _check_int(bits, "bits", 2, 8, name)
     _check_int(block, "block", 1, None, name)
     scale, groups = _scales(w_scale, out, n_in, group_size, name)
-    return _round_checked(w2, factor, scale, groups, bits, block)
+    return _round_checked(w2, factor, scale, groups, bits, block, consume_w)
 
 
-def _round_checked(w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.ndarray, bits: int, block: int) -> jax.Array:
+def _round_checked(
+    w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.ndarray, bits: int, block: int, consume_w: bool = False
+) -> jax.Array:
     block = min(block, w2.shape[1])
     panel = max(block, PANEL // block * block)
     codes = _round(
@@ -424,6 +442,7 @@ def _round_checked(w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.nd
         jnp.float32(qmax(bits)),
         block=block,
         panel=panel,
+        consume_w=consume_w,
     )
     return codes.block_until_ready()  # no LAPACK call of a later pack overlaps this one
 

@@ -317,7 +317,9 @@ def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: st
             if consume:
                 object.__setattr__(stats, "xtx", None)  # its buffer holds the factor (or is spoilt): a later use fails loudly
         del h
-        codes = gptq_round(w2, factor, unrounded.w_scale, config.weight_bits, **rounding)
+        # W2 is ours (the pack's `w_codes` gets the codes): its buffer may hold the rounding's copy
+        codes = gptq_round(w2, factor, unrounded.w_scale, config.weight_bits, consume_w=True, **rounding)
+        del w2
         # The factor's JAX array shares the host buffer; jaxlib hands such buffers back only when a garbage
         # collection runs (its gc callback, jax-ml/jax#14882): a generation-0 pass frees the (in, in) matrix now
         # instead of at some later layer's peak.
