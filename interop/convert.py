@@ -93,7 +93,7 @@ def quantize_(
     linears = dict(selected)
     replaced = {}
     bar = tqdm(total=len(selected), desc="duquant pack", unit="layer", disable=not progress)
-    for name, linear in selected:
+    for name, linear in _packing_order(selected, stats, group_of) if consume_stats else selected:
         if name in replaced:
             continue
         layer_stats = None if stats is None else stats.get(name)
@@ -114,7 +114,24 @@ def quantize_(
         from interop.output_layer import quantize_output_layer
 
         replaced.update(quantize_output_layer(model, output_layer, 128 if output_layer == 4 else None, head=head_name))
-    return replaced
+    order = [n for n, _ in selected]
+    return {n: replaced[n] for n in order + [n for n in replaced if n not in linears]}
+
+
+def _packing_order(
+    selected: list[tuple[str, nn.Linear]], stats: Mapping[str, LayerStats] | None, group_of: Mapping[str, list[str]]
+) -> list[tuple[str, nn.Linear]]:
+    """`selected` with the layers whose `XᵀX` will be consumed first, largest first (stable otherwise).
+
+    Packing order does not change any layer's pack (each depends on its own weight and statistics), but it
+    sets the peak: a consumed `XᵀX` is freed by its own pack, so packing the widest input first (a 16384-wide
+    down projection's 1 GiB) keeps it from sitting under every other layer's temporaries."""
+    def consumed_bytes(item: tuple[str, nn.Linear]) -> int:
+        name = item[0]
+        xtx = None if stats is None or name in group_of or stats.get(name) is None else stats[name].xtx
+        return 0 if xtx is None else int(xtx.nbytes)
+
+    return sorted(selected, key=lambda item: -consumed_bytes(item))
 
 
 def resolve_input_groups(

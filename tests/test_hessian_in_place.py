@@ -118,3 +118,35 @@ def test_read_only_statistics_are_not_consumed():
     pack_weight(w, config, stats, consume_stats=True)
     assert stats.xtx is not None
     np.testing.assert_array_equal(stats.xtx, before)
+
+
+def test_consumed_weight_gives_the_same_codes_and_is_deleted():
+    """gptq_round(consume_w=True) rounds inside W2's buffer: the same codes, and W2 is gone afterwards."""
+    import jax.numpy as jnp
+
+    from duquant_jax.gptq import gptq_round
+    from duquant_jax.quantize import weight_scales
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((96, 512)).astype(np.float32)
+    x = rng.standard_normal((2048, 512)).astype(np.float32)
+    factor = gptq_factor(x.T @ x)
+    s = np.asarray(weight_scales(jnp.asarray(w), 4, group_size=128))
+    kept = np.asarray(gptq_round(jnp.asarray(w), factor, s, 4, group_size=128))
+    w2 = jnp.asarray(w)
+    np.testing.assert_array_equal(np.asarray(gptq_round(w2, factor, s, 4, group_size=128, consume_w=True)), kept)
+    assert w2.is_deleted()
+
+
+def test_quantize_packs_the_widest_consumed_statistics_first_and_returns_model_order():
+    """With consume_stats the largest XᵀX is packed (and freed) first; grouped layers, which never consume, last."""
+    from torch import nn
+
+    from interop.convert import _packing_order
+
+    def stats(n):
+        return LayerStats(act_absmax=np.ones(n, np.float32), xtx=np.eye(n, dtype=np.float32), tokens=1)
+
+    layers = [("q", nn.Linear(64, 64)), ("k", nn.Linear(64, 8)), ("up", nn.Linear(64, 256)), ("down", nn.Linear(256, 64))]
+    got = [n for n, _ in _packing_order(layers, {n: stats(m.in_features) for n, m in layers}, {"q": ["q", "k"], "k": ["q", "k"]})]
+    assert got == ["down", "up", "q", "k"]
