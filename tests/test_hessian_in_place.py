@@ -138,8 +138,8 @@ def test_consumed_weight_gives_the_same_codes_and_is_deleted():
     assert w2.is_deleted()
 
 
-def test_quantize_packs_the_widest_consumed_statistics_first_and_returns_model_order():
-    """With consume_stats the largest XᵀX is packed (and freed) first; grouped layers, which never consume, last."""
+def test_packing_order_puts_the_widest_consumed_statistics_first_and_grouped_layers_last():
+    """quantize_(consume_stats=True) packs the largest XᵀX (freed by its pack) first; grouped layers, which never consume, last."""
     from torch import nn
 
     from interop.convert import _packing_order
