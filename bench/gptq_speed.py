@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from duquant_jax.peak_memory import peak_rss_gib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GEMMA_2B, GEMMA_2B_BLOCKS, table, write_section  # noqa: E402
@@ -51,10 +52,6 @@ INPUTS = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def hessian_np(n: int, seed: int) -> np.ndarray:

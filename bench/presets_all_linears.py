@@ -43,6 +43,7 @@ from quality_models import GEMMA_PROJ, GemmaTask, MiniLMTask  # noqa: E402
 
 from duquant_jax import DuQuantConfig  # noqa: E402
 from duquant_jax.config import PRESETS  # noqa: E402
+from duquant_jax.peak_memory import peak_rss_gib  # noqa: E402
 
 OUT = Path(__file__).with_name("presets_all_linears.md")
 FilterFn = Callable[[str, nn.Module], bool]
@@ -120,18 +121,12 @@ def evaluate_cell(task, model: nn.Module, record: dict) -> None:
     record["times"]["eval_s"] = time.perf_counter() - t
 
 
-def _peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def run_model(task, label: str, filter_fn: FilterFn | None, calibrate_fn, presets: list[str], on_record, shared=None) -> None:
     for preset in presets:
         model, record = quantize_cell(task, preset, filter_fn, calibrate_fn, shared)
         if model is not None:
             evaluate_cell(task, model, record)
-        record.update(filter=label, peak_rss_gb=round(_peak_rss_gb(), 2))
+        record.update(filter=label, peak_rss_gb=round(peak_rss_gib(), 2))
         del model
         on_record(record)
 

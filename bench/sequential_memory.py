@@ -80,14 +80,62 @@ def _batches(n: int, tokens: int):
     return [torch.randint(0, GEMMA_2B["vocab_size"], (1, tokens), generator=gen) for _ in range(n)]
 
 
+def _sample_phases():
+    """A PhaseSampler over the checkpoint run's steps: reading, recording, each block's observe pass, each
+    layer's pack (fit, round to nearest, GPTQ's factor and rounding), calibration and shard writes."""
+    import duquant_jax.gptq as gptq
+    import duquant_jax.hessian_in_place as hessian_in_place
+    import duquant_jax.pack as pack
+    import interop.linear as linear
+    import interop.sequential as sequential
+    import interop.sequential_checkpoint as checkpoint
+    from rss_phases import PhaseSampler  # bench/
+
+    sampler = PhaseSampler(base="outside the blocks")
+    for owner, name, label in [
+        (checkpoint, "_materialize", "read"), (checkpoint, "_record_calls", "record calls"), (checkpoint, "write_shard", "write shard"),
+        (checkpoint, "_quantize_block", "quantize"), (pack, "fit", "fit"), (pack, "_pack_rtn", "round to nearest"),
+        (hessian_in_place, "factor_in_place", "GPTQ factor"), (gptq, "gptq_round", "GPTQ rounding"),
+    ]:
+        sampler.wrap(owner, name, label)
+    sampler.wrap_context(sequential, "observe", "observe pass")
+    sampler.wrap_context(sequential, "calibrate", "calibration pass")
+    from_linear = linear.DuQuantLinear.from_linear.__func__
+
+    def labelled(cls, lin, *a, name=None, **kw):
+        with sampler.phase(f"pack {name.rsplit('.', 1)[-1] if name else 'layer'}"):
+            return from_linear(cls, lin, *a, name=name, **kw)
+
+    linear.DuQuantLinear.from_linear = classmethod(labelled)
+    blocks = [0]  # blocks begun: the first after `_release_outside`, each next one after a block's `release_memory`
+    release, outside = checkpoint.release_memory, checkpoint._release_outside
+
+    def next_block() -> None:
+        blocks[0] += 1
+        sampler.base = f"block {blocks[0]}"
+
+    def released_outside(*a, **kw):
+        outside(*a, **kw)
+        next_block()
+
+    def released_block() -> None:
+        release()
+        next_block()
+
+    checkpoint._release_outside, checkpoint.release_memory = released_outside, released_block
+    return sampler, blocks
+
+
 def _child(args) -> None:
-    """In a fresh process: one run; prints a JSON line with wall time and max RSS."""
+    """In a fresh process: one run; prints a JSON line with wall time and max RSS (and, from the
+    checkpoint, the peak of each phase)."""
     import accelerate
     import jax
     import torch
     import transformers
 
     from duquant_jax import DuQuantConfig
+    from duquant_jax.peak_memory import peak_rss_gib
     from interop import name_filter, quantize_sequential, save_quantized
     from interop.sequential_checkpoint import quantize_checkpoint_sequential
 
@@ -98,10 +146,13 @@ def _child(args) -> None:
     with open("/proc/self/statm") as f:  # the process before any model: libraries and runtimes
         runtime_gib = int(f.read().split()[1]) * resource.getpagesize() / 2**30
     t0 = time.perf_counter()
+    phases = {}
     if args.child == "checkpoint":
+        sampler, blocks = _sample_phases()
         with accelerate.init_empty_weights():
             model = transformers.GemmaForCausalLM(gemma_config(args.blocks)).to(torch.bfloat16)
         quantize_checkpoint_sequential(model, args.work / "ckpt", args.work / "seq", config, _batches(args.batches, args.tokens), only, progress=False)
+        phases = {k.replace(f"block {blocks[0]}", "after the blocks", 1): round(v, 4) for k, v in sampler.peaks().items()}
     else:
         from safetensors.torch import load_file
 
@@ -118,8 +169,8 @@ def _child(args) -> None:
         save_quantized(model, args.work / "mem")
         print(json.dumps({"load_s": loaded}))
     wall = time.perf_counter() - t0
-    print(json.dumps({"run": args.child, "wall_s": wall, "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "runtime_gib": runtime_gib}))
+    print(json.dumps({"run": args.child, "wall_s": wall, "max_rss_gib": peak_rss_gib(),
+                      "runtime_gib": runtime_gib, "phases": phases}))
 
 
 def _run_child(args, kind: str) -> dict:
@@ -152,6 +203,34 @@ def _compare(work: Path) -> tuple[int, list[str]]:
         if k not in mem or mem[k].dtype != t.dtype or not bool((mem[k] == t).all()):
             diff.append(k)
     return n, diff
+
+
+def _phase_lines(phases: dict[str, float], blocks: int) -> list[str]:
+    """The measured peaks: outside the blocks, the largest over the blocks of each step, and each block's peak."""
+    import re
+
+    def step(key: str) -> str:
+        return key.split("/", 1)[1] if "/" in key else "(between steps)"
+
+    inside: dict[str, tuple[float, str]] = {}
+    per_block: dict[int, float] = {}
+    for key, gib in phases.items():
+        m = re.match(r"block (\d+)", key)
+        if m:
+            k = int(m.group(1))
+            per_block[k] = max(per_block.get(k, 0.0), gib)
+            if gib > inside.get(step(key), (0.0, ""))[0]:
+                inside[step(key)] = (gib, m.group(1))
+    rows = [(f"outside the blocks: {k.split('/', 1)[1] if '/' in k else 'setup'}" if k.startswith("outside") else
+             f"after the blocks: {k.split('/', 1)[1] if '/' in k else 'final shard'}", v, "")
+            for k, v in phases.items() if not k.startswith("block ")]
+    rows += [(f"in a block: {name}", gib, f"block {k}") for name, (gib, k) in inside.items()]
+    rows.sort(key=lambda r: -r[1])
+    lines = ["", "Measured peak RSS by step (sampled every 5 ms; a step's figure includes everything alive then):", "",
+             "| step | peak RSS GiB | where |", "|---|---|---|"]
+    lines += [f"| {name} | {gib:.2f} | {where} |" for name, gib, where in rows[:14]]
+    lines += ["", "Each block's peak (GiB): " + ", ".join(f"{per_block[k]:.2f}" for k in sorted(per_block)) + "."]
+    return lines
 
 
 def _memory_lines(mem: dict, n: int, diff: list[str], float_bytes: int) -> list[str]:
@@ -218,6 +297,7 @@ def main() -> None:
         f"| **peak RSS, `quantize_checkpoint_sequential`** | **{seq['max_rss_gib']:.2f}** ({seq['max_rss_gib'] * 2**30 / float_bytes:.2f}x the float bytes) |",
         "",
         f"Wall time from the checkpoint: {seq['wall_s']:.0f} s. Commit {commit()}.",
+        *(_phase_lines(seq["phases"], args.blocks) if seq.get("phases") else []),
     ]
     if args.in_memory:
         mem = _run_child(args, "memory")

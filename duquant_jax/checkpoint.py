@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import resource
 import sys
 import time
 from collections import deque
@@ -46,6 +45,7 @@ from duquant_jax.pack import pack_weight
 from duquant_jax.shared_input import pack_group
 from duquant_jax.packed import Pack
 from duquant_jax.paths import contained, hf_blobs_root, safe_file_name
+from duquant_jax.peak_memory import peak_rss_gib
 from duquant_jax.stats import LayerStats, layer_for_tensor, stats_for_layer
 
 INDEX = "index.json"
@@ -363,7 +363,7 @@ def _pack_locked(ckpt, out_dir, config, names, units, shapes, files, progress, o
             atomic_write(out_dir / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
         except OSError as e:
             raise OSError(e.errno, f"could not write {out_dir / INDEX}: {e.strerror or e}") from e
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = peak_rss_gib()
     return PackSummary(
         index["layers"], counts["packed"], counts["skipped"], counts["params"], time.perf_counter() - t0, peak, len(devices)
     )
