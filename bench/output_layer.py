@@ -1,6 +1,6 @@
 """The quantized output layer (and the embedding tied to it) on Gemma-3 270M: saved bytes and perplexity.
 
-    python bench/output_layer.py [--n-test 24]
+    python bench/output_layer.py [--n-test 24] [--dev] | --report COMMIT
 
 Rows: the float model; the float body with the output layer int8 (per row) or int4 (groups of 128),
 `interop.output_layer.quantize_output_layer` (the quality the output layer alone costs); the `w4a8`
@@ -11,6 +11,10 @@ float32 kernel paths, with 95% paired bootstrap intervals over chunks against fl
 `save_quantized` directory (float32 model from the GGUF; compared with its float32 and bfloat16 parameter bytes, ties counted once). Appends JSON lines to
 bench/output_layer.jsonl and writes the section of bench/RESULTS.md; refuses a tree with uncommitted
 changes unless `--allow-dirty` (then nothing is written to RESULTS.md).
+
+`--dev`: the float body with its output layer at 4 bits in DEV_VARIANTS' group sizes and roundings (round to
+nearest, or GPTQ on the output layer's observed input), scored on the development chunks, where a choice
+between them is made; the test split is left for the rows above.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ ROWS = {
     "w4a8 + output layer int8": ("w4a8", 8),
     "w4a8 + output layer int4 g128": ("w4a8", 4),
 }
+# `--dev`: the float body's output layer at 4 bits, scored on the development chunks (where choices are made):
+# {label: (group size, rounding method)}; GPTQ observes the output layer's input on the calibration chunks.
+DEV_VARIANTS = {
+    "int4 g128 rtn": (128, "rtn"),
+    "int4 g128 gptq": (128, "gptq"),
+    "int4 g64 gptq": (64, "gptq"),
+    "int4 g32 rtn": (32, "rtn"),
+    "int4 g32 gptq": (32, "gptq"),
+}
+DEV_SECTION = "Output layer at 4 bits: group size and rounding, development split (bench/output_layer.py --dev)"
 
 
 def _dir_bytes(d: Path) -> int:
@@ -52,10 +66,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-test", type=int, default=24)
     ap.add_argument("--allow-dirty", action="store_true")
+    ap.add_argument("--report", metavar="COMMIT", help="render the lines of COMMIT from bench/output_layer.jsonl; measure nothing")
+    ap.add_argument("--dev", action="store_true", help="score DEV_VARIANTS of the 4-bit output layer on the development split")
     args = ap.parse_args()
+    if args.report:
+        return report(args.report)
     rev = commit()
     if (rev.endswith("+dirty") or rev == "unknown") and not args.allow_dirty:
         raise SystemExit(f"the tree has uncommitted changes ({rev}): commit first, or pass --allow-dirty")
+    if args.dev:
+        return dev_variants(rev, args.n_test)
     from quality_models import GemmaTask
 
     from interop import observe, quantize_, save_quantized
@@ -93,13 +113,77 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
         rows.append(rec)
         del model
+    write_report(rows, _float_bytes(task._model), rev)
+
+
+def dev_variants(rev: str, n_test: int) -> None:
+    """The float model and each DEV_VARIANTS output layer (float body) on the development chunks; JSON lines
+    (`"dev_variant"`) appended to bench/output_layer.jsonl, the table to bench/RESULTS.md."""
+    from quality_models import GemmaTask
+
+    from interop import observe
+    from interop.kernels import kernel_options
+    from interop.output_layer import find_output_layer, quantize_output_layer
+
+    torch.manual_seed(0)
+    task = GemmaTask(n_calib=16, n_eval=24 + n_test)
+    split = ThreeWaySplit(0, len(task.chunks), 16, 24, n_test)
+    batches = [task._ids(int(i)) for i in split.calib]
+    recs = []
+    for label, spec in {"float": None, **DEV_VARIANTS}.items():
+        t = time.perf_counter()
+        model = task.float_model().eval()
+        if spec is not None:
+            group, method = spec
+            stats = None
+            if method == "gptq":
+                head = find_output_layer(model)
+                with observe(model, lambda n, m: n == head, xtx=True) as stats, torch.no_grad():
+                    for ids in batches:
+                        model(input_ids=ids, use_cache=False)
+            quantize_output_layer(model, 4, group, method=method, stats=stats)
+        with kernel_options(precision="float32"):
+            nll = task.chunk_nll(model, split.dev).tolist()
+        rec = {"commit": rev, "dev_variant": label, "split": split.describe(), "part": "dev", "nll_dev": nll,
+               "seconds": round(time.perf_counter() - t, 1)}
+        print(json.dumps(rec)[:200], flush=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        recs.append(rec)
+        del model
+    fl = recs[0]
+    lines = [
+        f"Gemma-3 270M, float body, the output layer (and the embedding tied to it) at 4 bits; {len(fl['nll_dev'])} "
+        f"development chunks of 512 tokens after BOS (ThreeWaySplit seed 0), float32 kernel paths; commit {rev}. "
+        "GPTQ observes the output layer's input on the 16 calibration chunks.",
+        "",
+        "| output layer | ppl | ppl / float [95%] |",
+        "|---|---|---|",
+    ]
+    for r in recs:
+        m, lo, hi = paired_interval(r["nll_dev"], fl["nll_dev"])
+        ppl = math.exp(sum(r["nll_dev"]) / len(r["nll_dev"]))
+        lines.append(f"| {r['dev_variant']} | {ppl:.3f} | {math.exp(m):.4f} [{math.exp(lo):.4f}, {math.exp(hi):.4f}] |")
+    body = "\n".join(lines)
+    print(body)
+    if not rev.endswith("+dirty"):
+        write_section(DEV_SECTION, body)
+
+
+def _float_bytes(model: torch.nn.Module) -> int:
+    """The float model's tensor bytes at float32, a tied weight counted once (`parameters()` yields it once)."""
+    return sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+
+
+def write_report(rows: list[dict], float_bytes: int, rev: str, note: str = "") -> None:
+    """The table of `rows` (the float row first), printed and written to bench/RESULTS.md unless `rev` is dirty."""
     fl = rows[0]
-    float_bytes = sum(t.numel() * 4 for t in {id(t): t for t in task._model.state_dict().values()}.values())  # float32, ties once
     lines = [
         f"Gemma-3 270M (float32 from the GGUF), {fl['split']['n_test']} test chunks of 512 tokens after BOS (ThreeWaySplit "
-        f"seed 0), float32 kernel paths; commit {rev}. Perplexity ratio to float with a 95% paired bootstrap interval over chunks.",
+        f"seed 0), float32 kernel paths; commit {rev}. Perplexity ratio to float with a 95% paired bootstrap interval over chunks. "
+        f"Saved bytes against the float model's tensors ({float_bytes / 1e6:.0f} MB at float32, the tied weight once; half that at bfloat16).{note}",
         "",
-        "| row | saved MB | of the float32 save | of a bf16 save | ppl | ppl / float [95%] |",
+        "| row | saved MB | of the float32 bytes | of the bf16 bytes | ppl | ppl / float [95%] |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -113,6 +197,22 @@ def main() -> None:
     print(body)
     if not rev.endswith("+dirty"):
         write_section(SECTION, body)
+
+
+def report(rev: str) -> None:
+    """Renders the committed lines of commit `rev` (every row of ROWS measured there) without measuring."""
+    from quality_models import GemmaTask
+
+    found = {}
+    for line in RESULTS.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["commit"] == rev and rec.get("row") in ROWS:
+            found[rec["row"]] = rec
+    missing = [r for r in ROWS if r not in found]
+    if missing:
+        raise SystemExit(f"bench/output_layer.jsonl has no line of commit {rev} for {missing}")
+    write_report([found[r] for r in ROWS], _float_bytes(GemmaTask(n_calib=1, n_eval=1)._model), rev,
+                 " Rendered by `--report` from the lines of that commit in bench/output_layer.jsonl (the date above is the rendering's).")
 
 
 if __name__ == "__main__":
