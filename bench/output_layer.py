@@ -160,14 +160,22 @@ def dev_variants(rev: str, n_test: int) -> None:
         "| output layer | ppl | ppl / float [95%] |",
         "|---|---|---|",
     ]
-    for r in recs:
-        m, lo, hi = paired_interval(r["nll_dev"], fl["nll_dev"])
-        ppl = math.exp(sum(r["nll_dev"]) / len(r["nll_dev"]))
-        lines.append(f"| {r['dev_variant']} | {ppl:.3f} | {math.exp(m):.4f} [{math.exp(lo):.4f}, {math.exp(hi):.4f}] |")
+    lines += [f"| {r['dev_variant']} | {_quality_cells(r['nll_dev'], fl['nll_dev'])} |" for r in recs]
+    _publish(DEV_SECTION, lines, rev)
+
+
+def _quality_cells(nll: list[float], float_nll: list[float]) -> str:
+    """"ppl | ppl / float [95% paired interval]" of per-chunk NLLs against float's."""
+    m, lo, hi = paired_interval(nll, float_nll)
+    return f"{math.exp(sum(nll) / len(nll)):.3f} | {math.exp(m):.4f} [{math.exp(lo):.4f}, {math.exp(hi):.4f}]"
+
+
+def _publish(section: str, lines: list[str], rev: str) -> None:
+    """Prints the table and writes it as `section` of bench/RESULTS.md unless `rev` is dirty."""
     body = "\n".join(lines)
     print(body)
     if not rev.endswith("+dirty"):
-        write_section(DEV_SECTION, body)
+        write_section(section, body)
 
 
 def _float_bytes(model: torch.nn.Module) -> int:
@@ -187,16 +195,11 @@ def write_report(rows: list[dict], float_bytes: int, rev: str, note: str = "") -
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        m, lo, hi = paired_interval(r["nll_test"], fl["nll_test"])
         mb = "-" if r["saved_bytes"] is None else f"{r['saved_bytes'] / 1e6:.0f}"
         frac = "-" if r["saved_bytes"] is None else f"{r['saved_bytes'] / float_bytes:.2f}x"
         frac16 = "-" if r["saved_bytes"] is None else f"{r['saved_bytes'] / (float_bytes / 2):.2f}x"
-        ppl = math.exp(sum(r["nll_test"]) / len(r["nll_test"]))
-        lines.append(f"| {r['row']} | {mb} | {frac} | {frac16} | {ppl:.3f} | {math.exp(m):.4f} [{math.exp(lo):.4f}, {math.exp(hi):.4f}] |")
-    body = "\n".join(lines)
-    print(body)
-    if not rev.endswith("+dirty"):
-        write_section(SECTION, body)
+        lines.append(f"| {r['row']} | {mb} | {frac} | {frac16} | {_quality_cells(r['nll_test'], fl['nll_test'])} |")
+    _publish(SECTION, lines, rev)
 
 
 def report(rev: str) -> None:
