@@ -205,7 +205,7 @@ def _compare(work: Path) -> tuple[int, list[str]]:
     return n, diff
 
 
-def _phase_lines(phases: dict[str, float], blocks: int) -> list[str]:
+def _phase_lines(phases: dict[str, float]) -> list[str]:
     """The measured peaks: outside the blocks, the largest over the blocks of each step, and each block's peak."""
     import re
 
@@ -297,7 +297,7 @@ def main() -> None:
         f"| **peak RSS, `quantize_checkpoint_sequential`** | **{seq['max_rss_gib']:.2f}** ({seq['max_rss_gib'] * 2**30 / float_bytes:.2f}x the float bytes) |",
         "",
         f"Wall time from the checkpoint: {seq['wall_s']:.0f} s. Commit {commit()}.",
-        *(_phase_lines(seq["phases"], args.blocks) if seq.get("phases") else []),
+        *(_phase_lines(seq["phases"]) if seq.get("phases") else []),
     ]
     if args.in_memory:
         mem = _run_child(args, "memory")
