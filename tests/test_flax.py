@@ -149,7 +149,7 @@ def test_jax_model_matches_the_same_weights_quantized_in_pytorch(bits):
         for jax_layer, torch_layer in pairs + [(model.head, twin.head)]:
             if getattr(torch_layer, "a_scale", None) is None:  # the head is left float
                 continue
-            jax_scale = np.asarray(jax_layer.a_scale[...])
+            jax_scale = np.array(jax_layer.a_scale[...])  # a writable copy for torch.from_numpy
             np.testing.assert_allclose(jax_scale, torch_layer.a_scale.numpy(), rtol=1e-5)
             torch_layer.a_scale.copy_(torch.from_numpy(jax_scale))
     # Identical packs on both sides (both pack the same float32 weights with the JAX path).
