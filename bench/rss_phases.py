@@ -9,8 +9,9 @@ with sampler.phase("load"):
 sampler.peaks()  # {"load": GiB, "load/label": GiB, ...}: the highest RSS seen while each phase was innermost
 ```
 
-Phases nest (labels joined by "/"). A sample can miss a peak shorter than the interval; `ru_maxrss`
-is the exact figure for the whole process. Linux only (other systems: no samples, empty peaks).
+Phases nest (labels joined by "/"). A sample can miss a peak shorter than the interval; the exact
+figure for the whole process is `duquant_jax.peak_memory.peak_rss_gib()` (its own high-water mark).
+Linux only (elsewhere every sample reads 0.0).
 """
 
 from __future__ import annotations

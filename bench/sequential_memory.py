@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -80,9 +79,10 @@ def _batches(n: int, tokens: int):
     return [torch.randint(0, GEMMA_2B["vocab_size"], (1, tokens), generator=gen) for _ in range(n)]
 
 
-def _sample_phases():
+def _sample_phases(n_blocks: int):
     """A PhaseSampler over the checkpoint run's steps: reading, recording, each block's observe pass, each
-    layer's pack (fit, round to nearest, GPTQ's factor and rounding), calibration and shard writes."""
+    layer's pack (fit, round to nearest, GPTQ's factor and rounding), calibration and shard writes; its base
+    label is "outside the blocks", then "block k" (1-based), then "after the blocks" once `n_blocks` are done."""
     import duquant_jax.gptq as gptq
     import duquant_jax.hessian_in_place as hessian_in_place
     import duquant_jax.pack as pack
@@ -112,7 +112,7 @@ def _sample_phases():
 
     def next_block() -> None:
         blocks[0] += 1
-        sampler.base = f"block {blocks[0]}"
+        sampler.base = f"block {blocks[0]}" if blocks[0] <= n_blocks else "after the blocks"
 
     def released_outside(*a, **kw):
         outside(*a, **kw)
@@ -123,7 +123,7 @@ def _sample_phases():
         next_block()
 
     checkpoint._release_outside, checkpoint.release_memory = released_outside, released_block
-    return sampler, blocks
+    return sampler
 
 
 def _child(args) -> None:
@@ -138,21 +138,21 @@ def _child(args) -> None:
     from duquant_jax.peak_memory import peak_rss_gib
     from interop import name_filter, quantize_sequential, save_quantized
     from interop.sequential_checkpoint import quantize_checkpoint_sequential
+    from rss_phases import rss_gib  # bench/
 
     config = DuQuantConfig.preset(args.preset)
     only = name_filter(include=r"(q|k|v|o|gate|up|down)_proj$")
     torch.manual_seed(0)
     jax.numpy.ones(1).block_until_ready()  # the JAX runtime started, as for any pack
-    with open("/proc/self/statm") as f:  # the process before any model: libraries and runtimes
-        runtime_gib = int(f.read().split()[1]) * resource.getpagesize() / 2**30
+    runtime_gib = rss_gib()  # the process before any model: libraries and runtimes
     t0 = time.perf_counter()
     phases = {}
     if args.child == "checkpoint":
-        sampler, blocks = _sample_phases()
+        sampler = _sample_phases(args.blocks)
         with accelerate.init_empty_weights():
             model = transformers.GemmaForCausalLM(gemma_config(args.blocks)).to(torch.bfloat16)
         quantize_checkpoint_sequential(model, args.work / "ckpt", args.work / "seq", config, _batches(args.batches, args.tokens), only, progress=False)
-        phases = {k.replace(f"block {blocks[0]}", "after the blocks", 1): round(v, 4) for k, v in sampler.peaks().items()}
+        phases = {k: round(v, 4) for k, v in sampler.peaks().items()}
     else:
         from safetensors.torch import load_file
 
