@@ -12,7 +12,7 @@ the same layout and kernels, without 18 GiB of XᵀX; its quality is not the poi
 
 Configs: `float` (the model as built), or a preset name (`DuQuantConfig.preset`) on the 7
 projections of every block, with suffixes `+out` (the output layer and its tied embedding quantized
-too: int8 rows for w8a8, int4 groups of 128 for w4a8, `quantize_(output_layer=...)`) and `+shared`
+too: int8 rows for w8a8, int4 groups of 32 (GPTQ) for w4a8, `quantize_(output_layer=...)`) and `+shared`
 (one input transform per group of layers that read one input, `input_groups="auto"`, instead of
 every layer's own); `@bfloat16` (or `@float32/bfloat16`) runs a config in those dtypes only.
 
@@ -131,8 +131,8 @@ class GemmaModel:
     def config(self, preset: str) -> DuQuantConfig:
         return DuQuantConfig.preset(preset)
 
-    def calibrate(self, model: torch.nn.Module) -> None:
-        self.task.run_calibration(model)
+    def calibrate(self, model: torch.nn.Module, whole_model: bool = False) -> None:
+        self.task.run_calibration(model, whole_model)
 
 
 class Gemma2BModel:
@@ -168,10 +168,11 @@ class Gemma2BModel:
         return DuQuantConfig.preset(preset, weight_method="rtn")
 
     @torch.no_grad()
-    def calibrate(self, model: torch.nn.Module) -> None:
+    def calibrate(self, model: torch.nn.Module, whole_model: bool = False) -> None:
         gen = torch.Generator().manual_seed(1)
         for _ in range(4):
-            model.model(input_ids=torch.randint(0, self.cfg.vocab_size, (1, 64), generator=gen), use_cache=False)
+            ids = torch.randint(0, self.cfg.vocab_size, (1, 64), generator=gen)
+            (model if whole_model else model.model)(input_ids=ids, use_cache=False)
 
 
 MODELS = {"gemma3-270m": GemmaModel, "gemma-2b": Gemma2BModel}
@@ -187,9 +188,10 @@ def quantized(source, spec: Spec, dtype: torch.dtype) -> tuple[torch.nn.Module, 
     config = source.config(spec.preset)
     t = time.perf_counter()
     stats = None
-    if config.needs_stats or spec.shared:  # observed for the input groups too
-        with observe(model, source.filter_fn, xtx=config.needs_xtx) as stats:
-            source.calibrate(model)
+    head = spec.output_layer == 4  # output_layer=4 rounds the head with GPTQ on its observed input
+    if config.needs_stats or spec.shared or head:  # observed for the input groups too
+        with observe(model, source.filter_fn, xtx=config.needs_xtx, output_layer=head) as stats:
+            source.calibrate(model, whole_model=head)
     quantize_(model, config, source.filter_fn, progress=False, stats=stats, output_layer=spec.output_layer,
               input_groups="auto" if spec.shared else None)
     seconds = time.perf_counter() - t
@@ -366,7 +368,7 @@ def main() -> None:
     body = (
         f"`python bench/forward_speed.py --model {args.model} --configs {args.configs}` (commit {rev}) — {described}. "
         f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
-        f"(int8 rows for w8a8, int4 groups of 128 for w4a8); `+shared`: one input transform per group of layers that read one input. "
+        f"(int8 rows for w8a8, int4 groups of 32, GPTQ on the observed head, for w4a8); `+shared`: one input transform per group of layers that read one input. "
         f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
         f"after a warm-up. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
         f"Compiled helpers (`interop.compiled`): {compiled.unavailable() or 'on'}. CPU: {kernel_tuning.cpu_description()}. "

@@ -2,10 +2,11 @@
 
     python bench/output_layer.py [--n-test 24] [--dev] | --report COMMIT
 
-Rows: the float model; the float body with the output layer int8 (per row) or int4 (groups of 128),
-`interop.output_layer.quantize_output_layer` (the quality the output layer alone costs); the `w4a8`
-preset on the 7 projections of every block, without and with `output_layer=4` / `8`
-(`interop.quantize_`). Perplexity of the test chunks of `quality_data.ThreeWaySplit` (the split of
+Rows: the float model; the float body with the output layer as `quantize_(output_layer=8)` and
+`output_layer=4` make it (int8 per row; int4 in groups of 32 rounded with GPTQ on its input observed
+over the calibration chunks: `interop.output_layer.output_layer_recipe`), the quality the output layer
+alone costs; the `w4a8` preset on the 7 projections of every block, without and with `output_layer=4` /
+`8` (`interop.quantize_`, the head observed in the same pass as the projections). Perplexity of the test chunks of `quality_data.ThreeWaySplit` (the split of
 bench/sequential_quality.py: seed 0, 16 calibration, 24 development, then test), after BOS, on our
 float32 kernel paths, with 95% paired bootstrap intervals over chunks against float. Saved bytes: the
 `save_quantized` directory (float32 model from the GGUF; compared with its float32 and bfloat16 parameter bytes, ties counted once). Appends JSON lines to
@@ -41,10 +42,10 @@ SECTION = "Quantized output layer and tied embedding (bench/output_layer.py)"
 ROWS = {
     "float": (None, None),
     "float body, output layer int8": (None, 8),
-    "float body, output layer int4 g128": (None, 4),
+    "float body, output layer int4 g32 gptq": (None, 4),
     "w4a8": ("w4a8", None),
     "w4a8 + output layer int8": ("w4a8", 8),
-    "w4a8 + output layer int4 g128": ("w4a8", 4),
+    "w4a8 + output layer int4 g32 gptq": ("w4a8", 4),
 }
 # `--dev`: the float body's output layer at 4 bits, scored on the development chunks (where choices are made):
 # {label: (group size, rounding method)}; GPTQ observes the output layer's input on the calibration chunks.
@@ -80,7 +81,7 @@ def main() -> None:
 
     from interop import observe, quantize_, save_quantized
     from interop.kernels import kernel_options
-    from interop.output_layer import quantize_output_layer
+    from interop.output_layer import find_output_layer, output_layer_recipe, quantize_output_layer
 
     torch.manual_seed(0)
     task = GemmaTask(n_calib=16, n_eval=24 + args.n_test)
@@ -90,14 +91,20 @@ def main() -> None:
     for label, (preset, head_bits) in ROWS.items():
         t = time.perf_counter()
         model = task.float_model().eval()
-        if preset is not None:
-            config = DuQuantConfig.preset(preset)
-            with observe(model, task.filter_fn, xtx=config.needs_xtx) as stats, torch.no_grad():
+        config = DuQuantConfig.preset(preset) if preset is not None else None
+        stats = None
+        if config is not None or head_bits == 4:  # the head's XᵀX for GPTQ: the batches run through the whole model
+            keep = task.filter_fn if config is not None else (lambda n, m: False)
+            with observe(model, keep, xtx=config is not None and config.needs_xtx, output_layer=head_bits == 4) as stats, \
+                    torch.no_grad():
                 for ids in batches:
-                    model.model(input_ids=ids, use_cache=False)
+                    (model if head_bits == 4 else model.model)(input_ids=ids, use_cache=False)
+        if config is not None:
             quantize_(model, config, task.filter_fn, progress=False, stats=stats, output_layer=head_bits)
         elif head_bits is not None:
-            quantize_output_layer(model, head_bits, 128 if head_bits == 4 else None)
+            head = find_output_layer(model)
+            group_size, method = output_layer_recipe(head_bits, stats, head)
+            quantize_output_layer(model, head_bits, group_size, method=method, stats=stats, head=head)
         quantize_s = time.perf_counter() - t
         size = None
         if preset is not None or head_bits is not None:

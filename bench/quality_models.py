@@ -123,9 +123,10 @@ class GemmaTask(_HeldOutTask):
         return torch.from_numpy(ids.astype(np.int64))[None]
 
     @torch.no_grad()
-    def run_calibration(self, model: nn.Module) -> None:
+    def run_calibration(self, model: nn.Module, whole_model: bool = False) -> None:
+        """The calibration chunks through the decoder, or with `whole_model` through the output layer too."""
         for i in self.split.calib:
-            model.model(input_ids=self._ids(i), use_cache=False)
+            (model if whole_model else model.model)(input_ids=self._ids(i), use_cache=False)
 
     def calibration_batches(self) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], object]]:
         """The calibration chunks as batches, and how one runs (the decoder only): for `interop.quantize_sequential`

@@ -55,9 +55,11 @@ def quantize_(
         layer without statistics is an error that names it and says how to collect them.
       output_layer: also quantize the output layer (`model.get_output_embeddings()`)
         weight-only, whatever the filter: 8 (int8 per row) or 4 (int4 in groups of
-        128), with a tied input embedding reading the same codes
-        (`interop.output_layer.quantize_output_layer`; finer control there). The
-        main configuration never applies to it then. None (default): as the filter says.
+        32, rounded with GPTQ when `stats` hold the head: `observe(..., output_layer=True)`;
+        to nearest, with a warning, when not), with a tied input embedding reading the
+        same codes (`interop.output_layer.output_layer_recipe`, `quantize_output_layer`
+        for finer control). The main configuration never applies to it then. None
+        (default): as the filter says.
       input_groups: give layers that read one input tensor (q/k/v, gate/up) one input
         transform, fitted on their stacked weight (`duquant_jax.shared_input`) and run once
         per input (`interop.shared_input`): faster, but measured 0.5-1% worse perplexity on
@@ -111,9 +113,10 @@ def quantize_(
         bar.update(len(news))
     bar.close()
     if head_name is not None:
-        from interop.output_layer import quantize_output_layer
+        from interop.output_layer import output_layer_recipe, quantize_output_layer
 
-        replaced.update(quantize_output_layer(model, output_layer, 128 if output_layer == 4 else None, head=head_name))
+        group_size, method = output_layer_recipe(output_layer, stats, head_name)
+        replaced.update(quantize_output_layer(model, output_layer, group_size, method=method, stats=stats, head=head_name))
     order = [n for n, _ in selected]
     return {n: replaced[n] for n in order + [n for n in replaced if n not in linears]}
 

@@ -101,7 +101,9 @@ def symmetrize_(a: torch.Tensor, tile: int = 2048) -> torch.Tensor:
     return a
 
 
-def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = False) -> ContextManager[ModelStats]:
+def observe(
+    model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = False, output_layer: bool = False
+) -> ContextManager[ModelStats]:
     """Records the input statistics of every selected `nn.Linear` on the batches run inside the block.
 
     Args:
@@ -110,6 +112,10 @@ def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = 
       filter_fn: `(name, module) -> bool` over `named_modules()` names, as for
         `interop.quantize_`; default: every `nn.Linear`.
       xtx: also accumulate `XᵀX` (in, in) in float32 per layer (GPTQ needs it).
+      output_layer: also record the output layer (`model.get_output_embeddings()`, or
+        `lm_head`), whatever the filter, always with its `XᵀX` (a hidden-size square):
+        what `quantize_(output_layer=4)` needs to round it with GPTQ. Run the batches
+        through the whole model then, not only its body.
 
     Returns:
       a context manager whose `as` target is a `ModelStats`, filled on a clean exit
@@ -118,6 +124,13 @@ def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = 
       an error. The hooks are removed on exit, also on an exception, and then the
       statistics stay empty and say they are incomplete.
     """
+    head = None
+    if output_layer:
+        from interop.output_layer import find_output_layer
+
+        head = find_output_layer(model)
+        keep = filter_fn
+        filter_fn = lambda n, m: n == head or keep is None or keep(n, m)  # noqa: E731
     selected = selected_linears(model, filter_fn, "observe")
     recorders: list[_Recorder] = []
     handles: list = []
@@ -125,7 +138,7 @@ def observe(model: nn.Module, filter_fn: FilterFn | None = None, *, xtx: bool = 
 
     def start() -> None:
         for name, linear in selected:
-            recorders.append(_Recorder(name, linear, xtx, tracker))
+            recorders.append(_Recorder(name, linear, xtx or name == head, tracker))
             handles.append(linear.register_forward_pre_hook(recorders[-1], with_kwargs=True))
 
     def stop() -> None:
