@@ -129,15 +129,23 @@ class Autotuner:
         time. Tests pass a fake.
       repeats: timed rounds.
       slow_factor: a candidate whose warm-up took this many times the fastest
-        warm-up is timed in the first round only, so that slow paths cost two calls.
+        warm-up is timed in the first round only (its warm-up may have met a one-time
+        cost or a burst of load), and not at all when its warm-up took over
+        `retime_limit_s` (its warm-up is then its time): an emulated kernel can take a
+        minute a call.
+      retime_limit_s: see `slow_factor`.
     """
 
-    def __init__(self, measure: Measure | None = None, *, repeats: int = 5, slow_factor: float = 20.0):
+    def __init__(self, measure: Measure | None = None, *, repeats: int = 5, slow_factor: float = 20.0,
+                 retime_limit_s: float = 1.0):
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1; got {repeats!r}")
+        if not isinstance(retime_limit_s, (int, float)) or isinstance(retime_limit_s, bool) or not retime_limit_s >= 0:
+            raise ValueError(f"retime_limit_s must be a number >= 0; got {retime_limit_s!r}")
         self.measure: Measure = measure or (lambda name, fn: best_of(fn, 1))
         self.repeats = repeats
         self.slow_factor = slow_factor
+        self.retime_limit_s = retime_limit_s
         self._memory: dict[str, Choice] = {}
         self._file: Path | None = None
         self._disk: dict[str, dict] | None = None  # the file's entries, read once
@@ -232,10 +240,11 @@ class Autotuner:
             raise RuntimeError(f"every kernel path failed for {key}: {errors}")
         fastest = min(warm.values())
         slow = {n for n, t in warm.items() if math.isfinite(self.slow_factor) and t > self.slow_factor * fastest}
-        times: dict[str, float] = {}
+        untimed = {n for n in slow if warm[n] > self.retime_limit_s}  # lost by over slow_factor x, and costly
+        times: dict[str, float] = {n: warm[n] for n in untimed}
         for r in range(self.repeats):
             for name in warm:
-                if r == 0 or name not in slow:  # a slow one gets one timed call: its warm-up may have met a burst of load
+                if name not in untimed and (r == 0 or name not in slow):
                     t = self.measure(name, candidates[name])
                     times[name] = min(t, times.get(name, t))
         winner = min(times, key=times.get)

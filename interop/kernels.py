@@ -447,6 +447,28 @@ PATHS: dict[str, KernelPath] = {
     )
 }
 
+# Paths whose products run at speed on a CPU only with one of these instructions (/proc/cpuinfo names, x86 and
+# Arm); without them torch emulates the arithmetic. Measured on an AVX2-only AMD EPYC (torch 2.13, 2 threads,
+# a 16384x2048 W4A8 g128 product of 256 tokens): int-mm 20 s and dequant-bf16 82 s a call, against 0.42 s for
+# int4pack and 0.58 s for fake-quant, so that measuring them once cost the autotuner 3.5 minutes per shape.
+NATIVE_CPU_FLAGS: dict[str, frozenset[str]] = {
+    "int-mm": frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}),
+    "dequant-bf16": frozenset({"avx512_bf16", "amx_bf16", "bf16"}),
+}
+
+
+def emulated_here(name: str, device: torch.device) -> str | None:
+    """Why path `name` would run emulated (slowly) on `device`'s CPU, or None: it is native there, needs no
+    such instruction, the device is not a CPU, or the CPU's flags cannot be read (then nothing is assumed)."""
+    need = NATIVE_CPU_FLAGS.get(name)
+    if need is None or device.type != "cpu":
+        return None
+    flags = kernel_tuning.cpu_info()[1]
+    if not flags or flags & need:
+        return None
+    return f"this CPU has none of {sorted(need)}, so torch emulates {name}'s arithmetic"
+
+
 # Without autotuning: the first available path of these (measured on a Zen 4 CPU, bench/RESULTS.md).
 FALLBACK_ORDER = {
     "1": ("int4pack", "int-mm", "int8pack", "dequant-bf16", "fake-quant"),
@@ -468,12 +490,17 @@ class KernelOptions:
         "float32" (only paths with float32 or exact integer arithmetic).
       compiled: use `interop.compiled`'s C code where it is built (the same bits, one pass):
         `dequant-bf16`'s weight tiles and `quantize_tokens` on the CPU; False: torch ops only.
+      native_only: choose (measure, or take from the fallback order) only among the paths this
+        CPU runs natively (`emulated_here`: `int-mm` needs int8 dot-product instructions,
+        `dequant-bf16` bfloat16 ones), unless none is; a forced path runs regardless.
+        False: every path that can compute the product.
     """
 
     path: str | None = None
     autotune: bool = True
     precision: str = "any"
     compiled: bool = True
+    native_only: bool = True
 
     def __post_init__(self) -> None:
         if self.path is not None and self.path not in PATHS:
@@ -482,6 +509,8 @@ class KernelOptions:
             raise ValueError(f"autotune must be a bool; got {self.autotune!r}")
         if not isinstance(self.compiled, bool):
             raise ValueError(f"compiled must be a bool; got {self.compiled!r}")
+        if not isinstance(self.native_only, bool):
+            raise ValueError(f"native_only must be a bool; got {self.native_only!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {self.precision!r}")
 
@@ -529,11 +558,14 @@ def candidates(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, token
 
 def choice_key(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, bucket: str, precision: str) -> str:
     """The autotuner's key: machine, threads, shape, codes, layout, activations, dtype, token bucket, precision,
-    and "compiled-dequant" where `dequant-bf16` uses `interop.compiled` (its speed differs)."""
+    "compiled-dequant" where `dequant-bf16` uses `interop.compiled` (its speed differs), and "all-paths" when
+    `native_only` is off (the choice was among more paths)."""
     device = weight.qdata.device
     machine = kernel_tuning.machine_id(device.type, device.index or 0)
     if device.type == "cpu" and _OPTIONS.compiled and compiled.load() is not None:
         precision = f"{precision} | compiled-dequant"
+    if not _OPTIONS.native_only:  # a choice among every path, emulated ones included
+        precision = f"{precision} | all-paths"
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     group = "row" if weight.group_size is None else f"g{weight.group_size}"
     a = "a16" if act.scheme == "none" else f"{act.scheme}{act.bits}"
@@ -549,12 +581,15 @@ def choose_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, toke
     bucket, rep = kernel_tuning.token_bucket(tokens)
     # the weight remembers its choices (dropped when it moves or changes layout), so that a call
     # costs one dict lookup; the tuner's generation changes when it forgets or changes its file
-    memo = (bucket, dtype, act, opts.precision, opts.autotune, opts.compiled, torch.get_num_threads(), id(tuner), tuner.generation)
+    memo = (bucket, dtype, act, opts.precision, opts.autotune, opts.compiled, opts.native_only, torch.get_num_threads(),
+            id(tuner), tuner.generation)
     name = weight.choices.get(memo)
     if name is not None:
         return name
     names = candidates(weight, act, dtype, rep, opts.precision)
     names = [n for n in names if PATHS[n].unavailable(weight, act, dtype, weight.qdata.device, tokens) is None]
+    if opts.native_only:
+        names = [n for n in names if emulated_here(n, weight.qdata.device) is None] or names
     if not opts.autotune:
         order = FALLBACK_ORDER.get(bucket, FALLBACK_ORDER["other"])
         name = next(n for n in order if n in names)

@@ -383,7 +383,7 @@ def tuner():
     fake = FakeTimes({"fake-quant": 5.0, "int-mm": 1.0, "dequant-bf16": 2.0, "int8pack": 3.0, "int4pack": 0.5})
     new = kernel_tuning.Autotuner(measure=fake, slow_factor=float("inf"))
     old = kernel_tuning.set_tuner(new)
-    old_opts = set_kernel_options(path=None, autotune=True, precision="any")  # what these tests assume
+    old_opts = set_kernel_options(path=None, autotune=True, precision="any", native_only=False)  # what these tests assume
     try:
         yield new, fake
     finally:
@@ -475,6 +475,53 @@ def test_disk_cache_is_reused_and_survives_corruption(tuner, tmp_path):
         quantized_matmul(x, weight, act)
     assert third.calls and json.loads(path.read_text())["entries"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({"avx2", "fma"}, "fake-quant"),  # no int8 or bf16 dot products: int-mm and dequant-bf16 are not measured
+    ({"avx2", "avx_vnni"}, "int-mm"),
+    (set(), "int-mm"),  # flags unknown: nothing assumed, everything measured
+])
+def test_native_only_leaves_emulated_paths_unmeasured(tuner, monkeypatch, flags, want):
+    _, fake = tuner
+    monkeypatch.setattr(kernel_tuning, "cpu_info", lambda: ("test cpu", frozenset(flags)))
+    weight, _, _ = _weight(32, 64, 4, None, seed=14, layout="nibbles")
+    act, x = ActQuant("dynamic-token"), torch.randn(3, 64)
+    with kernel_options(native_only=True):
+        quantized_matmul(x, weight, act)
+    assert weight.last_path == want
+    if want == "fake-quant":
+        assert "int-mm" not in fake.calls and "dequant-bf16" not in fake.calls and "fake-quant" in fake.calls
+        from interop.kernels import emulated_here
+
+        assert "avx512_vnni" in emulated_here("int-mm", torch.device("cpu"))
+        with kernel_options(native_only=True, path="int-mm"):  # forcing still runs it
+            quantized_matmul(x, weight, act)
+        assert weight.last_path == "int-mm"
+        with kernel_options(native_only=False):  # every path measured: the fake's fastest wins
+            quantized_matmul(x, weight, act)
+        assert weight.last_path == "int-mm"
+
+
+def test_a_slow_candidate_costs_one_call_above_the_retime_limit(monkeypatch):
+    """A fake clock: "fast" takes 1 ms a call, "slow" 2 s (2000x, over slow_factor 20x)."""
+    now = [0.0]
+    monkeypatch.setattr(kernel_tuning.time, "perf_counter", lambda: now[0])
+    for limit, want_calls in ((1.0, 1), (10.0, 2)):  # over the limit: its warm-up only; under: one timed call more
+        calls = {"fast": 0, "slow": 0}
+
+        def run(name, seconds):
+            def fn():
+                calls[name] += 1
+                now[0] += seconds
+            return fn
+
+        tuner_obj = kernel_tuning.Autotuner(repeats=3, retime_limit_s=limit)
+        choice = tuner_obj.choose(f"test key {limit}", {"fast": run("fast", 0.001), "slow": run("slow", 2.0)})
+        assert choice.path == "fast" and calls == {"fast": 4, "slow": want_calls}
+        assert choice.times == pytest.approx({"fast": 0.001, "slow": 2.0})
+    with pytest.raises(ValueError, match="retime_limit_s must be a number >= 0; got -1"):
+        kernel_tuning.Autotuner(retime_limit_s=-1)
 
 
 def test_a_failing_candidate_is_skipped():
