@@ -324,6 +324,9 @@ def main() -> None:
     ap.add_argument("--configs", default="float,w8a8,w4a8,w8a8+out,w4a8+out")
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", default=None,
+                    help="write the table under this bench/RESULTS.md section instead of the model's own (another "
+                         "machine's run beside it); the plot is then not redrawn")
     args = ap.parse_args()
     specs = [Spec(c) for c in args.configs.split(",")]
     modes = [m for m in args.modes.split(",") if m]
@@ -366,7 +369,7 @@ def main() -> None:
         "random weights), statistics on 4 random 64-token prompts, preset weights rounded to nearest (same layout and kernels as GPTQ)"
     )
     body = (
-        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs}` (commit {rev}) — {described}. "
+        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs} --dtypes {args.dtypes} --modes {args.modes}` (commit {rev}) — {described}. "
         f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
         f"(int8 rows for w8a8, int4 groups of 32, GPTQ on the observed head, for w4a8); `+shared`: one input transform per group of layers that read one input. "
         f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
@@ -375,14 +378,14 @@ def main() -> None:
         f"Ratios: against the faster float dtype of the same mode (✓/✗: the issue's target). torch threads: "
         f"{torch.get_num_threads()}; 1-minute load average at the end {os.getloadavg()[0]:.1f}.\n\n"
         + table(head, rows) + "\n"
-        + ("\n![Gemma-3 270M speed and size](forward_speed.png)\n" if save else "")
+        + ("\n![Gemma-3 270M speed and size](forward_speed.png)\n" if save and args.section is None else "")
     )
     print(body)
     if not args.no_write:
-        if save:
+        if save and args.section is None:
             plot(records, modes[0])
         title = "Whole-model speed and size (bench/forward_speed.py)" if save else "Whole-model speed, Gemma-2B-shaped (bench/forward_speed.py)"
-        write_section(title, body)
+        write_section(args.section or title, body)
 
 
 if __name__ == "__main__":

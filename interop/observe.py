@@ -112,8 +112,8 @@ def observe(
       filter_fn: `(name, module) -> bool` over `named_modules()` names, as for
         `interop.quantize_`; default: every `nn.Linear`.
       xtx: also accumulate `XᵀX` (in, in) in float32 per layer (GPTQ needs it).
-      output_layer: also record the output layer (`model.get_output_embeddings()`, or
-        `lm_head`), whatever the filter, always with its `XᵀX` (a hidden-size square):
+      output_layer: also record the output layer (`model.get_output_embeddings()`, an
+        `nn.Linear`), whatever the filter, always with its `XᵀX` (a hidden-size square):
         what `quantize_(output_layer=4)` needs to round it with GPTQ. Run the batches
         through the whole model then, not only its body.
 
