@@ -29,6 +29,8 @@ Rows (`--rows`, comma separated; default all of `GEMMA_ROWS`):
     llmc-quip-gptq-w4a4                   QuIP + GPTQ W4A4 (int4 g128 weights, int4 dynamic per-token activations)
     llmc-quip-gptq-w4a8                   QuIP + GPTQ W4A8 (int4 g128 weights, int8 dynamic per-token activations)
     llmc-gptq-w4a8                        GPTQ W4A8 without QuIP
+    llmc-autoround-w4a16-g128-iters20     AutoRound W4A16 (int4 sym, group 128), 20 tuning iterations per block
+    llmc-autoround-w4a16-g128             the same at AutoRound's default 200 iterations per block
 
 plus `diag-smoothquant-only` and `diag-smoothquant-gemmamap-only` (smoothing, no
 quantization; written with `"kind": "diagnostic"`).
@@ -75,6 +77,8 @@ GEMMA_ROWS: dict[str, str] = {
     "llmc-quip-gptq-w4a16-g128": "W4A16",
     "llmc-quip-gptq-w4a8": "W4A8",
     "llmc-gptq-w4a8": "W4A8",
+    "llmc-autoround-w4a16-g128-iters20": "W4A16",
+    "llmc-autoround-w4a16-g128": "W4A16",
 }
 DIAGNOSTIC_ROWS: dict[str, str] = {
     "diag-smoothquant-only": "float",

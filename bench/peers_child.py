@@ -34,6 +34,8 @@ BOS_FALLBACK = 2
 CHUNK = 512
 TOTAL, N_CALIB, N_DEV, N_TEST = 220, 16, 40, 96
 
+AUTOROUND_FEW = 20  # iterations per block of the cheaper AutoRound row (its default is 200)
+
 # Row name -> (column, recipe kind); the recipe is built by `build_recipe`.
 ROWS: dict[str, str] = {
     "float": "float",
@@ -43,6 +45,10 @@ ROWS: dict[str, str] = {
     "llmc-quip-gptq-w4a4": "W4A4",
     "llmc-quip-gptq-w4a8": "W4A8",
     "llmc-gptq-w4a8": "W4A8",
+    # AutoRound (sign-gradient rounding and clipping per block, llm-compressor's AutoRoundModifier over the
+    # auto-round package): W4A16 int4 g128, at its default 200 iterations per block and at AUTOROUND_FEW.
+    "llmc-autoround-w4a16-g128": "W4A16",
+    f"llmc-autoround-w4a16-g128-iters{AUTOROUND_FEW}": "W4A16",
     # SmoothQuant with mappings that match Gemma-3's block (the MLP reads
     # pre_feedforward_layernorm; post_attention_layernorm normalizes the attention output).
     "llmc-smoothquant-gemmamap-gptq-w8a8": "W8A8",
@@ -99,6 +105,13 @@ def build_recipe(row: str):
         return [quip(), GPTQModifier(scheme="W4A8", **gptq)]
     if row == "llmc-gptq-w4a8":
         return [GPTQModifier(scheme="W4A8", **gptq)]
+    if row.startswith("llmc-autoround-w4a16-g128"):
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+        iters = AUTOROUND_FEW if row.endswith(f"-iters{AUTOROUND_FEW}") else 200
+        # batch_size 1: the calibration set is 16 chunks of 513 tokens; torch.compile off (CPU, 2 cores)
+        return [AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], iters=iters, batch_size=1,
+                                  enable_torch_compile=False)]
     if row == "llmc-smoothquant-gemmamap-gptq-w8a8":
         return [SmoothQuantModifier(smoothing_strength=0.8, mappings=GEMMA3_SMOOTHQUANT_MAPPINGS), GPTQModifier(scheme="W8A8", **gptq)]
     if row == "diag-smoothquant-only":
