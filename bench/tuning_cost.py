@@ -33,17 +33,10 @@ from common import GEMMA_2B, commit, table, write_section  # noqa: E402
 
 from interop import kernel_tuning  # noqa: E402
 from interop.kernels import NATIVE_CPU_FLAGS, ActQuant, choose_path, emulated_here, kernel_options  # noqa: E402
-from interop.qweight import QuantizedWeight  # noqa: E402
+from kernel_speed import _weight  # noqa: E402  (random codes and scales: speed does not depend on them)
 
 MODES = {"native": True, "all": False}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _weight(out: int, n_in: int, seed: int) -> QuantizedWeight:
-    """Random 4-bit codes in groups of 128 (the product's speed does not depend on their values)."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-8, 8, (out, n_in), generator=gen, dtype=torch.int8)
-    return QuantizedWeight(codes, torch.rand(out, n_in // 128, generator=gen) * 0.01 + 1e-3, bits=4, group_size=128)
 
 
 def main() -> None:
@@ -70,7 +63,7 @@ def main() -> None:
             with kernel_options(native_only=MODES[mode], path=None, autotune=True, precision="any"):
                 for dname, dtype in DTYPES.items():
                     for i, ((out, n_in), names) in enumerate(shapes.items()):
-                        weight = _weight(out, n_in, seed=i)
+                        weight = _weight(out, n_in, 4, 128, seed=i)
                         for t in tokens:
                             t0 = time.perf_counter()
                             path = choose_path(weight, act, dtype, t)
