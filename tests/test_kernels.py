@@ -498,6 +498,10 @@ def test_native_only_leaves_emulated_paths_unmeasured(tuner, monkeypatch, flags,
         with kernel_options(native_only=True, path="int-mm"):  # forcing still runs it
             quantized_matmul(x, weight, act)
         assert weight.last_path == "int-mm"
+        n = len(fake.calls)
+        with kernel_options(native_only=True, autotune=False):  # the fallback order skips emulated paths too
+            quantized_matmul(x, weight, act)
+        assert weight.last_path == "fake-quant" and len(fake.calls) == n
         with kernel_options(native_only=False):  # every path measured: the fake's fastest wins
             quantized_matmul(x, weight, act)
         assert weight.last_path == "int-mm"
