@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-GIB = 2**30
+from duquant_jax.peak_memory import GIB
 
 
 def rss_gib() -> float:

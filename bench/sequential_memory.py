@@ -209,8 +209,8 @@ def _phase_lines(phases: dict[str, float]) -> list[str]:
     """The measured peaks: outside the blocks, the largest over the blocks of each step, and each block's peak."""
     import re
 
-    def step(key: str) -> str:
-        return key.split("/", 1)[1] if "/" in key else "(between steps)"
+    def step(key: str, bare: str) -> str:  # the phase below the base label, or `bare` for the base alone
+        return key.split("/", 1)[1] if "/" in key else bare
 
     inside: dict[str, tuple[float, str]] = {}
     per_block: dict[int, float] = {}
@@ -219,10 +219,11 @@ def _phase_lines(phases: dict[str, float]) -> list[str]:
         if m:
             k = int(m.group(1))
             per_block[k] = max(per_block.get(k, 0.0), gib)
-            if gib > inside.get(step(key), (0.0, ""))[0]:
-                inside[step(key)] = (gib, m.group(1))
-    rows = [(f"outside the blocks: {k.split('/', 1)[1] if '/' in k else 'setup'}" if k.startswith("outside") else
-             f"after the blocks: {k.split('/', 1)[1] if '/' in k else 'final shard'}", v, "")
+            name = step(key, "(between steps)")
+            if gib > inside.get(name, (0.0, ""))[0]:
+                inside[name] = (gib, m.group(1))
+    rows = [(f"outside the blocks: {step(k, 'setup')}" if k.startswith("outside") else
+             f"after the blocks: {step(k, 'final shard')}", v, "")
             for k, v in phases.items() if not k.startswith("block ")]
     rows += [(f"in a block: {name}", gib, f"block {k}") for name, (gib, k) in inside.items()]
     rows.sort(key=lambda r: -r[1])
