@@ -176,6 +176,11 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a4-duquant", "w4a4", rotation="duquant"),
         _from_preset("w4a4-h512", "w4a4", block_size=512),
         _from_preset("w4a4-damp0.05", "w4a4", gptq_damp=0.05),
+        # W4A16 and W4A8 candidates (issue 16): smoothing in W4A16 (as AWQ scales salient input channels up
+        # in the weights), activation order in W4A8; chosen on the development split.
+        _from_preset("w4a16-smooth0.5", "w4a16", smooth_alpha=0.5),
+        _from_preset("w4a16-smooth0.5-noao", "w4a16", smooth_alpha=0.5, gptq_act_order=False),
+        _from_preset("w4a16-smooth0.3", "w4a16", smooth_alpha=0.3),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
@@ -201,6 +206,7 @@ LISTS["input-groups"] = ["presets", "presets+shared-inputs"]
 LISTS["realizations"] = ["w4a8-seed1", "w4a8-seed1+shared-inputs"]  # with --bits W4A8
 LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
+LISTS["w4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a16-")]  # with --bits W4A16
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 
