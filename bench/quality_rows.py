@@ -181,6 +181,13 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a16-smooth0.5", "w4a16", smooth_alpha=0.5),
         _from_preset("w4a16-smooth0.5-noao", "w4a16", smooth_alpha=0.5, gptq_act_order=False),
         _from_preset("w4a16-smooth0.3", "w4a16", smooth_alpha=0.3),
+        # The finer weight-scale grid (scale_method="mse-fine") in each 4-bit preset.
+        _from_preset("w4a16-msefine", "w4a16", scale_method="mse-fine"),
+        _from_preset("w4a16-smooth0.5-msefine", "w4a16", smooth_alpha=0.5, scale_method="mse-fine"),
+        _from_preset("w4a8-msefine", "w4a8", scale_method="mse-fine"),
+        _from_preset("w4a4-msefine", "w4a4", scale_method="mse-fine"),
+        dataclasses.replace(_from_preset("w4a4-msefine+clip-search", "w4a4", scale_method="mse-fine"), clip_search=True),
+        dataclasses.replace(_from_preset("w4a8-msefine+clip-search", "w4a8", scale_method="mse-fine"), clip_search=True),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
@@ -207,6 +214,7 @@ LISTS["realizations"] = ["w4a8-seed1", "w4a8-seed1+shared-inputs"]  # with --bit
 LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
 LISTS["w4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a16-")]  # with --bits W4A16
+LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in ROWS if "msefine" in n]  # each row in its own column
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 

@@ -12,7 +12,7 @@ ROTATION_METHODS = ("qr-svd", "svd", "eigh")
 ROTATIONS = ("svd", "hadamard", "duquant", "none")
 ACT_SCHEMES = ("static-channel", "dynamic-token", "static-tensor")
 WEIGHT_METHODS = ("rtn", "gptq")
-SCALE_METHODS = ("mse", "minmax")
+SCALE_METHODS = ("mse", "mse-fine", "minmax")
 CONFIG_VERSION = 2
 _UNQUANTIZED_BITS = (0, 16)
 
@@ -79,7 +79,8 @@ class DuQuantConfig:
       greedy_steps: most greedy rotation steps of the "duquant" family.
       weight_group_size: one weight scale per row and per group of this many
         consecutive input channels (in the rotated basis); None (default): per row.
-      scale_method: "mse" (SPEC's grid of five candidates, default) or "minmax".
+      scale_method: "mse" (SPEC's grid of five candidates, default), "mse-fine" (16 candidates:
+        the absmax scale shrunk by 0 to 30% in steps of 2%, the least squared error wins) or "minmax".
       weight_method: "rtn" (round to nearest, default) or "gptq" (needs statistics with XᵀX).
       gptq_damp: GPTQ dampening, a fraction of the mean diagonal of H, in [0, 1].
       gptq_block: GPTQ lazy-batch block size (columns).

@@ -46,7 +46,7 @@ from duquant_jax.equivalence import (
     separated_blocks,
 )
 from duquant_jax.packed import Pack
-from duquant_jax.quantize import SCALE_ALPHAS
+from duquant_jax.quantize import scale_alphas
 from duquant_jax.reference import options
 from duquant_jax.stats import LayerStats
 
@@ -192,10 +192,10 @@ def scale_check(w_scale, w2: np.ndarray, config: DuQuantConfig) -> tuple[float, 
     g = _grouped(w2, config.weight_group_size)
     qm = qmax(config.weight_bits)
     base = np.maximum(np.abs(g).max(axis=-1) / qm, 1e-8)  # (out, groups)
-    alphas = (1.0,) if config.scale_method == "minmax" else SCALE_ALPHAS
+    alphas = scale_alphas(config.scale_method)
     cands = np.stack([base / a for a in alphas], axis=-1)  # (out, groups, k)
     errs = np.stack([np.mean((np.clip(np.round(g / c[..., None]), -qm - 1, qm) * c[..., None] - g) ** 2, axis=-1)
-                     for c in np.moveaxis(cands, -1, 0)], axis=-1)  # five candidates, not a loop over blocks
+                     for c in np.moveaxis(cands, -1, 0)], axis=-1)  # a handful of candidates, not a loop over blocks
     best = errs.argmin(axis=-1)  # first on a tie, as step 7
     tied = errs <= errs.min(axis=-1, keepdims=True) * (1 + SCALE_TIE)
     s = np.asarray(w_scale, np.float64).reshape(base.shape)

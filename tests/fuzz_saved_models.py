@@ -214,7 +214,7 @@ CHOICES = {
     "rotation": ("svd", "hadamard", "duquant", "none"),
     "act_scheme": ("static-channel", "dynamic-token", "static-tensor"),
     "weight_method": ("rtn", "gptq"),
-    "scale_method": ("mse", "minmax"),
+    "scale_method": ("mse", "mse-fine", "minmax"),
     "dtype": ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "Tensor", "float", "complex64", "float32 "),
     "format": ("duquant-quantized-model", "duquant-quantized-model2", "duquant-pack", ""),
 }

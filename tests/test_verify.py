@@ -39,6 +39,8 @@ CONFIGS = {
     **{name: DuQuantConfig.preset(name) for name in sorted(PRESETS)},
     "svd-smooth-groups": DuQuantConfig(smooth_alpha=0.5, weight_group_size=64, act_scheme="static-tensor"),
     "hadamard-rows-minmax": DuQuantConfig(rotation="hadamard", block_size=64, scale_method="minmax"),
+    "hadamard-groups-msefine": DuQuantConfig(rotation="hadamard", block_size=64, weight_bits=4, weight_group_size=32,
+                                             scale_method="mse-fine"),
     "duquant-propagate": DuQuantConfig(rotation="duquant", block_size=64, smooth_alpha=0.5, row_rot_mode="propagate", act_scheme="dynamic-token"),
     "none-groups-w8": DuQuantConfig(rotation="none", enable_permute=False, weight_bits=8, weight_group_size=32),
 }

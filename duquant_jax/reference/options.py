@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from duquant_jax.config import qmax
+from duquant_jax.quantize import scale_alphas
 from duquant_jax.reference.spec import block_ranges
 from duquant_jax.reference.spec import weight_scales as spec_row_scales
 
@@ -80,7 +81,8 @@ def rotate_blocks(x: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def group_scales(w2: np.ndarray, bits: int, group_size: int | None, method: str) -> np.ndarray:
-    """w2: (out, in) -> (out,) or (out, ceil(in / G)): SPEC's grid ("mse") or `base` ("minmax") per group."""
+    """w2: (out, in) -> (out,) or (out, ceil(in / G)): SPEC's grid ("mse"), the finer grid ("mse-fine")
+    or `base` ("minmax") per group."""
     out, n = w2.shape
     groups = [range(0, n)] if group_size is None else block_ranges(n, group_size)
     scales = np.empty((out, len(groups)))
@@ -89,7 +91,7 @@ def group_scales(w2: np.ndarray, bits: int, group_size: int | None, method: str)
         if method == "minmax":
             scales[:, g] = np.maximum(np.abs(part).max(axis=1) / qmax(bits), 1e-8)
         else:
-            scales[:, g] = spec_row_scales(part, bits)
+            scales[:, g] = spec_row_scales(part, bits, scale_alphas(method))
     return scales[:, 0] if group_size is None else scales
 
 

@@ -86,14 +86,15 @@ def block_ranges(n: int, size: int) -> list[range]:
     return [range(k * size, min((k + 1) * size, n)) for k in range(math.ceil(n / size))]
 
 
-def weight_scales(w2: np.ndarray, bits: int) -> np.ndarray:
-    """SPEC step 7: per-row scale among `base / alpha` with the least squared error."""
+def weight_scales(w2: np.ndarray, bits: int, alphas: tuple[float, ...] = SCALE_ALPHAS) -> np.ndarray:
+    """SPEC step 7: per-row scale among `base / alpha` (alpha in `alphas`, SPEC's SCALE_ALPHAS by
+    default) with the least squared error, the first on a tie."""
     qm = qmax(bits)
     scales = np.empty(w2.shape[0])
     for i, row in enumerate(w2):
         base = max(np.max(np.abs(row)) / qm, 1e-8)
         best_err, best = None, None
-        for alpha in SCALE_ALPHAS:
+        for alpha in alphas:
             s = base / alpha
             err = np.mean((np.clip(np.round(row / s), -qm - 1, qm) * s - row) ** 2)
             if best_err is None or err < best_err:
