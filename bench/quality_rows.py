@@ -188,6 +188,8 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a4-msefine", "w4a4", scale_method="mse-fine"),
         dataclasses.replace(_from_preset("w4a4-msefine+clip-search", "w4a4", scale_method="mse-fine"), clip_search=True),
         dataclasses.replace(_from_preset("w4a8-msefine+clip-search", "w4a8", scale_method="mse-fine"), clip_search=True),
+        dataclasses.replace(_from_preset("w4a16-msefine-sequential", "w4a16", scale_method="mse-fine"), sequential=True),
+        dataclasses.replace(_from_preset("w4a8-msefine-sequential", "w4a8", scale_method="mse-fine"), sequential=True),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
