@@ -190,6 +190,9 @@ ROWS: dict[str, Row] = {
         dataclasses.replace(_from_preset("w4a8-msefine+clip-search", "w4a8", scale_method="mse-fine"), clip_search=True),
         dataclasses.replace(_from_preset("w4a16-msefine-sequential", "w4a16", scale_method="mse-fine"), sequential=True),
         dataclasses.replace(_from_preset("w4a8-msefine-sequential", "w4a8", scale_method="mse-fine"), sequential=True),
+        # No clipping at all (the absmax scale): the opposite of "mse-fine".
+        _from_preset("w4a16-minmax", "w4a16", scale_method="minmax"),
+        _from_preset("w4a8-minmax", "w4a8", scale_method="minmax"),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
