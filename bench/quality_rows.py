@@ -193,6 +193,10 @@ ROWS: dict[str, Row] = {
         # No clipping at all (the absmax scale): the opposite of "mse-fine".
         _from_preset("w4a16-minmax", "w4a16", scale_method="minmax"),
         _from_preset("w4a8-minmax", "w4a8", scale_method="minmax"),
+        # W4A4 with one activation scale per token and group of 128 channels of x2 (the Hadamard blocks).
+        _from_preset("w4a4-actgroup128", "w4a4", act_scheme="dynamic-group", act_group_size=128),
+        dataclasses.replace(_from_preset("w4a4-actgroup128+clip-search", "w4a4", act_scheme="dynamic-group",
+                                         act_group_size=128), clip_search=True),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),

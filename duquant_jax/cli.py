@@ -48,6 +48,7 @@ _CONFIG_FLAGS = {
     "weight_method": "--weight-method",
     "act_scheme": "--act-scheme",
     "act_clip": "--act-clip",
+    "act_group_size": "--act-group-size",
 }
 
 
@@ -62,7 +63,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help="one weight scale per group of this many input channels")
     p.add_argument("--weight-method", choices=WEIGHT_METHODS, help="rtn or gptq (gptq needs --stats with XᵀX)")
     p.add_argument("--act-scheme", choices=ACT_SCHEMES, help="activation scheme (default static-channel)")
-    p.add_argument("--act-clip", type=float, help="dynamic-token clip ratio in (0, 1]")
+    p.add_argument("--act-clip", type=float, help="dynamic schemes' clip ratio in (0, 1]")
+    p.add_argument("--act-group-size", type=int, help="channels per activation scale group of --act-scheme dynamic-group (default 128)")
 
 
 def _config(a: argparse.Namespace) -> DuQuantConfig:

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 ROW_ROT_MODES = ("restore", "propagate", "none")
 ROTATION_METHODS = ("qr-svd", "svd", "eigh")
 ROTATIONS = ("svd", "hadamard", "duquant", "none")
-ACT_SCHEMES = ("static-channel", "dynamic-token", "static-tensor")
+ACT_SCHEMES = ("static-channel", "dynamic-token", "static-tensor", "dynamic-group")
+DYNAMIC_ACT_SCHEMES = ("dynamic-token", "dynamic-group")
 WEIGHT_METHODS = ("rtn", "gptq")
 SCALE_METHODS = ("mse", "mse-fine", "minmax")
 CONFIG_VERSION = 2
@@ -86,9 +87,13 @@ class DuQuantConfig:
       gptq_block: GPTQ lazy-batch block size (columns).
       gptq_act_order: GPTQ rounds columns in descending order of diag(H).
       act_scheme: "static-channel" (SPEC, default: calibrated per-channel scales),
-        "dynamic-token" (per-token absmax at run time) or "static-tensor" (one
-        calibrated scale per layer).
-      act_clip: "dynamic-token" scales are `act_clip * max|x2|` per token, in (0, 1].
+        "dynamic-token" (per-token absmax at run time), "static-tensor" (one
+        calibrated scale per layer) or "dynamic-group" (at run time, one absmax scale
+        per token and per group of `act_group_size` consecutive channels of x2).
+      act_clip: the dynamic schemes' scales are `act_clip * max|x2|` (per token, or per
+        token and group), in (0, 1].
+      act_group_size: channels per activation scale group of "dynamic-group" (in the
+        rotated basis; a short last group allowed); unused by the other schemes.
     """
 
     weight_bits: int = 4
@@ -113,6 +118,7 @@ class DuQuantConfig:
     gptq_act_order: bool = False
     act_scheme: str = "static-channel"
     act_clip: float = 1.0
+    act_group_size: int = 128
 
     VERSION: ClassVar[int] = CONFIG_VERSION
 
@@ -144,6 +150,7 @@ class DuQuantConfig:
         _check_number("gptq_damp", self.gptq_damp, 0.0, 1.0)
         _check_positive_int("gptq_block", self.gptq_block)
         _check_number("act_clip", self.act_clip, 0.0, 1.0, lo_open=True)
+        _check_positive_int("act_group_size", self.act_group_size)
         if self.rotation == "hadamard":
             for name, size in (("block_size", self.block_size), ("block_out_size", self.out_block_size)):
                 if not _is_power_of_two(size):
@@ -174,7 +181,7 @@ class DuQuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether a forward needs calibrated activation scales (static schemes with act_bits 2..8)."""
-        return self.quantize_acts and self.act_scheme != "dynamic-token"
+        return self.quantize_acts and self.act_scheme not in DYNAMIC_ACT_SCHEMES
 
     @property
     def needs_act_absmax(self) -> bool:

@@ -178,7 +178,7 @@ def _expected(cfg: DuQuantConfig, n_in: int, n_out: int, kind: str) -> dict[str,
         scale_shape = (n_out, -(-n_in // cfg.weight_group_size))
     else:
         scale_shape = (n_out,)
-    a_shapes = {"static-channel": {(n_in,)}, "static-tensor": {(1,)}, "dynamic-token": set()}[cfg.act_scheme]
+    a_shapes = {"static-channel": {(n_in,)}, "static-tensor": {(1,)}, "dynamic-token": set(), "dynamic-group": set()}[cfg.act_scheme]
     codes_shape = (n_out, (n_in + 1) // 2) if kind == "w_codes_int4" else (n_out, n_in)
     return {
         "perm": lambda s: s == (n_in,),

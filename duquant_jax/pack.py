@@ -459,7 +459,7 @@ def calibrate(pack: Pack, batches: Iterable[Any]) -> Pack:
     """Activation calibration over `batches` (each `(..., in)`) for the static schemes.
 
     Returns the pack with `a_scale` set ((in,) "static-channel", (1,) "static-tensor");
-    unchanged when activations are not quantized or the scheme is "dynamic-token".
+    unchanged when activations are not quantized or the scheme is dynamic ("dynamic-token", "dynamic-group").
     An empty iterable, a NaN/Inf or a wrong last dimension is an error.
     """
     stats = ActivationStats(pack)

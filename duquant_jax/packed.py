@@ -38,7 +38,7 @@ class Pack:
         row's / group's scale). When weights are unquantized (weight_bits 0/16) it holds
         the transformed weight `W2` itself in float32.
       a_scale: static activation scales: (in,) for "static-channel", (1,) for
-        "static-tensor"; None until calibrated, and always None for "dynamic-token".
+        "static-tensor"; None until calibrated, and always None for the dynamic schemes.
       config: the DuQuantConfig that produced it.
       in_diag: (in,) float32 factor applied to the input first (smoothing `1/s` times the
         Hadamard family's random signs); None for none.

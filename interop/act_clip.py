@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from duquant_jax.config import DYNAMIC_ACT_SCHEMES
 from interop.kernels import ActQuant
 from interop.linear import DuQuantLinear
 from interop.modules import run_batch
@@ -35,9 +36,10 @@ __all__ = ["DEFAULT_GRID", "search_act_clip", "set_act_clip"]
 
 
 def set_act_clip(layer: DuQuantLinear, clip: float) -> None:
-    """Sets a `"dynamic-token"` layer's activation clip (its config's `act_clip`), validated by the config."""
-    if layer.config.act_scheme != "dynamic-token" or not layer.config.quantize_acts:
-        raise ValueError(f"{layer.name or 'DuQuantLinear'}: act_clip applies to quantized 'dynamic-token' activations; "
+    """Sets a dynamic-scheme layer's activation clip (its config's `act_clip`), validated by the config."""
+    if layer.config.act_scheme not in DYNAMIC_ACT_SCHEMES or not layer.config.quantize_acts:
+        raise ValueError(f"{layer.name or 'DuQuantLinear'}: act_clip applies to quantized dynamic activations "
+                         f"{DYNAMIC_ACT_SCHEMES}; "
                          f"this layer has act_scheme={layer.config.act_scheme!r}, act_bits={layer.config.act_bits}")
     layer.config = dataclasses.replace(layer.config, act_clip=float(clip))
     layer.act = ActQuant.from_config(layer.config)
@@ -82,9 +84,9 @@ def search_act_clip(
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"search_act_clip: max_tokens must be a positive int; got {max_tokens!r}")
     layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, DuQuantLinear) and m.config.quantize_acts and m.config.act_scheme == "dynamic-token"}
+              if isinstance(m, DuQuantLinear) and m.config.quantize_acts and m.config.act_scheme in DYNAMIC_ACT_SCHEMES}
     if not layers:
-        raise ValueError("search_act_clip: the model has no DuQuantLinear with quantized 'dynamic-token' activations")
+        raise ValueError(f"search_act_clip: the model has no DuQuantLinear with quantized dynamic activations {DYNAMIC_ACT_SCHEMES}")
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     gen = torch.Generator().manual_seed(seed)
     keys: dict[str, list[torch.Tensor]] = {name: [] for name in layers}

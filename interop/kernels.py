@@ -14,6 +14,9 @@ x2's dtype, where `x3` is x2 after the activation handling `act` (`ActQuant`):
 - `"static-channel"`: per-channel calibrated scales `s_a (in,)`:
   `x3 = clamp(round(x2 / s_a), ...) * s_a`. Its scales do not factor out of an
   integer product, so it only has float paths: a simulation of A8, not a speed-up.
+- `"dynamic-group"`, group size g: `"dynamic-token"`'s rule per token and per group of
+  g consecutive channels (a short last group allowed), `x3 = xq * s_tg`; float paths
+  only, as "static-channel".
 
 Paths (`PATHS`), each checked against the oracle by `tests/test_kernels.py`:
 
@@ -86,7 +89,7 @@ __all__ = [
     "unfreeze_paths",
 ]
 
-ACT_SCHEMES = ("none", "dynamic-token", "static-tensor", "static-channel")
+ACT_SCHEMES = ("none", "dynamic-token", "static-tensor", "static-channel", "dynamic-group")
 PRECISIONS = ("any", "float32")
 DYNAMIC_EPS = 1e-8  # float32 floor of a dynamic per-token scale
 # Weight tiles: 1024 rows (2 MiB of int8 codes at in = 2048, 16 MiB at 16384) measured fastest for
@@ -104,14 +107,16 @@ class ActQuant:
     """How activations are quantized before the product (module docstring).
 
     Attributes:
-      scheme: "none", "dynamic-token", "static-tensor" or "static-channel".
+      scheme: "none", "dynamic-token", "static-tensor", "static-channel" or "dynamic-group".
       bits: activation code width, 2..8 (ignored with "none").
-      clip: "dynamic-token" clips the per-token max by this factor, in (0, 1].
+      clip: the dynamic schemes clip the per-token (per-group) max by this factor, in (0, 1].
+      group: channels per scale group of "dynamic-group" (ignored by the other schemes).
     """
 
     scheme: str = "none"
     bits: int = 8
     clip: float = 1.0
+    group: int = 128
 
     def __post_init__(self) -> None:
         if self.scheme not in ACT_SCHEMES:
@@ -120,6 +125,8 @@ class ActQuant:
             raise ValueError(f"act bits must be an int in 2..8; got {self.bits!r}")
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not 0 < self.clip <= 1:
             raise ValueError(f"act clip must be a number in (0, 1]; got {self.clip!r}")
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"act group must be an int >= 1; got {self.group!r}")
         object.__setattr__(self, "_clip_text", repr(float(self.clip)))
 
     @property
@@ -139,10 +146,10 @@ class ActQuant:
 
     @classmethod
     def from_config(cls, config) -> ActQuant:
-        """From a `DuQuantConfig` (its `act_bits`, `act_scheme`, `act_clip`)."""
+        """From a `DuQuantConfig` (its `act_bits`, `act_scheme`, `act_clip`, `act_group_size`)."""
         if not config.quantize_acts:
             return cls("none")
-        return cls(config.act_scheme, config.act_bits, float(config.act_clip))
+        return cls(config.act_scheme, config.act_bits, float(config.act_clip), int(config.act_group_size))
 
 
 def quantize_tokens(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +197,7 @@ def prepare(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = No
 
     - "none": `(x2, None)`;
     - "dynamic-token", "static-tensor": `(xq (T, in) int8, s_t (T, 1) float32)` (`quantize_tokens`);
-    - "static-channel": `(x3 (T, in) float32, None)` (`fake_quantize`).
+    - "static-channel", "dynamic-group": `(x3 (T, in) float32, None)` (`fake_quantize`).
 
     Under `torch.compile` this is ordinary traced torch code, so inductor fuses it with the rotation.
     """
@@ -208,8 +215,28 @@ def fake_quantize(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | Non
     if act.integer:
         xq, s = quantize_tokens(x2, act, act_scale)
         return xq.float().mul_(s)
+    if act.scheme == "dynamic-group":
+        return _fake_quantize_groups(x2, act)
     s = act_scale.float()
     return torch.div(x2.float(), s).round_().clamp_(-act.qa - 1, act.qa).mul_(s)
+
+
+def _fake_quantize_groups(x2: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    """"dynamic-group": x2 (T, in) -> x3 (T, in) float32, one scale per token and group of `act.group` channels
+    (the last group may be shorter: zero padding changes no group's maximum). Plain ops, so dynamo traces it."""
+    t, n = x2.shape
+    g = act.group
+    groups = -(-n // g)
+    xf = x2.float()
+    if groups * g != n:
+        xf = torch.nn.functional.pad(xf, (0, groups * g - n))
+    xg = xf.reshape(t, groups, g)
+    clip = act.traced_clip
+    s = xg.abs().amax(dim=2, keepdim=True)
+    s = (s if clip == 1 else s * clip) / act.qa
+    s = s.clamp(min=1e-8)  # DYNAMIC_EPS
+    x3 = (xg / s).round().clamp(-act.qa - 1, act.qa) * s
+    return x3.reshape(t, groups * g)[:, :n]
 
 
 # -- paths ----------------------------------------------------------------------
@@ -568,7 +595,7 @@ def choice_key(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, bucke
         precision = f"{precision} | all-paths"
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     group = "row" if weight.group_size is None else f"g{weight.group_size}"
-    a = "a16" if act.scheme == "none" else f"{act.scheme}{act.bits}"
+    a = "a16" if act.scheme == "none" else f"{act.scheme}{act.bits}" + (f"g{act.group}" if act.scheme == "dynamic-group" else "")
     return (
         f"{machine} | {threads}t | {weight.out_features}x{weight.in_features} w{weight.bits} {group} {weight.layout} | "
         f"{a} | {str(dtype).replace('torch.', '')} | T{bucket} | {precision}"

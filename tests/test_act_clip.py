@@ -81,9 +81,9 @@ def test_bad_arguments_are_refused_naming_them():
         search_act_clip(model, [])
     plain = _model()
     quantize_(plain, dataclasses.replace(CONFIG, act_bits=16), progress=False)
-    with pytest.raises(ValueError, match="no DuQuantLinear with quantized 'dynamic-token'"):
+    with pytest.raises(ValueError, match="no DuQuantLinear with quantized dynamic activations"):
         search_act_clip(plain, _batches())
-    with pytest.raises(ValueError, match="act_clip applies to quantized 'dynamic-token' activations"):
+    with pytest.raises(ValueError, match="act_clip applies to quantized dynamic activations"):
         set_act_clip(plain[0], 0.9)
     with pytest.raises(ValueError, match="act_clip"):
         set_act_clip(model[0], 1.5)  # the config's own check

@@ -31,6 +31,7 @@ CONFIGS = {
     "w4a8": lambda: DuQuantConfig.preset("w4a8"),
     "w4a16": lambda: DuQuantConfig.preset("w4a16"),
     "spec": lambda: DuQuantConfig(),  # static-channel A8: needs interop.calibrate
+    "w4a4-groups": lambda: DuQuantConfig.preset("w4a4", act_scheme="dynamic-group", act_group_size=64),
 }
 LENGTHS = (2, 5, 17, 64, 100, 300)  # every bucket above one token
 COMPARE_TOL = 1e-5

@@ -124,6 +124,7 @@ def test_formats_and_shapes(tmp_path):
     "overrides, field",
     [
         (dict(act_scheme="static-channel"), "act_scheme"),
+        (dict(act_scheme="dynamic-group"), "act_scheme"),
         (dict(act_clip=0.9), "act_clip"),
         (dict(row_rot_mode="restore"), "row_rot_mode"),
         (dict(rotation="none", weight_bits=4, weight_group_size=64, weight_method="rtn"), "enable_permute"),

@@ -42,6 +42,7 @@ ACTS = [
     ActQuant("dynamic-token", 4, 0.9),
     ActQuant("static-tensor", 8),
     ActQuant("static-channel", 8),
+    ActQuant("dynamic-group", 4, 0.9, 32),
 ]
 needs_int4pack = pytest.mark.skipif(int4pack_variant() is None, reason="no verified int4 CPU layout in this torch")
 

@@ -42,6 +42,9 @@ OPTION_CASES = [
     dict(rotation="svd", weight_group_size=32, scale_method="minmax", weight_bits=3),
     dict(rotation="hadamard", block_size=64, row_rot_mode="none", scale_method="mse-fine", weight_group_size=32),
     dict(rotation="svd", scale_method="mse-fine", weight_bits=4),
+    dict(rotation="hadamard", block_size=64, row_rot_mode="none", act_scheme="dynamic-group", act_group_size=48,
+         act_bits=4, act_clip=0.9, weight_group_size=64),
+    dict(rotation="svd", act_scheme="dynamic-group", act_group_size=128),
 ]
 
 
@@ -106,6 +109,32 @@ def test_mse_fine_scales_err_less_than_spec_grid_on_gaussian_weights(group):
     assert np.all(errs["mse-fine"][shared] <= errs["mse"][shared] * (1 + 1e-5))
     assert errs["mse-fine"].mean() < 0.97 * errs["mse"].mean()
     assert len(np.unique(np.round(shrink["mse-fine"], 2))) >= 8  # the grid's inner candidates are used
+
+
+def test_dynamic_group_scales_are_each_groups_own_absmax():
+    """JAX's "dynamic-group" fake quantization equals the literal reference, each group (the last one short)
+    quantized with its own clipped absmax: a group of small values keeps codes a per-token scale rounds to 0."""
+    from duquant_jax.activations import quantize_activations
+
+    x = np.random.default_rng(12).standard_normal((5, 100)).astype(np.float32)
+    x[:, 0] *= 50.0  # one outlier channel in the first group
+    cfg = DuQuantConfig(act_scheme="dynamic-group", act_group_size=32, act_bits=4, act_clip=0.9)
+    got = np.asarray(quantize_activations(x, None, cfg))
+    want = ref.options.fake_quantize_acts(x.astype(np.float64), None, "dynamic-group", 4, 0.9, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    x64 = x.astype(np.float64)
+    for a, b in ((0, 32), (32, 64), (64, 96), (96, 100)):
+        s = 0.9 * np.abs(x64[:, a:b]).max(axis=1, keepdims=True) / 7
+        np.testing.assert_allclose(want[:, a:b], np.clip(np.round(x64[:, a:b] / s), -8, 7) * s, rtol=1e-12)
+    per_token = np.asarray(quantize_activations(x, None, cfg.replace(act_scheme="dynamic-token")))
+    assert np.abs(got - x)[:, 32:].mean() < 0.5 * np.abs(per_token - x)[:, 32:].mean()
+
+
+def test_act_group_size_is_validated():
+    for bad in (0, -4, 2.5, True, None):
+        with pytest.raises(ValueError, match="act_group_size"):
+            DuQuantConfig(act_scheme="dynamic-group", act_group_size=bad)
+    assert not DuQuantConfig(act_scheme="dynamic-group").needs_calibration
 
 
 def test_default_config_is_spec_and_equals_the_literal_svd_pipeline():

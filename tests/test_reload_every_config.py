@@ -43,6 +43,8 @@ CONFIGS = [
     ("gptq_order_w8_svd", DuQuantConfig(weight_bits=8, weight_method="gptq", gptq_act_order=True, act_scheme="dynamic-token", row_rot_mode="none"), BIG, True),
     ("smooth_none_w4_g128", DuQuantConfig(rotation="none", smooth_alpha=0.5, weight_group_size=128, act_scheme="dynamic-token"), BIG, False),
     ("w4_a16_g128", DuQuantConfig(rotation="hadamard", block_size=128, weight_group_size=128, act_bits=16, row_rot_mode="none"), ODD, False),
+    ("w4_a4_act_groups", DuQuantConfig(rotation="hadamard", block_size=128, weight_group_size=128, act_bits=4,
+                                       act_scheme="dynamic-group", act_group_size=96, row_rot_mode="none"), BIG, True),
 ]
 SPECS = [(name, shape[0], shape[1], bias) for name, _, shape, bias in CONFIGS]
 

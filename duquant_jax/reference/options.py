@@ -103,11 +103,17 @@ def code_scales(w_scale: np.ndarray, n: int, group_size: int | None) -> np.ndarr
     return np.stack([w_scale[:, j // group_size] for j in range(n)], axis=1)
 
 
-def fake_quantize_acts(x2: np.ndarray, a_scale, scheme: str, bits: int, clip: float) -> np.ndarray:
-    """x2: (..., in) -> its fake quantization under `scheme` (docs/ALGORITHM.md "Activation schemes")."""
+def fake_quantize_acts(x2: np.ndarray, a_scale, scheme: str, bits: int, clip: float, group: int = 128) -> np.ndarray:
+    """x2: (..., in) -> its fake quantization under `scheme` (docs/ALGORITHM.md "Activation schemes");
+    `group`: channels per scale group of "dynamic-group"."""
     qa = qmax(bits)
     if scheme == "dynamic-token":
         s = np.maximum(clip * np.abs(x2).max(axis=-1, keepdims=True) / qa, 1e-8)
+    elif scheme == "dynamic-group":
+        s = np.empty(x2.shape)
+        for cols in block_ranges(x2.shape[-1], group):
+            part = x2[..., cols.start : cols.stop]
+            s[..., cols.start : cols.stop] = np.maximum(clip * np.abs(part).max(axis=-1, keepdims=True) / qa, 1e-8)
     else:
         s = np.asarray(a_scale, np.float64)  # (in,) per channel, or (1,) per tensor
     return np.clip(np.round(x2 / s), -qa - 1, qa) * s

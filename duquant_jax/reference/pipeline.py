@@ -211,7 +211,7 @@ def forward(pack: Pack, x: Any, bias: Any = None) -> np.ndarray:
     if cfg.quantize_acts:
         if cfg.needs_calibration:
             require_scales(pack.a_scale)
-        x2 = options.fake_quantize_acts(x2, pack.a_scale, cfg.act_scheme, cfg.act_bits, cfg.act_clip)
+        x2 = options.fake_quantize_acts(x2, pack.a_scale, cfg.act_scheme, cfg.act_bits, cfg.act_clip, cfg.act_group_size)
     y1 = x2 @ dequantized_weight(pack).T
     b = np.zeros(pack.out_features) if bias is None else np.asarray(bias, np.float64)
     if not cfg.rotate_rows:
@@ -224,7 +224,7 @@ def forward(pack: Pack, x: Any, bias: Any = None) -> np.ndarray:
 
 def calibrate(pack: Pack, batches: Iterable[Any]) -> Pack:
     """Static activation scales: element-wise max over batches of the percentile of |x2| per channel;
-    "static-tensor" keeps the largest channel's. Unchanged for "dynamic-token" and A16."""
+    "static-tensor" keeps the largest channel's. Unchanged for the dynamic schemes and A16."""
     cfg = pack.config
     running = None
     for i, x in enumerate(batches):

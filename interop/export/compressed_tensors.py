@@ -31,7 +31,7 @@ Field mapping (DuQuantConfig -> compressed-tensors `QuantizationScheme`):
   rotation "none", perm != id      no transform: the code columns are un-permuted (per-row scales)
 
 Refused (ExportError names the field, its value and what to change): act_scheme
-"static-channel", act_clip != 1, output-row rotations (rotate_rows), weight_bits
+"static-channel" or "dynamic-group", act_clip != 1, output-row rotations (rotate_rows), weight_bits
 outside {4, 8} or unquantized weights, groups that do not divide in_features, and
 a permutation with groups and no rotation.
 
@@ -121,6 +121,10 @@ def _check_exportable(name: str, cfg: DuQuantConfig, in_features: int, perm_is_i
         raise _refuse(name, "act_scheme", cfg.act_scheme,
                       "static per-channel activation scales do not factor out of the integer product; "
                       'use act_scheme="dynamic-token" (or "static-tensor")')
+    if cfg.quantize_acts and cfg.act_scheme == "dynamic-group":
+        raise _refuse(name, "act_scheme", cfg.act_scheme,
+                      "per-group activation scales have no integer kernel in vLLM; "
+                      'use act_scheme="dynamic-token" (one scale per token)')
     if cfg.quantize_acts and cfg.act_clip != 1:
         raise _refuse(name, "act_clip", cfg.act_clip, "the format has no clipping of per-token scales; use act_clip=1.0")
     if cfg.rotate_rows:
