@@ -195,6 +195,8 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a8-minmax", "w4a8", scale_method="minmax"),
         # W4A4 with one activation scale per token and group of 128 channels of x2 (the Hadamard blocks).
         _from_preset("w4a4-actgroup128", "w4a4", act_scheme="dynamic-group", act_group_size=128),
+        _from_preset("w4a4-actgroup128-clip1.0", "w4a4", act_scheme="dynamic-group", act_group_size=128, act_clip=1.0),
+        _from_preset("w4a4-actgroup64", "w4a4", act_scheme="dynamic-group", act_group_size=64),
         dataclasses.replace(_from_preset("w4a4-actgroup128+clip-search", "w4a4", act_scheme="dynamic-group",
                                          act_group_size=128), clip_search=True),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
