@@ -199,6 +199,9 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a4-actgroup64", "w4a4", act_scheme="dynamic-group", act_group_size=64),
         dataclasses.replace(_from_preset("w4a4-actgroup128+clip-search", "w4a4", act_scheme="dynamic-group",
                                          act_group_size=128), clip_search=True),
+        # W4A8 with GPTQ in activation order (as the other 4-bit presets), and with 8-bit activation groups.
+        _from_preset("w4a8-actorder", "w4a8", gptq_act_order=True),
+        _from_preset("w4a8-actgroup128", "w4a8", act_scheme="dynamic-group", act_group_size=128),
         # Weight groups of 64 instead of 128 (0.125 bit more per weight for the float16 scales).
         _from_preset("w4a16-g64", "w4a16", weight_group_size=64),
         _from_preset("w4a8-g64", "w4a8", weight_group_size=64),
@@ -230,6 +233,7 @@ LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
 LISTS["w4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a16-")]  # with --bits W4A16
 LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in ROWS if "msefine" in n]  # each row in its own column
+LISTS["w4a8-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a8-")]  # with --bits W4A8
 LISTS["g64"] = ["presets"] + [n for n in ROWS if n.endswith("-g64")]  # each row in its own column
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
