@@ -206,6 +206,9 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a16-g64", "w4a16", weight_group_size=64),
         _from_preset("w4a8-g64", "w4a8", weight_group_size=64),
         _from_preset("w4a4-g64", "w4a4", weight_group_size=64),
+        _from_preset("w4a8-g64-actorder", "w4a8", weight_group_size=64, gptq_act_order=True),
+        _from_preset("w4a8-g32", "w4a8", weight_group_size=32),
+        _from_preset("w4a16-g32", "w4a16", weight_group_size=32),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
@@ -234,7 +237,8 @@ LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-
 LISTS["w4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a16-")]  # with --bits W4A16
 LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in ROWS if "msefine" in n]  # each row in its own column
 LISTS["w4a8-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a8-")]  # with --bits W4A8
-LISTS["g64"] = ["presets"] + [n for n in ROWS if n.endswith("-g64")]  # each row in its own column
+LISTS["g64"] = ["presets"] + [n for n in ROWS if n.endswith("-g64")]
+LISTS["groups-small"] = ["presets"] + [n for n in ROWS if n.endswith(("-g64", "-g32"))]  # each row in its own column
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 
