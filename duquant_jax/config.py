@@ -244,14 +244,16 @@ class DuQuantConfig:
 # activation order together measured worse than either alone: w4a8).
 # W4A8 and W4A4 add smoothing (alpha 0.5): it moves activation outliers into the weights,
 # where GPTQ absorbs them (W4A16 leaves activations in float and the weights as they are); 4-bit
-# activations are also clipped to 0.9 of each token's absmax.
+# activations take one scale per token and group of 64 channels ("dynamic-group", chosen on the
+# development split over one per token and groups of 128), clipped to 0.9 of each group's absmax.
 _DEPLOY = dict(rotation="hadamard", block_size=128, row_rot_mode="none", act_scheme="dynamic-token")
 _GPTQ_G128 = dict(weight_group_size=128, weight_method="gptq", gptq_act_order=True)
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(_DEPLOY, weight_bits=8, act_bits=8),
     "w4a8": dict(_DEPLOY, weight_bits=4, act_bits=8, smooth_alpha=0.5, **{**_GPTQ_G128, "gptq_act_order": False}),
     "w4a16": dict(_DEPLOY, weight_bits=4, act_bits=16, **_GPTQ_G128),
-    "w4a4": dict(_DEPLOY, weight_bits=4, act_bits=4, smooth_alpha=0.5, act_clip=0.9, **_GPTQ_G128),
+    "w4a4": dict(_DEPLOY, weight_bits=4, act_bits=4, smooth_alpha=0.5, act_clip=0.9, **_GPTQ_G128,
+                 act_scheme="dynamic-group", act_group_size=64),
 }
 
 

@@ -138,7 +138,7 @@ def test_inexpressible_configs_are_refused(tmp_path, overrides, field):
 
 
 # What each preset does on export (README, "Export to compressed-tensors"): None exports, else the field named.
-PRESET_EXPORT = {"w8a8": None, "w4a16": None, "w4a8": None, "w4a4": "act_clip", "SPEC default": "act_scheme"}
+PRESET_EXPORT = {"w8a8": None, "w4a16": None, "w4a8": None, "w4a4": "act_scheme", "SPEC default": "act_scheme"}
 
 
 @pytest.mark.parametrize("label", sorted(PRESET_EXPORT))
