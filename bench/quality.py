@@ -235,9 +235,11 @@ def _make_task(name: str, args):
     from quality_models import TASKS
 
     if name == "gemma":
-        return TASKS[name](seed=args.seed, n_calib=args.calib_chunks, n_eval=args.dev_chunks, n_test=args.test_chunks)
+        return TASKS[name](seed=args.seed, n_calib=args.calib_chunks, n_eval=args.dev_chunks, n_test=args.test_chunks,
+                           n_calib_extra=args.extra_calib_chunks)
     if name == "minilm":
-        return TASKS[name](seed=args.seed, n_calib=args.calib_sentences, n_eval=args.dev_sentences, n_test=args.test_sentences)
+        return TASKS[name](seed=args.seed, n_calib=args.calib_sentences, n_eval=args.dev_sentences, n_test=args.test_sentences,
+                           n_calib_extra=args.extra_calib_sentences)
     raise SystemExit(f"--models: unknown model {name!r}; choose from gemma, minilm")
 
 
@@ -288,8 +290,10 @@ def run(args) -> None:
 def _wanted_split(model: str, args) -> dict:
     """The split fields `args` asks for (compared with each record's)."""
     if model == "gemma":
-        return {"seed": args.seed, "n_calib": args.calib_chunks, "n_dev": args.dev_chunks, "n_test": args.test_chunks}
-    return {"seed": args.seed, "n_calib": args.calib_sentences, "n_dev": args.dev_sentences, "n_test": args.test_sentences}
+        return {"seed": args.seed, "n_calib": args.calib_chunks, "n_dev": args.dev_chunks, "n_test": args.test_chunks,
+                "n_calib_extra": args.extra_calib_chunks or None}
+    return {"seed": args.seed, "n_calib": args.calib_sentences, "n_dev": args.dev_sentences, "n_test": args.test_sentences,
+            "n_calib_extra": args.extra_calib_sentences or None}
 
 
 def _dirty(rec: dict) -> bool:
@@ -576,6 +580,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-chunks", type=int, default=16, help="Gemma calibration chunks (512 tokens each)")
     ap.add_argument("--dev-chunks", type=int, default=40, help="Gemma development chunks")
     ap.add_argument("--test-chunks", type=int, default=96, help="Gemma test chunks")
+    ap.add_argument("--extra-calib-chunks", type=int, default=0,
+                    help="more Gemma calibration chunks, taken after the test chunks (development and test stay the same)")
+    ap.add_argument("--extra-calib-sentences", type=int, default=0,
+                    help="more MiniLM calibration sentences, taken after the test sentences")
     ap.add_argument("--calib-sentences", type=int, default=256, help="MiniLM calibration sentences")
     ap.add_argument("--dev-sentences", type=int, default=384, help="MiniLM development sentences")
     ap.add_argument("--test-sentences", type=int, default=768, help="MiniLM test sentences")

@@ -69,7 +69,8 @@ class ThreeWaySplit:
     The same permutation as `Split` (`seeded_parts`): the first `n_calib`
     calibrate (so `calib` equals `Split(seed, total, n_calib, ...)`'s), the next `n_dev`
     are the development set (every choice is made there), the next `n_test` the test set
-    (only reported).
+    (only reported). `n_calib_extra` more calibration items come from after the test set,
+    so that more calibration data leaves the development and test items as they are.
     """
 
     seed: int
@@ -77,14 +78,18 @@ class ThreeWaySplit:
     n_calib: int
     n_dev: int
     n_test: int
+    n_calib_extra: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_calib < 0 or self.n_dev < 1 or self.n_test < 1 or self.n_calib + self.n_dev + self.n_test > self.total:
-            raise ValueError(f"split of {self.total} items cannot hold {self.n_calib} calibration + {self.n_dev} development + {self.n_test} test items")
+        if (self.n_calib < 0 or self.n_calib_extra < 0 or self.n_dev < 1 or self.n_test < 1
+                or self.n_calib + self.n_dev + self.n_test + self.n_calib_extra > self.total):
+            raise ValueError(f"split of {self.total} items cannot hold {self.n_calib} (+{self.n_calib_extra}) calibration "
+                             f"+ {self.n_dev} development + {self.n_test} test items")
 
     @property
     def calib(self) -> np.ndarray:
-        return seeded_parts(self.seed, self.total, self.n_calib, self.n_dev, self.n_test)[0]
+        parts = seeded_parts(self.seed, self.total, self.n_calib, self.n_dev, self.n_test, self.n_calib_extra)
+        return np.sort(np.concatenate([parts[0], parts[3]]))
 
     @property
     def dev(self) -> np.ndarray:
@@ -95,7 +100,11 @@ class ThreeWaySplit:
         return seeded_parts(self.seed, self.total, self.n_calib, self.n_dev, self.n_test)[2]
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, `n_calib_extra` only when it is not 0 (so the lines of the plain split keep their form)."""
+        d = dataclasses.asdict(self)
+        if not self.n_calib_extra:
+            del d["n_calib_extra"]
+        return d
 
 
 def token_chunks(ids: np.ndarray, length: int = 512) -> np.ndarray:

