@@ -96,6 +96,18 @@ def test_three_way_split_parts_are_disjoint_seeded_and_extend_the_two_way_split(
         quality_data.ThreeWaySplit(0, 100, 16, 40, 96)
 
 
+def test_extra_calibration_items_come_after_the_test_part_and_leave_dev_and_test_unchanged():
+    plain = quality_data.ThreeWaySplit(0, 220, 16, 40, 96)
+    more = quality_data.ThreeWaySplit(0, 220, 16, 40, 96, n_calib_extra=48)
+    np.testing.assert_array_equal(more.dev, plain.dev)
+    np.testing.assert_array_equal(more.test, plain.test)
+    assert len(more.calib) == 64 and set(plain.calib) < set(more.calib)
+    assert not (set(more.calib) & (set(more.dev) | set(more.test)))
+    assert "n_calib_extra" not in plain.describe() and more.describe()["n_calib_extra"] == 48
+    with pytest.raises(ValueError, match=r"16 \(\+69\) calibration"):
+        quality_data.ThreeWaySplit(0, 220, 16, 40, 96, n_calib_extra=69)
+
+
 def test_score_spec_parses_modes_and_parts_and_names_bad_ones():
     assert quality.parse_score("default=dev,test; float32=test") == {"default": ("dev", "test"), "float32": ("test",)}
     with pytest.raises(SystemExit, match="unknown kernel mode 'fast'"):
@@ -142,7 +154,8 @@ def test_report_renders_intervals_targets_and_peers_from_committed_lines_only(tm
     out.write_text("\n".join(json.dumps(r) for r in lines if r["kernels"] != "peer") + "\n{truncated")
     peers.write_text(json.dumps(next(r for r in lines if r["kernels"] == "peer")) + "\n")
     args = argparse.Namespace(out=out, peers=peers, no_write=True, allow_dirty=False, seed=0, calib_chunks=16, dev_chunks=8,
-                              test_chunks=24, calib_sentences=256, dev_sentences=384, test_sentences=768)
+                              test_chunks=24, calib_sentences=256, dev_sentences=384, test_sentences=768,
+                              extra_calib_chunks=0, extra_calib_sentences=0)
     body = quality.report(args)  # the truncated line is skipped with a warning
     row = next(x for x in body.splitlines() if x.startswith("| `w4a8` | default |"))
     ratio = float(row.split("|")[4].split()[0])
