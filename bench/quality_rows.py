@@ -64,7 +64,8 @@ class Row:
             rotation += " +perm"
         if c.rotation != "none" and c.row_rot_mode == "none":
             rotation += ", rows not rotated"
-        act = c.act_scheme + (f" clip {c.act_clip}" if c.act_scheme == "dynamic-token" and c.act_clip != 1.0 else "")
+        act = c.act_scheme + (f" g{c.act_group_size}" if c.act_scheme == "dynamic-group" else "")
+        act += f" clip {c.act_clip}" if c.act_scheme in ("dynamic-token", "dynamic-group") and c.act_clip != 1.0 else ""
         labels = {
             "rotation": rotation,
             "smoothing": "-" if c.smooth_alpha is None else f"α={c.smooth_alpha}",
