@@ -37,16 +37,19 @@ from interop import kernel_tuning  # noqa: E402
 from interop.kernels import ActQuant, candidates, quantized_matmul  # noqa: E402
 from interop.qweight import QuantizedWeight  # noqa: E402
 
-CONFIGS = {  # name: (weight bits, group size, activation handling)
-    "W8A8": (8, None, ActQuant("dynamic-token", 8)),
-    "W4A8": (4, None, ActQuant("dynamic-token", 8)),
-    "W8A16": (8, None, ActQuant("none")),
-    "W4A16": (4, None, ActQuant("none")),
-    "W8A8 g128": (8, 128, ActQuant("dynamic-token", 8)),
-    "W4A8 g128": (4, 128, ActQuant("dynamic-token", 8)),
-    "W8A16 g128": (8, 128, ActQuant("none")),
-    "W4A16 g128": (4, 128, ActQuant("none")),
-}
+def configs(groups: tuple[int, ...] = (128,)) -> dict[str, tuple[int, int | None, ActQuant]]:
+    """{name: (weight bits, group size, activation handling)}: W8A8, W4A8, W8A16, W4A16 per row, then with each of `groups`."""
+    out: dict[str, tuple[int, int | None, ActQuant]] = {}
+    for group in (None, *groups):
+        suffix = "" if group is None else f" g{group}"
+        out[f"W8A8{suffix}"] = (8, group, ActQuant("dynamic-token", 8))
+        out[f"W4A8{suffix}"] = (4, group, ActQuant("dynamic-token", 8))
+        out[f"W8A16{suffix}"] = (8, group, ActQuant("none"))
+        out[f"W4A16{suffix}"] = (4, group, ActQuant("none"))
+    return out
+
+
+CONFIGS = configs()  # the default set
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ROTATIONS = ("rot in B=16", "rot out B=16", "rot in B=128")
 
@@ -103,8 +106,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timing rounds (half as many at 256 tokens)")
     ap.add_argument("--layers", default=",".join(GEMMA_2B), help="comma-separated subset of the Gemma-2B block")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); the section name says it")
+    ap.add_argument("--groups", default="128", help="comma-separated weight group sizes timed beside per-row scales")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    cfgs = configs(tuple(int(g) for g in args.groups.split(",") if g.strip()))
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -117,7 +122,7 @@ def main() -> None:
     block: dict[tuple[str, int], dict[str, float]] = {}
     ao_cols: list[str] = []
     for li, (name, (out, n_in)) in enumerate(layers.items()):
-        weights = {c: _weight(out, n_in, bits, group, seed=li) for c, (bits, group, _) in CONFIGS.items()}
+        weights = {c: _weight(out, n_in, bits, group, seed=li) for c, (bits, group, _) in cfgs.items()}
         lin = torch.nn.Linear(n_in, out, bias=False)
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
@@ -138,7 +143,7 @@ def main() -> None:
                 for aname, m in ao.items():
                     fns[aname] = lambda m=m, xd=xd: m(xd)
                 paths_of = {}
-                for cname, (_, _, act) in CONFIGS.items():
+                for cname, (_, _, act) in cfgs.items():
                     w = weights[cname]
                     paths_of[cname] = candidates(w, act, dtype, t)
                     for p in paths_of[cname]:
@@ -149,16 +154,16 @@ def main() -> None:
                 fns["rot in B=128"] = _rotation(n_in, t, dtype, 128)
                 with torch.inference_mode():
                     ms = _interleaved(fns, args.rounds if t < 256 else max(3, args.rounds // 2))
-                chosen = {c: weights[c].last_path for c in CONFIGS}
+                chosen = {c: weights[c].last_path for c in cfgs}
                 acc = block.setdefault((dname, t), {})
                 for k, v in ms.items():
                     acc[k] = acc.get(k, 0.0) + v
                 best_float = min(ms["nn.Linear float32"], ms["nn.Linear bfloat16"])
                 row = [name, f"{out}x{n_in}", dname, str(t), f"{ms['nn.Linear float32']:.2f}", f"{ms['nn.Linear bfloat16']:.2f}"]
                 row += [f"{ms[a]:.2f}" for a in ao]
-                row += [f"{chosen[c]} {ms[c]:.2f} ({ms[c] / best_float:.2f}x)" for c in CONFIGS]
+                row += [f"{chosen[c]} {ms[c]:.2f} ({ms[c] / best_float:.2f}x)" for c in cfgs]
                 per_layer.append(row)
-                for cname in CONFIGS:
+                for cname in cfgs:
                     for p in paths_of[cname]:
                         detail.append([name, cname, dname, str(t), p, f"{ms[f'{cname} | {p}']:.2f}", "yes" if p == chosen[cname] else ""])
                 print(" | ".join(row), flush=True)
@@ -171,19 +176,19 @@ def main() -> None:
         f32, bf16 = acc["nn.Linear float32"], acc["nn.Linear bfloat16"]
         best = min(f32, bf16)
         cells = [dname, str(t), f"{f32:.2f}", f"{bf16:.2f}"] + [f"{acc[c]:.2f}" for c in ao_cols]
-        cells += [f"{acc[c]:.2f} ({acc[c] / best:.2f}x)" for c in CONFIGS]
+        cells += [f"{acc[c]:.2f} ({acc[c] / best:.2f}x)" for c in cfgs]
         cells += [f"{acc[r]:.2f}" for r in ROTATIONS]
         summary.append(cells)
         rot = acc["rot in B=16"] + acc["rot out B=16"]
         lines.append(
             f"- {dname}, {t} tokens: best float {best:.2f} ms ({'float32' if f32 <= bf16 else 'bfloat16'} nn.Linear); "
-            + ", ".join(f"{c} {acc[c] / best:.2f}x" for c in CONFIGS)
+            + ", ".join(f"{c} {acc[c] / best:.2f}x" for c in cfgs)
             + f" of it; W4A8 with its rotations (B=16, in and out) {(acc['W4A8'] + rot) / best:.2f}x; "
             f"bfloat16 nn.Linear over W8A8 {bf16 / acc['W8A8']:.2f}x, over W4A8 {bf16 / acc['W4A8']:.2f}x"
             + "".join(f"; {a} {acc[a] / best:.2f}x" for a in ao_cols)
             + "."
         )
-    header = ["dtype", "tokens", "nn.Linear f32", "nn.Linear bf16"] + ao_cols + [f"{c} (auto)" for c in CONFIGS] + list(ROTATIONS)
+    header = ["dtype", "tokens", "nn.Linear f32", "nn.Linear bf16"] + ao_cols + [f"{c} (auto)" for c in cfgs] + list(ROTATIONS)
     load_after = os.getloadavg()[0]
     suffix = "" if not args.threads else f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     stem = "kernel_speed" + ("" if not args.threads else f"_{args.threads}thread")
@@ -210,7 +215,7 @@ def main() -> None:
         f"# Kernel speed per layer{suffix}\n\nWritten by `python bench/kernel_speed.py` with the section "
         f"\"Kernel speed{suffix}\" of RESULTS.md (same run).\n\n"
         "Per layer: the path the autotuner took, its time in ms and its ratio to the best float path.\n\n"
-        + table(["layer", "out x in", "dtype", "tokens", "nn.Linear f32", "nn.Linear bf16"] + ao_cols + list(CONFIGS), per_layer)
+        + table(["layer", "out x in", "dtype", "tokens", "nn.Linear f32", "nn.Linear bf16"] + ao_cols + list(cfgs), per_layer)
         + "\n\nEvery path (ms; `auto`: the autotuner's pick):\n\n"
         + table(["layer", "config", "dtype", "tokens", "path", "ms", "auto"], detail)
         + "\n\nBytes held by each weight form against the bfloat16 `nn.Linear` weight:\n\n"
