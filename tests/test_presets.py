@@ -63,9 +63,10 @@ def test_pack_refuses_missing_statistics_before_writing_anything(ckpt_and_stats,
 def test_cli_preset_and_stats(ckpt_and_stats, tmp_path, capsys):
     ckpt, stats_path, tensors, stats = ckpt_and_stats
     out = tmp_path / "packs"
-    assert main(["pack", str(ckpt), "--out", str(out), "--preset", "w4a8", "--group-size", "32", "--stats", str(stats_path)]) == 0
+    assert DuQuantConfig.preset("w4a8").weight_group_size != 16  # the flag below overrides the preset's value
+    assert main(["pack", str(ckpt), "--out", str(out), "--preset", "w4a8", "--group-size", "16", "--stats", str(stats_path)]) == 0
     packs = dict(iter_pack_dir(out))
-    assert all(p.config == DuQuantConfig.preset("w4a8", weight_group_size=32) for p in packs.values())
+    assert all(p.config == DuQuantConfig.preset("w4a8", weight_group_size=16) for p in packs.values())
     assert main(["pack", str(ckpt), "--out", str(tmp_path / "p2"), "--preset", "w4a8"]) == 2
     assert "needs activation statistics" in capsys.readouterr().err
     assert main(["pack", str(ckpt), "--out", str(tmp_path / "p3"), "--rotation", "hadamard", "--block-size", "12"]) == 2
