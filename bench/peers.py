@@ -93,15 +93,7 @@ DIAGNOSTIC_ROWS: dict[str, str] = {
     "diag-smoothquant-gemmamap-only": "float",
 }
 SPLIT = {"seed": 0, "total": 220, "n_calib": 16, "n_dev": 40, "n_test": 96, "unit": "512-token chunks", "bos": True}
-MINILM_ROWS: dict[str, str] = {
-    "float": "float",
-    "llmc-gptq-w8a8": "W8A8",
-    "llmc-gptq-w4a16-g128": "W4A16",
-    "llmc-gptq-w4a8": "W4A8",
-    "llmc-quip-gptq-w4a16-g128": "W4A16",
-    "llmc-quip-gptq-w4a8": "W4A8",
-    "llmc-quip-gptq-w4a4": "W4A4",
-}
+from peers_child import MINILM_ROWS  # noqa: E402  (bench/; the child's own table: stdlib and numpy only)
 MINILM_SPLIT = {"seed": 0, "n_calib": 256, "n_dev": 384, "n_test": 768}  # quality.py's defaults
 
 

@@ -316,6 +316,25 @@ def cosines(got: np.ndarray, ref: np.ndarray) -> list[float]:
     return (np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))).tolist()
 
 
+def _failed(rec: dict, e: Exception) -> None:
+    """Marks a row's record as failed, with the error and the end of its traceback (also on stderr)."""
+    rec["ok"] = False
+    rec["error"] = f"{type(e).__name__}: {e}"
+    rec["traceback"] = traceback.format_exc()[-6000:]
+    print(rec["traceback"], file=sys.stderr, flush=True)
+
+
+def _write_row(rec: dict, out: Path, t_row: float) -> None:
+    """Appends a finished row's record to `out` (flushed), prints its summary and frees the row's state."""
+    rec["row_s"] = time.time() - t_row
+    rec["when"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    with out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+    print(json.dumps({k: rec.get(k) for k in ("row", "ok", "value", "times", "error")}), flush=True)
+    _reset_session()
+
+
 def minilm_main(args, rows: list[str]) -> int:
     """The MiniLM rows (module docstring): one JSON object per row appended to `args.out`."""
     import torch
@@ -365,17 +384,8 @@ def minilm_main(args, rows: list[str]) -> int:
             rec["value"] = {k: float(np.mean(v)) for k, v in rec["per_item"].items()}
             rec["ok"] = True
         except Exception as e:
-            rec["ok"] = False
-            rec["error"] = f"{type(e).__name__}: {e}"
-            rec["traceback"] = traceback.format_exc()[-6000:]
-            print(rec["traceback"], file=sys.stderr, flush=True)
-        rec["row_s"] = time.time() - t_row
-        rec["when"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-        print(json.dumps({k: rec.get(k) for k in ("row", "ok", "value", "times", "error")}), flush=True)
-        _reset_session()
+            _failed(rec, e)
+        _write_row(rec, out, t_row)
         model = None
     return 0
 
@@ -479,17 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             rec["times"] = {"quantize_s": quantize_s, "eval_s": eval_s}
             rec["ok"] = True
         except Exception as e:
-            rec["ok"] = False
-            rec["error"] = f"{type(e).__name__}: {e}"
-            rec["traceback"] = traceback.format_exc()[-6000:]
-            print(rec["traceback"], file=sys.stderr, flush=True)
-        rec["row_s"] = time.time() - t_row
-        rec["when"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-        print(json.dumps({k: rec.get(k) for k in ("row", "ok", "value", "times", "error")}), flush=True)
-        _reset_session()
+            _failed(rec, e)
+        _write_row(rec, out, t_row)
         model = None
     return 0
 
