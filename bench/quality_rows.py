@@ -209,6 +209,7 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a4-g64", "w4a4", weight_group_size=64),
         _from_preset("w4a8-g64-actorder", "w4a8", weight_group_size=64, gptq_act_order=True),
         _from_preset("w4a8-g32", "w4a8", weight_group_size=32),
+        _from_preset("w4a8-g128", "w4a8", weight_group_size=128),  # the w4a8 preset before groups of 32
         _from_preset("w4a16-g32", "w4a16", weight_group_size=32),
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
