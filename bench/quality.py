@@ -317,7 +317,7 @@ def cells_of(records: list[dict], args) -> dict[tuple[str, str, str, str], dict]
             continue
         key = (r["model"], r["row"], r["column"], r["kernels"])
         cell = out.get(key)
-        if cell is None or cell["record"].get("config") != r.get("config") or _grouped(cell["record"]) != _grouped(r):
+        if cell is None or not _same_config(cell["record"].get("config"), r.get("config")) or _grouped(cell["record"]) != _grouped(r):
             cell = out[key] = {"per_item": {}, "commits": []}
         cell["per_item"].update(r["per_item"])
         cell["record"] = r
@@ -356,15 +356,19 @@ def _versus(model: str, a, b) -> str:
     return f"{word} (Δ {'log ppl' if model == 'gemma' else 'cosine'} {m:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}])"
 
 
-def _preset_config(column: str) -> dict:
-    return DuQuantConfig.preset(column.lower()).to_dict()
+def _same_config(a: dict | None, b: dict | None) -> bool:
+    """Whether two recorded configs are the same `DuQuantConfig`: a line written before a field existed
+    reads with that field at its default (`DuQuantConfig.from_dict`), as a saved model does."""
+    if a is None or b is None:
+        return a is b
+    return DuQuantConfig.from_dict(a) == DuQuantConfig.from_dict(b)
 
 
 def _is_preset(cell: dict, column: str) -> bool:
     """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step)."""
     row = ROWS.get(cell["record"]["row"])
     plain = row is None or not (row.sequential or row.clip_search or row.shared_inputs)
-    return plain and cell["record"].get("config") == _preset_config(column)
+    return plain and _same_config(cell["record"].get("config"), DuQuantConfig.preset(column.lower()).to_dict())
 
 
 def report(args) -> str:
@@ -536,6 +540,8 @@ def plot(cells: dict, path: Path) -> None:
         bars = []
         for (m, name, column, mode), cell in cells.items():
             if m != model or mode not in KERNEL_MODES and mode != "peer" or (mode != "peer" and not _is_preset(cell, column)):
+                continue
+            if column not in BITS:  # a peer's own float row (its pipeline check): no bit-width bar
                 continue
             default = cells.get((m, name, column, "default"))
             if mode == "float32" and default is not None and "test" in default["per_item"]:

@@ -108,6 +108,14 @@ def test_extra_calibration_items_come_after_the_test_part_and_leave_dev_and_test
         quality_data.ThreeWaySplit(0, 220, 16, 40, 96, n_calib_extra=69)
 
 
+def test_a_line_recorded_before_a_config_field_existed_still_counts_as_its_preset():
+    old = DuQuantConfig.preset("w8a8").to_dict()
+    del old["act_group_size"]  # the field came later; its default is what the line measured
+    cell = {"record": {"row": "presets", "config": old}}
+    assert quality._is_preset(cell, "W8A8")
+    assert not quality._is_preset({"record": {"row": "presets", "config": {**old, "act_clip": 0.9}}}, "W8A8")
+
+
 def test_score_spec_parses_modes_and_parts_and_names_bad_ones():
     assert quality.parse_score("default=dev,test; float32=test") == {"default": ("dev", "test"), "float32": ("test",)}
     with pytest.raises(SystemExit, match="unknown kernel mode 'fast'"):
