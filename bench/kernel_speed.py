@@ -49,7 +49,6 @@ def configs(groups: tuple[int, ...] = (128,)) -> dict[str, tuple[int, int | None
     return out
 
 
-CONFIGS = configs()  # the default set
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ROTATIONS = ("rot in B=16", "rot out B=16", "rot in B=128")
 

@@ -93,7 +93,9 @@ DIAGNOSTIC_ROWS: dict[str, str] = {
     "diag-smoothquant-gemmamap-only": "float",
 }
 SPLIT = {"seed": 0, "total": 220, "n_calib": 16, "n_dev": 40, "n_test": 96, "unit": "512-token chunks", "bos": True}
-from peers_child import MINILM_ROWS  # noqa: E402  (bench/; the child's own table: stdlib and numpy only)
+# The child's own table (bench/peers_child.py imports only the stdlib and numpy at module level, and sets
+# HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM defaults, which this offline script wants as well).
+from peers_child import MINILM_ROWS  # noqa: E402
 MINILM_SPLIT = {"seed": 0, "n_calib": 256, "n_dev": 384, "n_test": 768}  # quality.py's defaults
 
 

@@ -288,7 +288,8 @@ def run(args) -> None:
 
 
 def _wanted_split(model: str, args) -> dict:
-    """The split fields `args` asks for (compared with each record's)."""
+    """The split fields `args` asks for (compared with each record's; a plain split's record has no
+    `n_calib_extra`, so 0 extra items is asked for as None)."""
     if model == "gemma":
         return {"seed": args.seed, "n_calib": args.calib_chunks, "n_dev": args.dev_chunks, "n_test": args.test_chunks,
                 "n_calib_extra": args.extra_calib_chunks or None}

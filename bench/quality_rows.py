@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from duquant_jax import DuQuantConfig
+from duquant_jax.config import DYNAMIC_ACT_SCHEMES
 
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A16": (4, 16), "W4A4": (4, 4)}
 LABELS = ("rotation", "smoothing", "act scheme", "granularity", "weight method")
@@ -65,7 +66,7 @@ class Row:
         if c.rotation != "none" and c.row_rot_mode == "none":
             rotation += ", rows not rotated"
         act = c.act_scheme + (f" g{c.act_group_size}" if c.act_scheme == "dynamic-group" else "")
-        act += f" clip {c.act_clip}" if c.act_scheme in ("dynamic-token", "dynamic-group") and c.act_clip != 1.0 else ""
+        act += f" clip {c.act_clip}" if c.act_scheme in DYNAMIC_ACT_SCHEMES and c.act_clip != 1.0 else ""
         labels = {
             "rotation": rotation,
             "smoothing": "-" if c.smooth_alpha is None else f"α={c.smooth_alpha}",
@@ -203,7 +204,7 @@ ROWS: dict[str, Row] = {
         # W4A8 with GPTQ in activation order (as the other 4-bit presets), and with 8-bit activation groups.
         _from_preset("w4a8-actorder", "w4a8", gptq_act_order=True),
         _from_preset("w4a8-actgroup128", "w4a8", act_scheme="dynamic-group", act_group_size=128),
-        # Weight groups of 64 instead of 128 (0.125 bit more per weight for the float16 scales).
+        # Weight group sizes other than the preset's (each group's float16 scale: 16 bits per group).
         _from_preset("w4a16-g64", "w4a16", weight_group_size=64),
         _from_preset("w4a8-g64", "w4a8", weight_group_size=64),
         _from_preset("w4a4-g64", "w4a4", weight_group_size=64),
