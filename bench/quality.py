@@ -76,11 +76,12 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
     notes: dict = {}
     if row.kind == "float":
         return notes
+    layers = row.layer_filter(task.filter_fn)
     if row.kind == "rtn":
         from rtn_baseline import calibrate_rtn, quantize_rtn_
 
         with _timed(times, "quantize_s"):
-            notes["layers"] = len(quantize_rtn_(model, config, task.filter_fn))
+            notes["layers"] = len(quantize_rtn_(model, config, layers))
         if config.quantize_acts:
             with _timed(times, "calibrate_s"), calibrate_rtn(model):
                 task.run_calibration(model)
@@ -90,18 +91,18 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
 
         batches, run = task.calibration_batches()
         with _timed(times, "quantize_s"):
-            notes["layers"] = len(quantize_sequential(model, config, batches, task.filter_fn, run=run, progress=False))
+            notes["layers"] = len(quantize_sequential(model, config, batches, layers, run=run, progress=False))
         notes["input_groups"] = len(input_groups(model))
         _after(task, model, row, config, times, notes)
         return notes
     stats = None
     find_groups = row.shared_inputs  # a config without statistics observes for its input groups
     if config.needs_stats or find_groups:
-        with _timed(times, "observe_s"), observe(model, task.filter_fn, xtx=config.needs_xtx) as stats:
+        with _timed(times, "observe_s"), observe(model, layers, xtx=config.needs_xtx) as stats:
             task.run_calibration(model)
     with _timed(times, "quantize_s"):
         groups = "auto" if row.shared_inputs else None
-        notes["layers"] = len(quantize_(model, config, task.filter_fn, progress=False, stats=stats, input_groups=groups))
+        notes["layers"] = len(quantize_(model, config, layers, progress=False, stats=stats, input_groups=groups))
     notes["input_groups"] = len(input_groups(model))
     _after(task, model, row, config, times, notes)
     return notes
@@ -368,7 +369,7 @@ def _same_config(a: dict | None, b: dict | None) -> bool:
 def _is_preset(cell: dict, column: str) -> bool:
     """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step)."""
     row = ROWS.get(cell["record"]["row"])
-    plain = row is None or not (row.sequential or row.clip_search or row.shared_inputs)
+    plain = row is None or not (row.sequential or row.clip_search or row.shared_inputs or row.only)
     return plain and _same_config(cell["record"].get("config"), DuQuantConfig.preset(column.lower()).to_dict())
 
 
@@ -496,7 +497,8 @@ def _rows_section(model: str, mine: dict, ref: dict) -> str:
         row = ROWS.get(name)
         if row is not None and row.kind == "preset":  # one config per column: name what the row adds
             extra = [w for w, on in (("sequential", row.sequential), ("clip searched per layer", row.clip_search),
-                                     ("one input transform per input group", row.shared_inputs)) if on]
+                                     ("one input transform per input group", row.shared_inputs),
+                                     (f"only layers matching {row.only}", row.only)) if on]
             labels = {"rotation": "each column's preset" + "".join(f", {w}" for w in extra)}
         if mode == "peer":
             peer = any_cell["record"].get("peer", {})

@@ -10,7 +10,8 @@ lists of them in `LISTS`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
+from typing import Any, Callable
 
 from duquant_jax import DuQuantConfig
 from duquant_jax.config import DYNAMIC_ACT_SCHEMES
@@ -35,6 +36,8 @@ class Row:
         (`interop.search_act_clip`).
       shared_inputs: one input transform per group of layers that read one input
         (`quantize_(input_groups="auto")`), instead of every layer's own (the default).
+      only: a regular expression (`re.search`) on layer names: quantize only the task's layers it
+        matches, the rest stay float (a sensitivity row: what one kind of projection costs); "" = all.
     """
 
     name: str
@@ -43,6 +46,18 @@ class Row:
     sequential: bool = False
     clip_search: bool = False
     shared_inputs: bool = False
+    only: str = ""
+
+    def __post_init__(self) -> None:
+        if self.only:
+            re.compile(self.only)  # a bad pattern fails when the rows are built, not in the middle of a run
+
+    def layer_filter(self, task_filter: Callable[[str, Any], bool]) -> Callable[[str, Any], bool]:
+        """`task_filter` narrowed to the layers `only` matches (the task's own filter when `only` is "")."""
+        if not self.only:
+            return task_filter
+        pattern = re.compile(self.only)
+        return lambda name, module: task_filter(name, module) and pattern.search(name) is not None
 
     def config(self, weight_bits: int, act_bits: int, column: str = "") -> DuQuantConfig | None:
         if self.kind == "float":
@@ -82,6 +97,8 @@ class Row:
             labels["act scheme"] += ", clip searched per layer"
         if self.shared_inputs:
             labels["rotation"] += ", one per input group"
+        if self.only:
+            labels["rotation"] += f", only layers matching {self.only}"
         return labels
 
 
@@ -215,6 +232,10 @@ ROWS: dict[str, Row] = {
         # Another draw of the presets' random Hadamard signs: how far the rounding realization alone moves a cell.
         _from_preset("w4a8-seed1", "w4a8", seed=1),
         dataclasses.replace(_from_preset("w4a8-seed1+shared-inputs", "w4a8", seed=1), shared_inputs=True),
+        # Sensitivity (issue 16: where the 4-bit presets' distance to float comes from): the column's preset on one
+        # kind of projection only, every other layer float. Run with --bits W4A16 or W4A8 (the preset's column).
+        *(Row(f"presets-only-{kind}", "preset", only=rf"\.{kind}_proj$")
+          for kind in ("q", "k", "v", "o", "gate", "up", "down")),
     ]
 }
 
@@ -242,6 +263,7 @@ LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in ROWS if "mse
 LISTS["w4a8-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a8-")]  # with --bits W4A8
 LISTS["g64"] = ["presets"] + [n for n in ROWS if n.endswith("-g64")]
 LISTS["groups-small"] = ["presets"] + [n for n in ROWS if n.endswith(("-g64", "-g32"))]  # each row in its own column
+LISTS["sensitivity"] = [n for n in ROWS if n.startswith("presets-only-")]  # Gemma's projections; with --bits
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 

@@ -116,6 +116,20 @@ def test_a_line_recorded_before_a_config_field_existed_still_counts_as_its_prese
     assert not quality._is_preset({"record": {"row": "presets", "config": {**old, "act_clip": 0.9}}}, "W8A8")
 
 
+def test_a_sensitivity_row_quantizes_only_the_layers_it_names_and_is_not_its_preset():
+    row = quality_rows.ROWS["presets-only-down"]
+    layers = row.layer_filter(lambda name, module: name.endswith("_proj"))
+    assert layers("model.layers.3.mlp.down_proj", None)
+    assert not layers("model.layers.3.mlp.up_proj", None) and not layers("model.layers.3.mlp.down", None)
+    assert quality_rows.ROWS["presets"].layer_filter(len) is len  # no pattern: the task's own filter
+    assert quality_rows.LISTS["sensitivity"] == [f"presets-only-{k}" for k in ("q", "k", "v", "o", "gate", "up", "down")]
+    config = DuQuantConfig.preset("w4a16").to_dict()
+    assert quality._is_preset({"record": {"row": "presets", "config": config}}, "W4A16")
+    assert not quality._is_preset({"record": {"row": "presets-only-down", "config": config}}, "W4A16")
+    with pytest.raises(Exception, match="unterminated|missing"):
+        quality_rows.Row("bad", "preset", only="(down")
+
+
 def test_score_spec_parses_modes_and_parts_and_names_bad_ones():
     assert quality.parse_score("default=dev,test; float32=test") == {"default": ("dev", "test"), "float32": ("test",)}
     with pytest.raises(SystemExit, match="unknown kernel mode 'fast'"):
