@@ -1,21 +1,19 @@
 """The compiled helpers (`interop.compiled`) against the torch ops they replace, on the Gemma-2B block's shapes.
 
-    python bench/compiled_helpers.py [--tokens 1,16,256] [--rounds 15] [--dtype bfloat16|float32] [--groups 128] [--no-write]
+    python bench/compiled_helpers.py [--tokens 1,16,256] [--rounds 15] [--no-write]
 
-Per distinct Gemma-2B linear shape, activations in `--dtype`:
+Per distinct Gemma-2B linear shape, bfloat16 activations:
 
-- the float-tile product (per-token int8 activations, or none) with the
-  helpers (`kernel_options(compiled=True)`, the default) and without: `dequant-bf16`
-  (bfloat16 tiles) for bfloat16 activations, `fake-quant` (float32 tiles) for
-  float32 ones; for 4-bit codes in groups of `--groups` (128: the `w4a16` preset's
-  layout; 32: `w4a8`'s), 8-bit in groups of 128, and 4-bit per row; beside them
-  `nn.Linear` in `--dtype` and the path the autotuner picks with the helpers (its time);
+- the `dequant-bf16` product (per-token int8 activations, or none) with the
+  helpers (`kernel_options(compiled=True)`, the default) and without, for 4-bit
+  codes in groups of 128 (the `w4a8` / `w4a16` presets' layout), 8-bit in groups
+  of 128, and 4-bit per row; beside them `nn.Linear` in bfloat16 and the path
+  the autotuner picks with the helpers (its time);
 - the per-token activation quantization alone (`kernels.quantize_tokens`), with and without.
 
 Timing as bench/kernel_speed.py: every variant of one (shape, tokens) warmed
 up, then timed once per round, round after round; medians over the rounds.
-Random codes and scales. Writes the section "Compiled helpers" of bench/RESULTS.md
-(bfloat16) or "Compiled helpers, float32".
+Random codes and scales. Writes the section "Compiled helpers" of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -37,18 +35,12 @@ from interop import compiled, kernel_tuning  # noqa: E402
 from interop.kernels import ActQuant, choose_path, kernel_options, quantize_tokens, quantized_matmul  # noqa: E402
 from interop.qweight import QuantizedWeight  # noqa: E402
 
-# the forced float-tile path of each activation dtype
-TILE_PATHS = {"bfloat16": "dequant-bf16", "float32": "fake-quant"}
-
-
-def configs(group: int) -> dict[str, tuple[int, int | None, ActQuant]]:
-    """{name: (bits, group, activations)}: 4-bit codes in groups of `group` (A8 and A16), 8-bit in groups of 128, 4-bit per row."""
-    return {
-        f"W4A8 g{group}": (4, group, ActQuant("dynamic-token", 8)),
-        f"W4A16 g{group}": (4, group, ActQuant("none")),
-        "W8A8 g128": (8, 128, ActQuant("dynamic-token", 8)),
-        "W4A16 row": (4, None, ActQuant("none")),
-    }
+CONFIGS = {  # name: (bits, group, activations)
+    "W4A8 g128": (4, 128, ActQuant("dynamic-token", 8)),
+    "W4A16 g128": (4, 128, ActQuant("none")),
+    "W8A8 g128": (8, 128, ActQuant("dynamic-token", 8)),
+    "W4A16 row": (4, None, ActQuant("none")),
+}
 
 
 def _weight(out: int, n_in: int, bits: int, group: int | None) -> QuantizedWeight:
@@ -84,11 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="1,16,256")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--dtype", choices=tuple(TILE_PATHS), default="bfloat16", help="activation dtype (and the forced path's tiles)")
-    ap.add_argument("--groups", type=int, default=128, help="group size of the 4-bit configurations")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    dtype, path, cfgs = getattr(torch, args.dtype), TILE_PATHS[args.dtype], configs(args.groups)
     if compiled.load() is None:
         raise SystemExit(f"the compiled helpers are unavailable here: {compiled.unavailable()}")
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -98,18 +87,18 @@ def main() -> None:
     product_rows, prepare_rows, seen, totals = [], [], set(), {}
     for (out, n_in), names in shapes.items():
         label = "/".join(names)
-        lin = torch.nn.Linear(n_in, out, bias=False).to(dtype)
-        weights = {c: _weight(out, n_in, bits, group) for c, (bits, group, _) in cfgs.items()}
+        lin = torch.nn.Linear(n_in, out, bias=False).to(torch.bfloat16)
+        weights = {c: _weight(out, n_in, bits, group) for c, (bits, group, _) in CONFIGS.items()}
         for tokens in token_counts:
-            x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
             variants: dict[str, Callable[[], object]] = {"linear": lambda lin=lin, x=x: lin(x)}
             picks = {}
-            for c, (_, _, act) in cfgs.items():
+            for c, (_, _, act) in CONFIGS.items():
                 w = weights[c]
                 for flag in (False, True):
-                    variants[f"{c} {flag}"] = _with(flag, lambda w=w, act=act, x=x: quantized_matmul(x, w, act, path=path))
+                    variants[f"{c} {flag}"] = _with(flag, lambda w=w, act=act, x=x: quantized_matmul(x, w, act, path="dequant-bf16"))
                 with kernel_options(compiled=True):
-                    picks[c] = choose_path(w, act, dtype, tokens)
+                    picks[c] = choose_path(w, act, torch.bfloat16, tokens)
                 variants[f"{c} auto"] = _with(True, lambda w=w, act=act, x=x, p=picks[c]: quantized_matmul(x, w, act, path=p))
             act8 = ActQuant("dynamic-token", 8)
             for flag in (False, True):
@@ -118,7 +107,7 @@ def main() -> None:
             for k, v in ms.items():  # the whole block: each shape as often as the block has it
                 totals[(tokens, k)] = totals.get((tokens, k), 0.0) + v * len(names)
             base = ms["linear"]
-            for c in cfgs:
+            for c in CONFIGS:
                 off, on, auto = ms[f"{c} False"], ms[f"{c} True"], ms[f"{c} auto"]
                 product_rows.append([
                     label, f"{out}x{n_in}", str(tokens), c, f"{base:.2f}", f"{off:.2f} ({off / base:.2f}x)",
@@ -132,27 +121,24 @@ def main() -> None:
     block_rows = []
     for tokens in token_counts:
         base = totals[(tokens, "linear")]
-        for c in cfgs:
+        for c in CONFIGS:
             off, on, auto = (totals[(tokens, f"{c} {k}")] for k in ("False", "True", "auto"))
             block_rows.append([str(tokens), c, f"{base:.2f}", f"{off:.2f} ({off / base:.2f}x)", f"{on:.2f} ({on / base:.2f}x)", f"{auto:.2f} ({auto / base:.2f}x)"])
-    d = args.dtype
-    command = f"python bench/compiled_helpers.py --tokens {args.tokens} --rounds {args.rounds}"
-    command += "".join(f" --{k} {v}" for k, v, default in (("dtype", d, "bfloat16"), ("groups", args.groups, 128)) if v != default)
     body = (
-        f"`{command}` (commit {commit()}); CPU: "
-        f"{kernel_tuning.cpu_description()}; torch threads {torch.get_num_threads()}. {d} activations, times in ms "
-        f"(medians over interleaved rounds), ratios to {d} `nn.Linear`. `{path}` forced, without the helpers "
+        f"`python bench/compiled_helpers.py --tokens {args.tokens} --rounds {args.rounds}` (commit {commit()}); CPU: "
+        f"{kernel_tuning.cpu_description()}; torch threads {torch.get_num_threads()}. bfloat16 activations, times in ms "
+        "(medians over interleaved rounds), ratios to bfloat16 `nn.Linear`. `dequant-bf16` forced, without the helpers "
         "(torch ops make each weight tile) and with them (one C pass per tile, wider tiles); `auto`: the path the "
         "autotuner picks with the helpers.\n\n"
-        + table(["layer", "out x in", "tokens", "config", f"nn.Linear {d}", f"{path}, torch ops", f"{path}, compiled",
+        + table(["layer", "out x in", "tokens", "config", "nn.Linear bf16", "dequant-bf16, torch ops", "dequant-bf16, compiled",
                  "speed-up", "auto (compiled)"], product_rows)
         + "\n\nThe whole block (7 linears), ms:\n\n"
-        + table(["tokens", "config", f"nn.Linear {d}", f"{path}, torch ops", f"{path}, compiled", "auto (compiled)"], block_rows)
+        + table(["tokens", "config", "nn.Linear bf16", "dequant-bf16, torch ops", "dequant-bf16, compiled", "auto (compiled)"], block_rows)
         + "\n\nPer-token int8 activation quantization (`kernels.quantize_tokens`), ms:\n\n"
         + table(["tokens x in", "torch ops", "compiled", "speed-up"], prepare_rows)
     )
     if not args.no_write:
-        write_section("Compiled helpers" if d == "bfloat16" else f"Compiled helpers, {d}", body)
+        write_section("Compiled helpers", body)
     print(body)
 
 

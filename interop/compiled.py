@@ -3,10 +3,9 @@
 Two jobs that torch ops do in several passes over memory, done in one, with the same bits:
 
 - The `dequant-bf16` path multiplies activations by bfloat16 weight tiles made
-  from the 4- or 8-bit codes on every call, and the `fake-quant` path by float32
-  ones: unpack, convert and scale are one loop here (bfloat16: 4.7x faster than
-  the torch ops on a 2048 x 1024 tile of 4-bit codes in groups of 128,
-  bench/RESULTS.md "Compiled helpers").
+  from the 4- or 8-bit codes on every call: unpack, convert and scale are one
+  loop here (4.7x faster than the torch ops on a 2048 x 1024 tile of 4-bit codes
+  in groups of 128, bench/RESULTS.md "Compiled helpers").
 - Per-token activation quantization (`kernels.quantize_tokens`: max, scale,
   divide, round, clamp) is one pass per token.
 
@@ -45,9 +44,7 @@ __all__ = ["SOURCE", "forget", "load", "unavailable"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "duquant_kernels.c"
 LIBRARY = "libduquant_kernels.so"
-ABI_VERSION = 4
-# the dequantizers exist once per output dtype: `duq_dequant_<layout><suffix>`
-OUT_SUFFIXES = {"bfloat16": "_bf16", "float32": "_f32"}
+ABI_VERSION = 3
 # tried in order; the first the compiler accepts wins
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -124,14 +121,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.duq_abi_version.restype = c_int
     lib.duq_abi_version.argtypes = []
-    for out in OUT_SUFFIXES.values():
-        for name, argtypes in (
-            ("int4pack", [ptr, i64, i64, i64, c_int, ptr, i64, i64, ptr, c_int]),
-            ("nibbles", [ptr, i64, i64, i64, ptr, i64, i64, ptr, c_int]),
-            ("int8", [ptr, i64, i64, ptr, i64, i64, ptr, c_int]),
-        ):
-            fn = getattr(lib, f"duq_dequant_{name}{out}")
-            fn.restype, fn.argtypes = None, argtypes
+    lib.duq_dequant_int4pack.restype = None
+    lib.duq_dequant_int4pack.argtypes = [ptr, i64, i64, i64, c_int, ptr, i64, i64, ptr, c_int]
+    lib.duq_dequant_nibbles.restype = None
+    lib.duq_dequant_nibbles.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, c_int]
+    lib.duq_dequant_int8.restype = None
+    lib.duq_dequant_int8.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, c_int]
     lib.duq_quantize_tokens.restype = None
     lib.duq_quantize_tokens.argtypes = [ptr, c_int, i64, i64, i64, c_int, ctypes.c_float, c_int, ptr, ptr, ptr, c_int]
     lib.duq_quantize_tokens_t.restype = None
@@ -140,8 +135,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _self_check(lib: ctypes.CDLL) -> str | None:
-    """Runs each function on small random operands against torch's bfloat16 and float32 arithmetic; the first
-    mismatch, or None."""
+    """Runs each function on small random operands against torch's bfloat16 arithmetic; the first mismatch, or None."""
     import torch  # here, not at import: the module stays importable for its docstring and paths
 
     if lib.duq_abi_version() != ABI_VERSION:
@@ -150,30 +144,26 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     rows, n_in, group = 48, 80, 32  # a partial last group (80 = 2 x 32 + 16)
     groups = -(-n_in // group)
     codes = torch.randint(-8, 8, (rows, n_in), generator=gen, dtype=torch.int8)
-    raw = torch.rand(rows, groups, generator=gen) * 3e-2 + 1e-4
+    scales = (torch.rand(rows, groups, generator=gen) * 3e-2 + 1e-4).to(torch.bfloat16).float()
+    want = (codes.float() * scales.repeat_interleave(group, 1)[:, :n_in]).to(torch.bfloat16)
+    got = torch.empty(rows, n_in, dtype=torch.bfloat16)
+    lib.duq_dequant_int8(codes.data_ptr(), rows, n_in, scales.data_ptr(), groups, group, got.data_ptr(), 1)
+    if not torch.equal(got, want):
+        return "duq_dequant_int8 differs from torch"
     u = (codes + 8).to(torch.uint8)
     packed = (u[:, 0::2] | (u[:, 1::2] << 4)) ^ 0x88  # two's complement nibbles: (Q + 8) ^ 8 = Q mod 16
+    lib.duq_dequant_nibbles(packed.contiguous().data_ptr(), rows, n_in // 2, n_in, scales.data_ptr(), groups, group, got.data_ptr(), 2)
+    if not torch.equal(got, want):
+        return "duq_dequant_nibbles differs from torch"
     block, h = 16, 8  # int4pack: (blocks, in, block / 2) bytes; lanes: row b low, row b + h high
     ub = u.view(rows // block, block, n_in).permute(0, 2, 1)  # (blocks, in, block)
-    for dtype_name, out_suffix in OUT_SUFFIXES.items():
-        dtype = getattr(torch, dtype_name)
-        # bfloat16 tiles take bfloat16-rounded scales (the product is then exact before the final rounding)
-        scales = raw.to(torch.bfloat16).float() if dtype == torch.bfloat16 else raw
-        want = (codes.float() * scales.repeat_interleave(group, 1)[:, :n_in]).to(dtype)
-        got = torch.empty(rows, n_in, dtype=dtype)
-        getattr(lib, f"duq_dequant_int8{out_suffix}")(codes.data_ptr(), rows, n_in, scales.data_ptr(), groups, group, got.data_ptr(), 1)
-        if not torch.equal(got, want):
-            return f"duq_dequant_int8{out_suffix} differs from torch"
-        getattr(lib, f"duq_dequant_nibbles{out_suffix}")(packed.contiguous().data_ptr(), rows, n_in // 2, n_in, scales.data_ptr(), groups, group, got.data_ptr(), 2)
-        if not torch.equal(got, want):
-            return f"duq_dequant_nibbles{out_suffix} differs from torch"
-        for lanes, lo, hi in ((1, ub[..., :h], ub[..., h:]), (0, ub[..., 0::2], ub[..., 1::2])):
-            bytes_ = (lo | (hi << 4)).contiguous()
-            st = scales.t().contiguous()
-            out = torch.empty(n_in, rows, dtype=dtype)
-            getattr(lib, f"duq_dequant_int4pack{out_suffix}")(bytes_.data_ptr(), rows // block, n_in, block, lanes, st.data_ptr(), rows, group, out.data_ptr(), 2)
-            if not torch.equal(out, want.t()):
-                return f"duq_dequant_int4pack{out_suffix} (lanes={lanes}) differs from torch"
+    for lanes, lo, hi in ((1, ub[..., :h], ub[..., h:]), (0, ub[..., 0::2], ub[..., 1::2])):
+        bytes_ = (lo | (hi << 4)).contiguous()
+        st = scales.t().contiguous()
+        out = torch.empty(n_in, rows, dtype=torch.bfloat16)
+        lib.duq_dequant_int4pack(bytes_.data_ptr(), rows // block, n_in, block, lanes, st.data_ptr(), rows, group, out.data_ptr(), 2)
+        if not torch.equal(out, want.t()):
+            return f"duq_dequant_int4pack (lanes={lanes}) differs from torch"
     x = torch.randn(5, 70, generator=gen) * torch.logspace(-3, 2, 5)[:, None]
     x[2] = 0  # an all-zero token: the 1e-8 floor
     for dtype, clip, qa in ((torch.float32, 1.0, 127), (torch.bfloat16, 0.9, 7)):

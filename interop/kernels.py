@@ -22,7 +22,7 @@ Paths (`PATHS`), each checked against the oracle by `tests/test_kernels.py`:
 
 | path | activations | weights | arithmetic |
 | --- | --- | --- | --- |
-| `fake-quant` | all | all | float32: `x3` and `W_hat` tiles in float32 (made in one C pass by `interop.compiled` where it is built, else by torch ops: the same bits), float32 GEMM: the oracle |
+| `fake-quant` | all | all | float32: `x3` and `W_hat` tiles in float32, float32 GEMM: the oracle |
 | `dequant-bf16` | all | all | `W_hat` tiles rounded to bfloat16 (made in one C pass by `interop.compiled` where it is built, else by torch ops: the same bits), times `xq` (exact in bfloat16; `s_t` applied to the output in float32) or x2 / `x3` rounded to bfloat16; bfloat16 GEMM |
 | `int-mm` | dynamic-token, static-tensor | all | `torch._int_mm` on int8 `xq` and int8 code tiles: exact int32 sums, then `s_t * s_w` in float32; groups: one int32 product per group |
 | `int8pack` | none, dynamic-token, static-tensor | int8 layout, per row, CPU | `torch._weight_int8pack_mm`: bfloat16 input (`xq` is exact in it), bfloat16 scales and output |
@@ -45,8 +45,8 @@ float dtype of the machine").
 Temporaries: weight tiles of at most TILE_ROWS rows are unpacked per call into
 per-thread scratch buffers that are reused (`interop.qweight.scratch`;
 `release_scratch()` frees them); a float tile holds at most TILE_BYTES of codes
-(torch ops) or FLOAT_TILE_BYTES of bfloat16 or float32 (`interop.compiled`, which may make
-a weight of up to 8M (bfloat16) or 4M (float32) elements, a 2048 x 2048 projection, in one tile), so the
+(torch ops) or FLOAT_TILE_BYTES of bfloat16 (`interop.compiled`, which may make
+a weight of up to 8M elements, a 2048 x 2048 projection, in one tile), so the
 scratch stays bounded whatever the model.
 On the CPU, `quantize_tokens` of float32 and bfloat16 inputs also runs as one C
 pass per token there, with the same codes and scales; `kernel_options(compiled=False)`
@@ -80,7 +80,7 @@ from typing import Callable, Iterator
 import torch
 
 from interop import compiled, kernel_tuning, native
-from interop.qweight import COMPILED_TILE_DTYPES, INT4PACK_GROUPS, QuantizedWeight, natural_view, release_scratch, rows_view, scratch, to_tile_order
+from interop.qweight import INT4PACK_GROUPS, QuantizedWeight, natural_view, release_scratch, rows_view, scratch, to_tile_order
 
 __all__ = [
     "ACT_SCHEMES", "FREEZE_TOKENS", "PATHS", "ActQuant", "KernelOptions", "KernelPath", "QuantizedWeight", "candidates",
@@ -284,11 +284,9 @@ def _float_product(x3: torch.Tensor, weight: QuantizedWeight, dtype: torch.dtype
     """x3 (T, in) in `dtype` @ W_hat tiles in `dtype` -> (T, out) in `dtype` (per-row scales applied to the product)."""
     y = _output(x3.shape[0], weight, dtype, final)
     x_split, per_row = None, weight.group_size is None
-    one_pass = (_OPTIONS.compiled and dtype in COMPILED_TILE_DTYPES and weight.qdata.device.type == "cpu"
-                and compiled.load() is not None)
+    one_pass = _OPTIONS.compiled and dtype == torch.bfloat16 and weight.qdata.device.type == "cpu" and compiled.load() is not None
     # one-pass tiles are cheap to make, so they may be larger: fewer, wider GEMMs, and none into a column slice of y
-    tile_rows = FLOAT_TILE_BYTES // (dtype.itemsize * weight.in_features)
-    tiles = weight.row_tiles(max(64, tile_rows)) if one_pass else _tiles(weight)
+    tiles = weight.row_tiles(max(64, FLOAT_TILE_BYTES // (2 * weight.in_features))) if one_pass else _tiles(weight)
     for r0, r1 in tiles:
         w, tile = weight.float_tile(r0, r1, dtype, split=True, compiled=one_pass)
         if tile.split:

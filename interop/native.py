@@ -167,18 +167,12 @@ def convert_weight_to_int4pack(offset_codes: torch.Tensor, inner_k_tiles: int = 
 
 
 # -- the compiled helpers (interop.compiled) ----------------------------------------------
-def _dequant_operands(kernel: str, scales: torch.Tensor, out: torch.Tensor, out_shape: tuple[int, int]) -> str:
-    """Checks a dequantizer's scales and output; returns the C function's suffix for out's dtype."""
-    from interop.compiled import OUT_SUFFIXES
-
+def _dequant_operands(kernel: str, scales: torch.Tensor, out: torch.Tensor, out_shape: tuple[int, int]) -> None:
     _operand(kernel, "scales", scales, torch.float32)
-    dtype_name = str(getattr(out, "dtype", "")).removeprefix("torch.")
-    _require(dtype_name in OUT_SUFFIXES, kernel, f"out must be one of torch.{', torch.'.join(OUT_SUFFIXES)}; got {getattr(out, 'dtype', type(out).__name__)}")
-    _operand(kernel, "out", out, out.dtype)
+    _operand(kernel, "out", out, torch.bfloat16)
     _require(scales.is_contiguous(), kernel, f"scales must be contiguous; got strides {scales.stride()}")
     _require(out.is_contiguous(), kernel, f"out must be contiguous; got strides {out.stride()}")
     _require(tuple(out.shape) == out_shape, kernel, f"out must have shape {out_shape}; got {tuple(out.shape)}")
-    return OUT_SUFFIXES[dtype_name]
 
 
 def _group_count(kernel: str, in_features: int, group: int) -> int:
@@ -198,10 +192,9 @@ def _library(kernel: str):
 def dequant_int4pack(
     qdata: torch.Tensor, in_features: int, r0: int, r1: int, variant: tuple[str, int], scales_t: torch.Tensor, group: int, out: torch.Tensor
 ) -> torch.Tensor:
-    """Rows r0:r1 of an int4pack weight `qdata (out_features, in/2) uint8` -> out (in, r1 - r0) bfloat16 or
-    float32, `Q * s` in natural row order. `variant` is `qweight.int4pack_variant()`; `scales_t (groups,
-    out_features)` float32 (bfloat16-rounded for a bfloat16 out); `group` input columns share one
-    (in_features for one per row).
+    """Rows r0:r1 of an int4pack weight `qdata (out_features, in/2) uint8` -> out (in, r1 - r0) bfloat16,
+    `Q * s` in natural row order. `variant` is `qweight.int4pack_variant()`; `scales_t (groups, out_features)`
+    float32 holds bfloat16-rounded scales; `group` input columns share one (in_features for one per row).
     r0 must start a block; r1 ends one or the weight (its short last block)."""
     kernel = "duq_dequant_int4pack"
     _operand(kernel, "qdata", qdata, torch.uint8)
@@ -214,23 +207,22 @@ def dequant_int4pack(
     full = rows // block * block
     _require(full == rows or (r1 == n_out and (rows - full) % 2 == 0), kernel, f"rows {r0}:{r1} must end a block of {block} or the weight")
     groups = _group_count(kernel, in_features, group)
-    suffix = _dequant_operands(kernel, scales_t, out, (in_features, rows))
+    _dequant_operands(kernel, scales_t, out, (in_features, rows))
     _require(tuple(scales_t.shape) == (groups, n_out), kernel, f"scales_t must have shape {(groups, n_out)}; got {tuple(scales_t.shape)}")
-    fn, threads = getattr(_library(kernel), kernel + suffix), torch.get_num_threads()
+    lib, threads = _library(kernel), torch.get_num_threads()
     base, s, o = qdata.data_ptr() + r0 * (in_features // 2), scales_t.data_ptr() + r0 * 4, out.data_ptr()
     if full:
-        fn(base, full // block, in_features, block, int(kind == "lanes"), s, n_out, group, o, threads)
+        lib.duq_dequant_int4pack(base, full // block, in_features, block, int(kind == "lanes"), s, n_out, group, o, threads)
     if full < rows:  # the short last block: bytes (in, tail / 2), rows 2b and 2b + 1 in byte b
-        tail = torch.empty(in_features, rows - full, dtype=out.dtype)
-        fn(base + full * (in_features // 2), 1, in_features, rows - full, 0, s + full * 4, n_out, group, tail.data_ptr(), threads)
+        tail = torch.empty(in_features, rows - full, dtype=torch.bfloat16)
+        lib.duq_dequant_int4pack(base + full * (in_features // 2), 1, in_features, rows - full, 0, s + full * 4, n_out, group, tail.data_ptr(), threads)
         out[:, full:].copy_(tail)
     return out
 
 
 def dequant_rows(codes: torch.Tensor, layout: str, in_features: int, scales: torch.Tensor, group: int, out: torch.Tensor) -> torch.Tensor:
     """Rows of `"nibbles"` `(rows, ceil(in/2)) uint8` or `"int8"` `(rows, in) int8` codes -> out (rows, in)
-    bfloat16 or float32, `Q * s`; `scales (rows, groups)` float32 (bfloat16-rounded for a bfloat16 out),
-    `group` columns per scale."""
+    bfloat16, `Q * s`; `scales (rows, groups)` float32 bfloat16-rounded, `group` columns per scale."""
     kernel = f"duq_dequant_{layout}"
     _require(layout in ("nibbles", "int8"), kernel, f"layout must be 'nibbles' or 'int8'; got {layout!r}")
     _operand(kernel, "codes", codes, torch.uint8 if layout == "nibbles" else torch.int8)
@@ -239,13 +231,13 @@ def dequant_rows(codes: torch.Tensor, layout: str, in_features: int, scales: tor
     width = -(-in_features // 2) if layout == "nibbles" else in_features
     _require(codes.shape[1] == width, kernel, f"codes must have {width} columns for in_features={in_features}; got {codes.shape[1]}")
     groups = _group_count(kernel, in_features, group)
-    suffix = _dequant_operands(kernel, scales, out, (rows, in_features))
+    _dequant_operands(kernel, scales, out, (rows, in_features))
     _require(tuple(scales.shape) == (rows, groups), kernel, f"scales must have shape {(rows, groups)}; got {tuple(scales.shape)}")
-    fn, threads = getattr(_library(kernel), kernel + suffix), torch.get_num_threads()
+    lib, threads = _library(kernel), torch.get_num_threads()
     if layout == "nibbles":
-        fn(codes.data_ptr(), rows, width, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
+        lib.duq_dequant_nibbles(codes.data_ptr(), rows, width, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
     else:
-        fn(codes.data_ptr(), rows, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
+        lib.duq_dequant_int8(codes.data_ptr(), rows, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
     return out
 
 

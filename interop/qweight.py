@@ -270,10 +270,6 @@ def rows_view(y: torch.Tensor, lanes: int) -> torch.Tensor:
     return y.view(rows, n // (2 * lanes), 2, lanes)
 
 
-# the float dtypes `float_tile(compiled=True)` makes in one C pass
-COMPILED_TILE_DTYPES = (torch.bfloat16, torch.float32)
-
-
 def _compiled_ready() -> bool:
     """Whether `interop.compiled`'s dequantizer is built, checked and enabled here."""
     from interop import compiled
@@ -560,12 +556,12 @@ class QuantizedWeight(nn.Module):
         the caller scales the product's columns by `scales[r0:r1]`, which costs a pass
         over (T, n) instead of (in, n); `split` is honoured then.
 
-        `compiled` (bfloat16 or float32, on the CPU only): one pass of `interop.compiled`'s
-        C code where it is available, the same bits in natural order (the returned tile's
+        `compiled` (bfloat16 on the CPU only): one pass of `interop.compiled`'s C code
+        where it is available, the same bits in natural order (the returned tile's
         `lanes` and `split` say so); else the torch ops below.
         """
-        if compiled and dtype in COMPILED_TILE_DTYPES and self.qdata.device.type == "cpu" and _compiled_ready():
-            return self._compiled_float_tile(r0, r1, dtype)
+        if compiled and dtype == torch.bfloat16 and self.qdata.device.type == "cpu" and _compiled_ready():
+            return self._compiled_float_tile(r0, r1)
         tile = self.code_tile(r0, r1, split=split and self.group_size is None)
         b = tile.b  # (in', n), row- or column-major; w gets the same order, so every pass is contiguous
         w = scratch("float", b.shape[::-1], dtype, b.device).t() if b.stride(0) == 1 else scratch("float", b.shape, dtype, b.device)
@@ -593,25 +589,20 @@ class QuantizedWeight(nn.Module):
                 w[full:].mul_(st[full // g])
         return w, tile
 
-    def _compiled_float_tile(self, r0: int, r1: int, dtype: torch.dtype) -> tuple[torch.Tensor, CodeTile]:
-        """`float_tile` in bfloat16 or float32 by `interop.compiled`: (in, n), natural row order."""
+    def _compiled_float_tile(self, r0: int, r1: int) -> tuple[torch.Tensor, CodeTile]:
+        """`float_tile` in bfloat16 by `interop.compiled`: (in, n), natural row order."""
         n, n_in = r1 - r0, self.in_features
         group = self.group_size or n_in  # per row: codes times 1, the caller scales the product
-        # bfloat16 tiles are Q times the bfloat16-rounded scale (torch's `Q.to(bf16) * s.to(bf16)`); float32 ones
-        # Q times the float32 scale
-        key = "bf16" if dtype == torch.bfloat16 else "f32"
         if self.group_size is None:
             scales = self.derived("unit_scales", lambda: torch.ones(self.out_features, 1, device=self.qdata.device))
-        elif dtype == torch.bfloat16:
-            scales = self.derived("bf16_scales", lambda: self.scales_2d().to(torch.bfloat16).float().contiguous())
         else:
-            scales = self.derived("f32_scales", lambda: self.scales_2d().contiguous())
+            scales = self.derived("bf16_scales", lambda: self.scales_2d().to(torch.bfloat16).float().contiguous())
         if self.layout == "int4pack":
-            w = scratch("float", (n_in, n), dtype, self.qdata.device)
-            st = scales.view(1, -1) if self.group_size is None else self.derived(f"{key}_scales_t", lambda: scales.t().contiguous())
+            w = scratch("float", (n_in, n), torch.bfloat16, self.qdata.device)
+            st = scales.view(1, -1) if self.group_size is None else self.derived("bf16_scales_t", lambda: scales.t().contiguous())
             native.dequant_int4pack(self.qdata, n_in, r0, r1, int4pack_variant(), st, group, w)
         else:
-            w = scratch("float", (n, n_in), dtype, self.qdata.device)
+            w = scratch("float", (n, n_in), torch.bfloat16, self.qdata.device)
             native.dequant_rows(self.qdata[r0:r1], self.layout, n_in, scales[r0:r1], group, w)
             w = w.t()
         return w, CodeTile(w, 0, 0, False)

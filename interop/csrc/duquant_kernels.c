@@ -1,23 +1,22 @@
 /* duquant-jax's compiled helpers: weight tiles of 4- and 8-bit codes dequantized to
- * bfloat16 or float32 in one pass, and activations quantized per token in one pass.
+ * bfloat16 in one pass, and activations quantized per token in one pass.
  *
  * Built at first use by interop/compiled.py (cc -O3 -march=native -fopenmp) and
  * called through interop/native.py, which checks every operand first: these
  * functions trust their arguments (shapes, strides, bounds). No -ffast-math:
  * every float operation rounds as IEEE single precision, as torch's do.
  *
- * Every bfloat16 element is bf16(Q * s) rounded to nearest even, where s is the scale of
+ * Every element is bf16(Q * s) rounded to nearest even, where s is the scale of
  * its group already rounded to bfloat16 and given here as float: the product of
  * a 4..8-bit integer and an 8-bit significand is exact in float, so the result
- * equals torch's bfloat16 `Q.to(bf16) * s.to(bf16)` bit for bit. Every float32
- * element is the float product Q * s (s float32), as torch's `Q.float() * s`. Scales
- * are finite (QuantizedWeight validates them).
+ * equals torch's bfloat16 `Q.to(bf16) * s.to(bf16)` bit for bit. Scales are finite
+ * (QuantizedWeight validates them).
  */
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
 
-int duq_abi_version(void) { return 4; }
+int duq_abi_version(void) { return 3; }
 
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -26,94 +25,83 @@ static inline uint16_t to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-/* The three dequantizers below are each made twice by DEQUANT_FUNCTIONS: `_bf16` writes
- * bfloat16 bits (`uint16_t`, STORE_BF16: bf16(Q * s) rounded to nearest even, s already
- * bfloat16-rounded), `_f32` writes float (STORE_F32: the float product Q * s, one IEEE rounding,
- * as torch's float32 `Q.float() * s`). Each is one loop over its output that vectorizes. */
-#define STORE_BF16(v) to_bf16(v)
-#define STORE_F32(v) (v)
-
-#define DEQUANT_FUNCTIONS(SUFFIX, OUT_T, STORE)                                                                   \
-  /* int4pack tile: `bytes` holds n_blocks blocks of `block` rows, each (in, block/2) bytes                     \
-   * of offset nibbles Q + 8. lanes != 0: byte b holds row b (low nibble) and row b + block/2                   \
-   * (high); lanes == 0: rows 2b (low) and 2b + 1 (high).                                                        \
-   * scales_t: (groups, ld_s) float, column 0 the tile's first row; group: input columns per scale.            \
-   * out: (in, n_blocks * block), rows in natural order. */                                                      \
-  void duq_dequant_int4pack##SUFFIX(const uint8_t *bytes, int64_t n_blocks, int64_t in, int64_t block, int lanes, \
-                                    const float *scales_t, int64_t ld_s, int64_t group, OUT_T *out, int threads) { \
-    const int64_t h = block / 2, n = n_blocks * block;                                                           \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                            \
-    for (int64_t j = 0; j < in; ++j) {                                                                           \
-      const float *s = scales_t + (j / group) * ld_s;                                                            \
-      OUT_T *o = out + j * n;                                                                                    \
-      for (int64_t k = 0; k < n_blocks; ++k) {                                                                   \
-        const uint8_t *b = bytes + (k * in + j) * h;                                                             \
-        const float *sk = s + k * block;                                                                         \
-        OUT_T *ok = o + k * block;                                                                               \
-        if (lanes) {                                                                                             \
-          for (int64_t i = 0; i < h; ++i) {                                                                      \
-            ok[i] = STORE((float)((int)(b[i] & 15) - 8) * sk[i]);                                                \
-            ok[i + h] = STORE((float)((int)(b[i] >> 4) - 8) * sk[i + h]);                                        \
-          }                                                                                                      \
-        } else {                                                                                                 \
-          for (int64_t i = 0; i < h; ++i) {                                                                      \
-            ok[2 * i] = STORE((float)((int)(b[i] & 15) - 8) * sk[2 * i]);                                        \
-            ok[2 * i + 1] = STORE((float)((int)(b[i] >> 4) - 8) * sk[2 * i + 1]);                                \
-          }                                                                                                      \
-        }                                                                                                        \
-      }                                                                                                          \
-    }                                                                                                            \
-  }                                                                                                              \
-                                                                                                                 \
-  /* SPEC nibbles: packed (rows, h) bytes, column 2c in the low nibble of byte c, 2c + 1 in the high            \
-   * one, two's complement. scales: (rows, groups) float. out: (rows, in). */                                    \
-  void duq_dequant_nibbles##SUFFIX(const uint8_t *packed, int64_t rows, int64_t h, int64_t in, const float *scales, \
-                                   int64_t groups, int64_t group, OUT_T *out, int threads) {                     \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                            \
-    for (int64_t r = 0; r < rows; ++r) {                                                                         \
-      const uint8_t *p = packed + r * h;                                                                         \
-      const float *s = scales + r * groups;                                                                      \
-      OUT_T *o = out + r * in;                                                                                   \
-      for (int64_t c0 = 0; c0 < in; c0 += group) {                                                               \
-        const int64_t c1 = c0 + group < in ? c0 + group : in;                                                    \
-        const float sg = s[c0 / group];                                                                          \
-        int64_t c = c0;                                                                                          \
-        if ((c0 & 1) == 0) { /* whole bytes: both nibbles at once (a loop that vectorizes) */                   \
-          const int64_t pairs = (c1 - c0) / 2;                                                                   \
-          const uint8_t *pb = p + c0 / 2;                                                                        \
-          OUT_T *oc = o + c0;                                                                                    \
-          for (int64_t i = 0; i < pairs; ++i) {                                                                  \
-            oc[2 * i] = STORE((float)(((pb[i] & 15) ^ 8) - 8) * sg);                                             \
-            oc[2 * i + 1] = STORE((float)(((pb[i] >> 4) ^ 8) - 8) * sg);                                         \
-          }                                                                                                      \
-          c = c0 + 2 * pairs;                                                                                    \
-        }                                                                                                        \
-        for (; c < c1; ++c) {                                                                                    \
-          const int nib = (p[c >> 1] >> ((c & 1) * 4)) & 15;                                                    \
-          o[c] = STORE((float)((nib ^ 8) - 8) * sg);                                                             \
-        }                                                                                                        \
-      }                                                                                                          \
-    }                                                                                                            \
-  }                                                                                                              \
-                                                                                                                 \
-  /* int8 codes: (rows, in), scales (rows, groups) float -> out (rows, in). */                                   \
-  void duq_dequant_int8##SUFFIX(const int8_t *codes, int64_t rows, int64_t in, const float *scales, int64_t groups, \
-                                int64_t group, OUT_T *out, int threads) {                                        \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                            \
-    for (int64_t r = 0; r < rows; ++r) {                                                                         \
-      const int8_t *q = codes + r * in;                                                                          \
-      const float *s = scales + r * groups;                                                                      \
-      OUT_T *o = out + r * in;                                                                                   \
-      for (int64_t c0 = 0; c0 < in; c0 += group) {                                                               \
-        const int64_t c1 = c0 + group < in ? c0 + group : in;                                                    \
-        const float sg = s[c0 / group];                                                                          \
-        for (int64_t c = c0; c < c1; ++c) o[c] = STORE((float)q[c] * sg);                                        \
-      }                                                                                                          \
-    }                                                                                                            \
+/* int4pack tile: `bytes` holds n_blocks blocks of `block` rows, each (in, block/2) bytes
+ * of offset nibbles Q + 8. lanes != 0: byte b holds row b (low nibble) and row b + block/2
+ * (high); lanes == 0: rows 2b (low) and 2b + 1 (high).
+ * scales_t: (groups, ld_s) float, column 0 the tile's first row; group: input columns per scale.
+ * out: (in, n_blocks * block) bfloat16 bits, rows in natural order. */
+void duq_dequant_int4pack(const uint8_t *bytes, int64_t n_blocks, int64_t in, int64_t block, int lanes,
+                          const float *scales_t, int64_t ld_s, int64_t group, uint16_t *out, int threads) {
+  const int64_t h = block / 2, n = n_blocks * block;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t j = 0; j < in; ++j) {
+    const float *s = scales_t + (j / group) * ld_s;
+    uint16_t *o = out + j * n;
+    for (int64_t k = 0; k < n_blocks; ++k) {
+      const uint8_t *b = bytes + (k * in + j) * h;
+      const float *sk = s + k * block;
+      uint16_t *ok = o + k * block;
+      if (lanes) {
+        for (int64_t i = 0; i < h; ++i) {
+          ok[i] = to_bf16((float)((int)(b[i] & 15) - 8) * sk[i]);
+          ok[i + h] = to_bf16((float)((int)(b[i] >> 4) - 8) * sk[i + h]);
+        }
+      } else {
+        for (int64_t i = 0; i < h; ++i) {
+          ok[2 * i] = to_bf16((float)((int)(b[i] & 15) - 8) * sk[2 * i]);
+          ok[2 * i + 1] = to_bf16((float)((int)(b[i] >> 4) - 8) * sk[2 * i + 1]);
+        }
+      }
+    }
   }
+}
 
-DEQUANT_FUNCTIONS(_bf16, uint16_t, STORE_BF16)
-DEQUANT_FUNCTIONS(_f32, float, STORE_F32)
+/* SPEC nibbles: packed (rows, h) bytes, column 2c in the low nibble of byte c, 2c + 1 in the high
+ * one, two's complement. scales: (rows, groups) float. out: (rows, in) bfloat16 bits. */
+void duq_dequant_nibbles(const uint8_t *packed, int64_t rows, int64_t h, int64_t in, const float *scales,
+                         int64_t groups, int64_t group, uint16_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t *p = packed + r * h;
+    const float *s = scales + r * groups;
+    uint16_t *o = out + r * in;
+    for (int64_t c0 = 0; c0 < in; c0 += group) {
+      const int64_t c1 = c0 + group < in ? c0 + group : in;
+      const float sg = s[c0 / group];
+      int64_t c = c0;
+      if ((c0 & 1) == 0) { /* whole bytes: both nibbles at once (a loop that vectorizes) */
+        const int64_t pairs = (c1 - c0) / 2;
+        const uint8_t *pb = p + c0 / 2;
+        uint16_t *oc = o + c0;
+        for (int64_t i = 0; i < pairs; ++i) {
+          oc[2 * i] = to_bf16((float)(((pb[i] & 15) ^ 8) - 8) * sg);
+          oc[2 * i + 1] = to_bf16((float)(((pb[i] >> 4) ^ 8) - 8) * sg);
+        }
+        c = c0 + 2 * pairs;
+      }
+      for (; c < c1; ++c) {
+        const int nib = (p[c >> 1] >> ((c & 1) * 4)) & 15;
+        o[c] = to_bf16((float)((nib ^ 8) - 8) * sg);
+      }
+    }
+  }
+}
+
+/* int8 codes: (rows, in), scales (rows, groups) float -> out (rows, in) bfloat16 bits. */
+void duq_dequant_int8(const int8_t *codes, int64_t rows, int64_t in, const float *scales, int64_t groups,
+                      int64_t group, uint16_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t *q = codes + r * in;
+    const float *s = scales + r * groups;
+    uint16_t *o = out + r * in;
+    for (int64_t c0 = 0; c0 < in; c0 += group) {
+      const int64_t c1 = c0 + group < in ? c0 + group : in;
+      const float sg = s[c0 / group];
+      for (int64_t c = c0; c < c1; ++c) o[c] = to_bf16((float)q[c] * sg);
+    }
+  }
+}
 
 /* Per-token activation quantization, torch's arithmetic in the same order (interop.kernels.quantize_tokens):
  * dynamic: s_t = max((clip * max_j |x[t, j]|) / qa, 1e-8) (the clip product only when clip != 1);
