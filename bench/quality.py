@@ -508,14 +508,41 @@ def _rows_section(model: str, mine: dict, ref: dict) -> str:
     if not rows:
         return ""
     return ("Every row measured (our rows with default kernels, or float32 kernels where only those were run; dev: point "
-            "estimate; test: with its interval):\n\n" + table(["row"] + list(LABELS) + list(BITS), rows) + _dev_choices(model, mine))
+            "estimate; test: with its interval):\n\n" + table(["row"] + list(LABELS) + list(BITS), rows) + _dev_choices(model, mine)
+            + _sensitivity(model, mine, ref))
+
+
+def _sensitivity(model: str, mine: dict, ref: dict) -> str:
+    """Per column, what each kind of projection costs alone (`presets-only-<kind>` rows, development split, Gemma):
+    its ratio to float with the interval, and its excess (ratio - 1) as a share of the whole preset's."""
+    if model != "gemma":
+        return ""
+    out = []
+    for column in BITS:
+        preset = next((c for k, c in mine.items() if k[2] == column and k[3] == "default" and _is_preset(c, column)), None)
+        whole = _iv(model, preset, "dev", ref)
+        rows = []
+        for name in LISTS["sensitivity"]:
+            iv = _iv(model, mine.get((model, name, column, "default")), "dev", ref)
+            if iv is not None:
+                share = f"{100 * (iv[0] - 1) / (whole[0] - 1):+.0f}%" if whole and whole[0] != 1 else ""
+                rows.append([f"`{ROWS[name].only}`", _fmt(model, iv), share])
+        if rows:
+            total = sum(float(r[1].split()[0]) - 1 for r in rows)
+            rows.append(["1 + the sum of the excesses", f"{1 + total:.4f}", ""])
+            if whole:
+                rows.append(["the whole preset", _fmt(model, whole), "100%"])
+            out.append(f"`{column.lower()}` on one kind of projection only, every other layer float (default kernels, "
+                       "development split):\n\n" + table(["quantized", "dev perplexity / float [95%]", "share of the preset's excess"], rows))
+    return "\n\n" + "\n\n".join(out) if out else ""
 
 
 def _dev_choices(model: str, mine: dict) -> str:
     """Each development candidate against the preset of its column, paired on the development chunks, same kernels."""
     lines = []
     for (m, name, column, mode), cell in sorted(mine.items()):
-        if mode not in KERNEL_MODES or _is_preset(cell, column) or name in LISTS["baselines"] or "dev" not in cell["per_item"]:
+        if (mode not in KERNEL_MODES or _is_preset(cell, column) or name in LISTS["baselines"] or "dev" not in cell["per_item"]
+                or name in LISTS["sensitivity"]):  # a sensitivity row is a measurement, not a candidate
             continue
         preset = next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)
                        and "dev" in c["per_item"]), None)
