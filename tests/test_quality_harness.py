@@ -191,6 +191,29 @@ def test_report_renders_intervals_targets_and_peers_from_committed_lines_only(tm
     assert "+dirty" in quality.report(args)
 
 
+def test_report_splits_a_presets_excess_over_the_projections_it_quantizes(tmp_path):
+    rng = np.random.default_rng(2)
+    lines = _gemma_lines(rng)
+    f = lines[0]["per_item"]
+    w4a8 = DuQuantConfig.preset("w4a8").to_dict()
+    base = {k: v for k, v in lines[0].items() if k not in ("row", "column", "kernels", "per_item")}
+    for kind, d in (("k", 0.005), ("down", 0.015)):  # exp(0.005) - 1 is a quarter of exp(0.02) - 1
+        lines.append({**base, "row": f"presets-only-{kind}", "column": "W4A8", "kernels": "default", "config": w4a8,
+                      "per_item": {"dev": (np.array(f["dev"]) + d + rng.normal(0, 0.001, 8)).tolist()}})
+    out = tmp_path / "q.jsonl"
+    out.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    args = argparse.Namespace(out=out, peers=tmp_path / "none.jsonl", no_write=True, allow_dirty=False, seed=0, calib_chunks=16,
+                              dev_chunks=8, test_chunks=24, calib_sentences=256, dev_sentences=384, test_sentences=768,
+                              extra_calib_chunks=0, extra_calib_sentences=0)
+    body = quality.report(args)
+    k = next(x for x in body.splitlines() if x.startswith("| `\\.k_proj$` |"))
+    assert abs(float(k.split("|")[2].split()[0]) - np.exp(0.005)) < 0.002
+    assert abs(float(k.split("|")[3].strip().rstrip("%")) - 25) <= 3  # its share of the whole preset's excess
+    total = next(x for x in body.splitlines() if x.startswith("| 1 + the sum of the excesses |"))
+    assert abs(float(total.split("|")[2]) - (np.exp(0.005) + np.exp(0.015) - 1)) < 0.003
+    assert "presets-only-k` (default kernels) against the preset" not in body  # a measurement, not a dev candidate
+
+
 def test_versus_marks_what_the_paired_interval_does_not_separate():
     rng = np.random.default_rng(1)
     a = rng.normal(2.8, 0.3, 64)
