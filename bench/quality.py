@@ -542,7 +542,7 @@ def _dev_choices(model: str, mine: dict) -> str:
     lines = []
     for (m, name, column, mode), cell in sorted(mine.items()):
         if (mode not in KERNEL_MODES or _is_preset(cell, column) or name in LISTS["baselines"] or "dev" not in cell["per_item"]
-                or name in LISTS["sensitivity"]):  # a sensitivity row is a measurement, not a candidate
+                or (name in ROWS and ROWS[name].only)):  # a sensitivity row (some layers only) is no candidate
             continue
         preset = next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)
                        and "dev" in c["per_item"]), None)

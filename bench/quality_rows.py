@@ -236,6 +236,12 @@ ROWS: dict[str, Row] = {
         # kind of projection only, every other layer float. Run with --bits W4A16 or W4A8 (the preset's column).
         *(Row(f"presets-only-{kind}", "preset", only=rf"\.{kind}_proj$")
           for kind in ("q", "k", "v", "o", "gate", "up", "down")),
+        # k_proj costs w4a16 five times what it costs w4a8 (whose preset smooths and uses groups of 32): which of the
+        # two makes the difference, on k_proj alone (--bits W4A16).
+        dataclasses.replace(_from_preset("w4a16-only-k-g32", "w4a16", weight_group_size=32), only=r"\.k_proj$"),
+        dataclasses.replace(_from_preset("w4a16-only-k-smooth0.5", "w4a16", smooth_alpha=0.5), only=r"\.k_proj$"),
+        dataclasses.replace(_from_preset("w4a16-only-k-g32-smooth0.5", "w4a16", weight_group_size=32, smooth_alpha=0.5),
+                            only=r"\.k_proj$"),
     ]
 }
 
@@ -264,6 +270,7 @@ LISTS["w4a8-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a8-
 LISTS["g64"] = ["presets"] + [n for n in ROWS if n.endswith("-g64")]
 LISTS["groups-small"] = ["presets"] + [n for n in ROWS if n.endswith(("-g64", "-g32"))]  # each row in its own column
 LISTS["sensitivity"] = [n for n in ROWS if n.startswith("presets-only-")]  # Gemma's projections; with --bits
+LISTS["sensitivity-k"] = ["presets-only-k"] + [n for n in ROWS if n.startswith("w4a16-only-k-")]  # with --bits W4A16
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 
