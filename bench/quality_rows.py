@@ -236,6 +236,8 @@ ROWS: dict[str, Row] = {
         # kind of projection only, every other layer float. Run with --bits W4A16 or W4A8 (the preset's column).
         *(Row(f"presets-only-{kind}", "preset", only=rf"\.{kind}_proj$")
           for kind in ("q", "k", "v", "o", "gate", "up", "down")),
+        # w4a16 with w4a8's recipe (smoothing 0.5, groups of 32, GPTQ in column order), and with groups of 128.
+        _from_preset("w4a16-smooth0.5-noao-g32", "w4a16", smooth_alpha=0.5, gptq_act_order=False, weight_group_size=32),
         # k_proj costs w4a16 five times what it costs w4a8 (whose preset smooths and uses groups of 32): which of the
         # two makes the difference, on k_proj alone (--bits W4A16).
         dataclasses.replace(_from_preset("w4a16-only-k-g32", "w4a16", weight_group_size=32), only=r"\.k_proj$"),
