@@ -236,7 +236,7 @@ ROWS: dict[str, Row] = {
         # kind of projection only, every other layer float. Run with --bits W4A16 or W4A8 (the preset's column).
         *(Row(f"presets-only-{kind}", "preset", only=rf"\.{kind}_proj$")
           for kind in ("q", "k", "v", "o", "gate", "up", "down")),
-        # w4a16 with w4a8's recipe (smoothing 0.5, groups of 32, GPTQ in column order), and with groups of 128.
+        # w4a16 with w4a8's recipe (smoothing 0.5, groups of 32, GPTQ in column order).
         _from_preset("w4a16-smooth0.5-noao-g32", "w4a16", smooth_alpha=0.5, gptq_act_order=False, weight_group_size=32),
         # k_proj costs w4a16 five times what it costs w4a8 (whose preset smooths and uses groups of 32): which of the
         # two makes the difference, on k_proj alone (--bits W4A16).
@@ -262,15 +262,16 @@ LISTS: dict[str, list[str]] = {
                "hadamard+dyn-norows+g128", "duquant+dyn+gptq", "hadamard+dyn+gptq", "hadamard+smooth+dyn-norows+gptq",
                "duquant+smooth+dyn+gptq"],
 }
+WHOLE = [n for n, r in ROWS.items() if not r.only]  # rows that quantize every layer (candidate lists draw on these)
 LISTS["input-groups"] = ["presets", "presets+shared-inputs"]
 LISTS["realizations"] = ["w4a8-seed1", "w4a8-seed1+shared-inputs"]  # with --bits W4A8
-LISTS["w4a4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a4-")] + [
+LISTS["w4a4-candidates"] = ["presets"] + [n for n in WHOLE if n.startswith("w4a4-")] + [
     "presets-sequential", "presets+clip-search", "presets-sequential+clip-search"]
-LISTS["w4-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a16-")]  # with --bits W4A16
-LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in ROWS if "msefine" in n]  # each row in its own column
-LISTS["w4a8-candidates"] = ["presets"] + [n for n in ROWS if n.startswith("w4a8-")]  # with --bits W4A8
-LISTS["g64"] = ["presets"] + [n for n in ROWS if n.endswith("-g64")]
-LISTS["groups-small"] = ["presets"] + [n for n in ROWS if n.endswith(("-g64", "-g32"))]  # each row in its own column
+LISTS["w4-candidates"] = ["presets"] + [n for n in WHOLE if n.startswith("w4a16-")]  # with --bits W4A16
+LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in WHOLE if "msefine" in n]  # each row in its own column
+LISTS["w4a8-candidates"] = ["presets"] + [n for n in WHOLE if n.startswith("w4a8-")]  # with --bits W4A8
+LISTS["g64"] = ["presets"] + [n for n in WHOLE if n.endswith("-g64")]
+LISTS["groups-small"] = ["presets"] + [n for n in WHOLE if n.endswith(("-g64", "-g32"))]  # each row in its own column
 LISTS["sensitivity"] = [n for n in ROWS if n.startswith("presets-only-")]  # Gemma's projections; with --bits
 LISTS["sensitivity-k"] = ["presets-only-k"] + [n for n in ROWS if n.startswith("w4a16-only-k-")]  # with --bits W4A16
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))

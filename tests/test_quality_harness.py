@@ -123,6 +123,8 @@ def test_a_sensitivity_row_quantizes_only_the_layers_it_names_and_is_not_its_pre
     assert not layers("model.layers.3.mlp.up_proj", None) and not layers("model.layers.3.mlp.down", None)
     assert quality_rows.ROWS["presets"].layer_filter(len) is len  # no pattern: the task's own filter
     assert quality_rows.LISTS["sensitivity"] == [f"presets-only-{k}" for k in ("q", "k", "v", "o", "gate", "up", "down")]
+    for name in ("w4-candidates", "w4a8-candidates", "groups-small", "g64", "msefine", "w4a4-candidates"):
+        assert not [n for n in quality_rows.LISTS[name] if quality_rows.ROWS[n].only], name  # candidates quantize every layer
     config = DuQuantConfig.preset("w4a16").to_dict()
     assert quality._is_preset({"record": {"row": "presets", "config": config}}, "W4A16")
     assert not quality._is_preset({"record": {"row": "presets-only-down", "config": config}}, "W4A16")
