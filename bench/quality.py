@@ -373,6 +373,12 @@ def _is_preset(cell: dict, column: str) -> bool:
     return plain and _same_config(cell["record"].get("config"), DuQuantConfig.preset(column.lower()).to_dict())
 
 
+def _preset_cell(mine: dict, column: str, mode: str, part: str | None = None) -> dict | None:
+    """The cell of `column`'s preset under kernel `mode` (with values on `part`, when given), or None."""
+    return next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)
+                 and (part is None or part in c["per_item"])), None)
+
+
 def report(args) -> str:
     records = read_records(args.out) + read_records(args.peers)
     cells = cells_of(records, args)
@@ -442,7 +448,7 @@ def _presets_section(model: str, mine: dict, ref: dict) -> str:
     for column in BITS:
         peer = _best_peer(model, mine, column)
         for mode in KERNEL_MODES:
-            cell = next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)), None)
+            cell = _preset_cell(mine, column, mode)
             if cell is None:
                 continue
             test, dev = _iv(model, cell, "test", ref), _iv(model, cell, "dev", ref)
@@ -464,7 +470,7 @@ def _presets_section(model: str, mine: dict, ref: dict) -> str:
                                    f"{verdict.split(': ', 1)[1]}")
             kernels = ""
             if mode == "float32":
-                default = next((c for k, c in mine.items() if k[2] == column and k[3] == "default" and _is_preset(c, column)), None)
+                default = _preset_cell(mine, column, "default")
                 shared = [p for p in ("test", "dev") if default and p in default["per_item"] and p in cell["per_item"]]
                 if shared:
                     kernels = f"{shared[0]}: default kernels {_versus(model, default['per_item'][shared[0]], cell['per_item'][shared[0]])}"
@@ -519,16 +525,15 @@ def _sensitivity(model: str, mine: dict, ref: dict) -> str:
         return ""
     out = []
     for column in BITS:
-        preset = next((c for k, c in mine.items() if k[2] == column and k[3] == "default" and _is_preset(c, column)), None)
-        whole = _iv(model, preset, "dev", ref)
-        rows = []
+        whole = _iv(model, _preset_cell(mine, column, "default"), "dev", ref)
+        rows, total = [], 0.0
         for name in LISTS["sensitivity"]:
             iv = _iv(model, mine.get((model, name, column, "default")), "dev", ref)
             if iv is not None:
                 share = f"{100 * (iv[0] - 1) / (whole[0] - 1):+.0f}%" if whole and whole[0] != 1 else ""
                 rows.append([f"`{ROWS[name].only}`", _fmt(model, iv), share])
+                total += iv[0] - 1
         if rows:
-            total = sum(float(r[1].split()[0]) - 1 for r in rows)
             rows.append(["1 + the sum of the excesses", f"{1 + total:.4f}", ""])
             if whole:
                 rows.append(["the whole preset", _fmt(model, whole), "100%"])
@@ -544,8 +549,7 @@ def _dev_choices(model: str, mine: dict) -> str:
         if (mode not in KERNEL_MODES or _is_preset(cell, column) or name in LISTS["baselines"] or "dev" not in cell["per_item"]
                 or (name in ROWS and ROWS[name].only)):  # a sensitivity row (some layers only) is no candidate
             continue
-        preset = next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)
-                       and "dev" in c["per_item"]), None)
+        preset = _preset_cell(mine, column, mode, part="dev")
         if preset is not None:
             lines.append(f"- {column} `{name}` ({mode} kernels) against the preset: "
                          f"{_versus(model, cell['per_item']['dev'], preset['per_item']['dev'])}")
