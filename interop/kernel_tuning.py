@@ -46,6 +46,9 @@ _CPU_FEATURES = (
 
 Measure = Callable[[str, Callable[[], object]], float]
 
+# CPU instructions for int8 dot products (/proc/cpuinfo names, x86 and Arm): without one, torch emulates `_int_mm`.
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+
 
 def token_bucket(tokens: int) -> tuple[str, int]:
     """tokens -> (bucket label, the token count its candidates are measured at)."""
@@ -72,6 +75,13 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def int8_dot_native() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (INT8_DOT_FLAGS); True where its flags cannot be read
+    (nothing is assumed missing then)."""
+    flags = cpu_info()[1]
+    return not flags or bool(flags & INT8_DOT_FLAGS)
 
 
 @functools.lru_cache(maxsize=None)

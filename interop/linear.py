@@ -110,7 +110,7 @@ class DuQuantLinear(nn.Module):
         if config.quantize_weights:
             self.qweight = QuantizedWeight(
                 codes.to(torch.int8), fields["w_scale"].float(), bits=config.weight_bits,
-                group_size=config.weight_group_size, name=name,
+                group_size=config.weight_group_size, name=name, integer_acts=ActQuant.from_config(config).integer,
             )
             self.register_buffer("w2", None)
         else:

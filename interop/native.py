@@ -27,10 +27,11 @@ alignment and the shape constraints above, with messages that name the
 operand and its value. Pure torch: no JAX.
 
 The compiled helpers of `interop.compiled` (our C code, built on the machine)
-go through this door too: `dequant_int4pack`, `dequant_rows` and
-`quantize_tokens` check that every pointer the C code will walk stays inside
-its tensor (shapes, row ranges on block boundaries, contiguity, dtypes) and
-refuse otherwise; the C functions themselves check nothing.
+go through this door too: `dequant_int4pack`, `dequant_rows`,
+`quantize_tokens` and `w4a8_panels` check that every pointer the C code will
+walk stays inside its tensor (shapes, row ranges on block boundaries,
+contiguity, dtypes) and refuse otherwise; the C functions themselves check
+nothing.
 """
 
 from __future__ import annotations
@@ -280,6 +281,42 @@ def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static
         fn(x.data_ptr(), int(x.dtype == torch.bfloat16), tokens, n, ld, int(dynamic), float(clip), qa,
            None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(), torch.get_num_threads())
     return xq, s_t
+
+
+def w4a8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, group: int, out: torch.Tensor) -> torch.Tensor:
+    """`duq_w4a8_panels`: int8 codes `xq (T, in)` with per-token scales `s_t (T, 1)` (or (T,)) float32, times
+    4-bit codes in the "panels" layout `panels (out_features, in/2) uint8` with `scales (out_features, groups)`
+    float32 (`group` input columns each; `in` for one per row) -> out (T, out_features) float32, in place."""
+    kernel = "duq_w4a8_panels"
+    _operand(kernel, "xq", xq, torch.int8)
+    _operand(kernel, "panels", panels, torch.uint8)
+    _operand(kernel, "scales", scales, torch.float32)
+    _operand(kernel, "out", out, torch.float32)
+    _require(isinstance(s_t, torch.Tensor) and s_t.dtype == torch.float32 and s_t.device.type == "cpu", kernel,
+             f"s_t must be a float32 CPU tensor; got {getattr(s_t, 'dtype', type(s_t).__name__)}")
+    tokens, n_in = xq.shape
+    n_out = panels.shape[0]
+    _require(n_in % 4 == 0 and n_in >= 4, kernel, f"in must be a positive multiple of 4; got {n_in}")
+    _require(n_out % 16 == 0 and n_out >= 16, kernel, f"out_features must be a positive multiple of 16; got {n_out}")
+    _require(panels.shape[1] * 2 == n_in, kernel, f"panels must have in / 2 = {n_in // 2} columns; got {panels.shape[1]}")
+    _require(isinstance(group, int) and not isinstance(group, bool) and group >= 4 and group % 4 == 0, kernel,
+             f"group must be a positive multiple of 4; got {group!r}")
+    groups = -(-n_in // group)
+    _require(tuple(scales.shape) == (n_out, groups), kernel, f"scales must have shape {(n_out, groups)}; got {tuple(scales.shape)}")
+    _require(s_t.numel() == tokens and s_t.is_contiguous(), kernel, f"s_t must hold {tokens} contiguous scales; got shape {tuple(s_t.shape)}, strides {s_t.stride()}")
+    _require(tuple(out.shape) == (tokens, n_out), kernel, f"out must have shape {(tokens, n_out)}; got {tuple(out.shape)}")
+    for name, t in (("xq", xq), ("out", out)):
+        _require(t.is_contiguous(), kernel, f"{name} must be contiguous; got strides {t.stride()}")
+    _state_operand(kernel, "panels", panels)
+    _state_operand(kernel, "scales", scales)
+    if tokens:
+        lib = _library(kernel)
+        _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
+        status = lib.duq_w4a8_panels(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), n_out, group,
+                                     out.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {groups} groups)")
+    return out
 
 
 def available(name: str) -> bool:

@@ -19,10 +19,20 @@ Layouts of the codes in memory (`QuantizedWeight.layout`):
   layout this module computes has been checked against torch's own converter
   once per process (`int4pack_variant`). Converting to and from the canonical
   form is a few element-wise passes (about a millisecond per 16 MiB).
+- `"panels"`: `(out, in/2)` uint8 in the layout of `interop.compiled`'s W4A8
+  product (`duq_w4a8_panels`): panels of 16 rows; per panel, per step of 4
+  input columns, 32 bytes, byte `4r + c` holding `Q + 8` of row `r` (low
+  nibble) and of row `r + 8` (high nibble) at column `4s + c`. bits 2..4, CPU
+  only, `out % 16 == 0`, `in % 4 == 0`.
 
-`layout="auto"` picks `"int4pack"` on a CPU where it is available, else
-`"nibbles"`, for bits <= 4, and `"int8"` for 5..8; `.to(device)` re-picks it for
-the new device. Whatever the layout, `state_dict()` holds the canonical form:
+`layout="auto"` picks, for bits <= 4: `"panels"` where the weight's products
+take integer activations (`integer_acts=True`, as `DuQuantLinear` says for
+"dynamic-token" and "static-tensor"), the compiled AVX2 product is built here,
+and the CPU has no int8 dot-product instruction (no VNNI, AMX or Arm dotprod:
+there `torch._int_mm` is emulated, and the panel product measured 1.6-6x
+faster than torch's int4 kernel, bench/RESULTS.md "Kernels on an AVX2-only
+CPU"); else `"int4pack"` on a CPU where it is available; else `"nibbles"`.
+`"int8"` for 5..8. `.to(device)` re-picks it for the new device. Whatever the layout, `state_dict()` holds the canonical form:
 `codes` (the nibbles for bits <= 4, int8 codes for 5..8) and `scales` (float32),
 and `load_state_dict()` takes it back. Scales stay float32 under `.to(dtype)`.
 """
@@ -38,9 +48,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from interop import native
+from interop import kernel_tuning, native
 
-LAYOUTS = ("nibbles", "int8", "int4pack")
+LAYOUTS = ("nibbles", "int8", "int4pack", "panels")
+PANEL_ROWS = 16  # rows per panel of the "panels" layout (interop/csrc/duquant_kernels.c)
 INT4PACK_GROUPS = native.INT4PACK_GROUPS  # group sizes torch's CPU int4 kernel takes
 
 
@@ -190,6 +201,59 @@ def int4pack_unavailable(out_features: int, in_features: int, bits: int, device:
     return None
 
 
+# -- the compiled W4A8 product's layout ("panels") ---------------------------------
+def _to_panels(codes: torch.Tensor) -> torch.Tensor:
+    """codes: (out, in) int8 in [-8, 7], out % 16 == 0, in % 4 == 0 -> (out, in/2) uint8 panels (module docstring)."""
+    out, n = codes.shape
+    u = (codes + 8).to(torch.uint8).view(out // PANEL_ROWS, 2, PANEL_ROWS // 2, n // 4, 4)  # (p, half, r, step, c)
+    return (u[:, 0] | (u[:, 1] << 4)).permute(0, 2, 1, 3).contiguous().view(out, n // 2)
+
+
+def _panel_offset_tiles(packed: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 (whole panels) of a panels weight -> (in, r1 - r0) uint8 holding `Q + 8`, rows in natural order."""
+    n = packed.shape[1] * 2
+    byte = packed[r0:r1].reshape((r1 - r0) // PANEL_ROWS, n // 4, PANEL_ROWS // 2, 4)  # (p, step, r, c)
+    u = torch.stack((byte & 0xF, byte >> 4), dim=2)  # (p, step, half, r, c)
+    return u.permute(1, 4, 0, 2, 3).reshape(n, r1 - r0)
+
+
+def _panel_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids (T,)` of a panels weight -> (T, in) int8 codes, gathered byte by byte."""
+    n = packed.shape[1] * 2
+    ids = ids.long()
+    cols = torch.arange(n, device=packed.device)[None, :]
+    p, half, r = (ids // PANEL_ROWS)[:, None], ((ids % PANEL_ROWS) // 8)[:, None], (ids % 8)[:, None]
+    at = p * (PANEL_ROWS * n // 2) + (cols // 4) * 32 + r * 4 + cols % 4
+    byte = packed.reshape(-1)[at]
+    return (torch.where(half == 1, byte >> 4, byte & 0xF).to(torch.int8) - 8).contiguous()
+
+
+def panels_unavailable(out_features: int, in_features: int, bits: int, device: torch.device, product: bool = True) -> str | None:
+    """Why the panels layout cannot hold this weight, or (`product`) the compiled product cannot run here; None if it can."""
+    if bits > 4:
+        return f"panels hold 2..4-bit codes; these are {bits}-bit"
+    if device.type != "cpu":
+        return f"panels are the compiled CPU product's layout; the weight is on {device}"
+    if out_features % PANEL_ROWS or in_features % 4:
+        return f"panels need out % {PANEL_ROWS} == 0 and in % 4 == 0; the weight is {out_features} x {in_features}"
+    if not product:
+        return None
+    from interop import compiled
+
+    lib = compiled.load()
+    if lib is None:
+        return f"the compiled helpers are unavailable: {compiled.unavailable()}"
+    if not lib.duq_panels_simd():
+        return "the compiled helpers were built without AVX2 and FMA, which the panel product needs"
+    return None
+
+
+def _auto_panels(out_features: int, in_features: int, bits: int, device: torch.device) -> bool:
+    """Whether `layout="auto"` takes panels for a weight whose products take integer activations: where they
+    are available and this CPU lacks an int8 dot-product instruction (module docstring)."""
+    return panels_unavailable(out_features, in_features, bits, device) is None and not kernel_tuning.int8_dot_native()
+
+
 # -- tiles ----------------------------------------------------------------------
 class _Scratch(threading.local):
     def __init__(self):
@@ -292,8 +356,10 @@ class QuantizedWeight(nn.Module):
       scales: (out,) per-row scales, or (out, ceil(in / group_size)) per group.
       bits: code width, 2..8.
       group_size: input channels per scale group; None (default) with per-row scales.
-      layout: "auto" (default), "nibbles", "int8" or "int4pack" (module docstring).
+      layout: "auto" (default), "nibbles", "int8", "int4pack" or "panels" (module docstring).
       name: the layer's name, for error messages.
+      integer_acts: the products take integer activation codes (per-token or per-tensor scales), so that
+        `layout="auto"` may pick "panels" (module docstring).
 
     Attributes:
       path: None, or the kernel path every product with this weight must take
@@ -310,9 +376,11 @@ class QuantizedWeight(nn.Module):
         group_size: int | None = None,
         layout: str = "auto",
         name: str = "",
+        integer_acts: bool = False,
     ):
         super().__init__()
         self.name = name
+        self.integer_acts = bool(integer_acts)
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ValueError(f"{self._who()}: bits must be an int in 2..8; got {bits!r}")
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
@@ -342,6 +410,7 @@ class QuantizedWeight(nn.Module):
         group_size: int | None = None,
         layout: str = "auto",
         name: str = "",
+        integer_acts: bool = False,
     ) -> QuantizedWeight:
         """From SPEC's packed nibbles `packed: (out, ceil(in/2)) uint8` (a pack file's `w_codes_int4`)."""
         if not isinstance(packed, torch.Tensor) or packed.dim() != 2 or packed.dtype != torch.uint8:
@@ -351,7 +420,8 @@ class QuantizedWeight(nn.Module):
                 f"{name or 'QuantizedWeight'}: packed codes for in_features={in_features} must have "
                 f"{(in_features + 1) // 2} columns; got shape {tuple(packed.shape)}"
             )
-        return cls(unpack_nibbles(packed, in_features), scales, bits=bits, group_size=group_size, layout=layout, name=name)
+        return cls(unpack_nibbles(packed, in_features), scales, bits=bits, group_size=group_size, layout=layout, name=name,
+                   integer_acts=integer_acts)
 
     # -- validation ----------------------------------------------------------
     def _who(self) -> str:
@@ -422,6 +492,8 @@ class QuantizedWeight(nn.Module):
         if layout == "auto":
             if self.bits > 4:
                 return "int8"
+            if self.integer_acts and _auto_panels(self.out_features, self.in_features, self.bits, device):
+                return "panels"
             why = int4pack_unavailable(self.out_features, self.in_features, self.bits, device)
             return "nibbles" if why else "int4pack"
         if layout == "nibbles" and self.bits > 4:
@@ -430,6 +502,10 @@ class QuantizedWeight(nn.Module):
             why = int4pack_unavailable(self.out_features, self.in_features, self.bits, device)
             if why:
                 raise ValueError(f"{self._who()}: layout 'int4pack' is unavailable: {why}")
+        if layout == "panels":
+            why = panels_unavailable(self.out_features, self.in_features, self.bits, device, product=False)
+            if why:
+                raise ValueError(f"{self._who()}: layout 'panels' is unavailable: {why}")
         return layout
 
     def _encode(self, codes: torch.Tensor, layout: str) -> torch.Tensor:
@@ -438,6 +514,8 @@ class QuantizedWeight(nn.Module):
             return native.aligned(pack_nibbles(codes))
         if layout == "int4pack":
             return native.aligned(_to_int4pack(codes, int4pack_variant()))
+        if layout == "panels":
+            return native.aligned(_to_panels(codes))
         return native.aligned(codes)
 
     def codes(self) -> torch.Tensor:
@@ -446,6 +524,8 @@ class QuantizedWeight(nn.Module):
             return unpack_nibbles(self.qdata, self.in_features)
         if self.layout == "int4pack":
             return _from_int4pack(self.qdata, int4pack_variant())
+        if self.layout == "panels":
+            return (_panel_offset_tiles(self.qdata, 0, self.out_features).t().to(torch.int8) - 8).contiguous()
         return self.qdata
 
     def canonical_codes(self) -> torch.Tensor:
@@ -473,6 +553,8 @@ class QuantizedWeight(nn.Module):
             codes = unpack_nibbles(self.qdata[ids], self.in_features)
         elif self.layout == "int4pack":
             codes = _int4pack_rows(self.qdata, _traced_int4pack_variant(), ids)
+        elif self.layout == "panels":
+            codes = _panel_rows(self.qdata, ids)
         else:
             codes = self.qdata[ids]
         s = self.scales_2d()[ids]
@@ -501,8 +583,9 @@ class QuantizedWeight(nn.Module):
 
     # -- tiles for the kernels -------------------------------------------------
     def row_tiles(self, rows: int) -> Iterator[tuple[int, int]]:
-        """(r0, r1) row ranges of about `rows` rows; with int4pack, whole row blocks, then the short block alone."""
-        align = int4pack_variant()[1] if self.layout == "int4pack" else 1
+        """(r0, r1) row ranges of about `rows` rows; with int4pack, whole row blocks, then the short block alone;
+        with panels, whole panels."""
+        align = int4pack_variant()[1] if self.layout == "int4pack" else PANEL_ROWS if self.layout == "panels" else 1
         step = max(align, rows // align * align)
         full = self.out_features // align * align
         for r0 in range(0, full, step):
@@ -535,6 +618,8 @@ class QuantizedWeight(nn.Module):
             if split:
                 return CodeTile(torch.cat((low, high), dim=1).t(), 0, 0, True)
             return CodeTile(torch.stack((low, high), dim=-1).view(n, -1)[:, : self.in_features].t(), 0, 0, False)
+        if self.layout == "panels":
+            return CodeTile(_panel_offset_tiles(self.qdata, r0, r1).view(torch.int8), 8, 0, False)
         kind, block = int4pack_variant()
         if kind != "lanes" or n % block:  # the short last block (or the generic layout): byte by byte
             return CodeTile(_int4pack_offset_tiles(self.qdata, (kind, block), r0, r1).view(torch.int8), 8, 0, False)
@@ -560,7 +645,7 @@ class QuantizedWeight(nn.Module):
         where it is available, the same bits in natural order (the returned tile's
         `lanes` and `split` say so); else the torch ops below.
         """
-        if compiled and dtype == torch.bfloat16 and self.qdata.device.type == "cpu" and _compiled_ready():
+        if compiled and dtype == torch.bfloat16 and self.layout != "panels" and self.qdata.device.type == "cpu" and _compiled_ready():
             return self._compiled_float_tile(r0, r1)
         tile = self.code_tile(r0, r1, split=split and self.group_size is None)
         b = tile.b  # (in', n), row- or column-major; w gets the same order, so every pass is contiguous
@@ -623,8 +708,8 @@ class QuantizedWeight(nn.Module):
         self.scales = scales.to(device=device, dtype=torch.float32)
         self._derived.clear()
         self.choices.clear()
-        if self.layout == "int4pack" and device.type != "cpu":
-            codes = _from_int4pack(self.qdata, int4pack_variant())
+        if self.layout in ("int4pack", "panels") and device.type != "cpu":  # CPU-only layouts
+            codes = self.codes()
             self.layout = "nibbles"
             self.qdata = pack_nibbles(codes)
         if self._layout_request == "auto":

@@ -1,5 +1,7 @@
 /* duquant-jax's compiled helpers: weight tiles of 4- and 8-bit codes dequantized to
- * bfloat16 in one pass, and activations quantized per token in one pass.
+ * bfloat16 in one pass, activations quantized per token in one pass, and the product
+ * of int8 activations with 4-bit weight codes in the "panels" layout (AVX2 integer
+ * dot products: exact int32 sums per scale group, scaled in float32).
  *
  * Built at first use by interop/compiled.py (cc -O3 -march=native -fopenmp) and
  * called through interop/native.py, which checks every operand first: these
@@ -14,9 +16,16 @@
  */
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DUQ_PANELS_SIMD 1
+#else
+#define DUQ_PANELS_SIMD 0
+#endif
 
-int duq_abi_version(void) { return 3; }
+int duq_abi_version(void) { return 4; }
 
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -212,4 +221,176 @@ void duq_quantize_tokens_t(const void *xt, int bf16, int64_t tokens, int64_t n, 
       for (int64_t t = 0; t < tb; ++t) memcpy(xq + (t0 + t) * n + j0, tile[t], (size_t)jb);
     }
   }
+}
+
+/* -- W4A8 products on the "panels" layout ----------------------------------------------------
+ * panels: out/16 panels of 16 rows; panel p holds, for each step s of 4 input columns (in/4 steps),
+ * 32 bytes: byte 4r + c holds u(16p + r, 4s + c) in its low nibble and u(16p + 8 + r, 4s + c) in
+ * its high nibble (r in 0..7, c in 0..3), u = Q + 8 in 0..15. (interop.qweight "panels".)
+ *
+ * y[t, n] = s_t[t] * sum_g s_w[n, g] * (sum_{k in g} u[n, k] xq[t, k] - 8 sum_{k in g} xq[t, k])
+ *        = s_t[t] * sum_g s_w[n, g] * sum_{k in g} Q[n, k] xq[t, k],
+ * every group's integer sum exact (int32), the groups summed in float32 in order (one fused
+ * multiply-add each), then times s_t[t]. The AVX2 form multiplies unsigned codes by signed
+ * activations in pairs (vpmaddubsw: |pair| <= 2 * 15 * 128 = 3840) and adds at most 8 such
+ * int16 terms (30720 < 32767) before widening to int32, so nothing saturates.
+ * Blocking: input columns in blocks of whole groups (about BLOCK_COLUMNS), tokens in blocks of
+ * BLOCK_TOKENS, so that a block of activations stays in cache while every panel passes over it;
+ * the partial sums of a token wait in y between column blocks.
+ * xq: (tokens, in) int8, contiguous; s_t: (tokens,) float; scales: (out, groups) float, contiguous;
+ * y: (tokens, out) float32, contiguous. Needs in % 4 == 0, group % 4 == 0, out % 16 == 0
+ * (checked by interop.native). Returns 0, or -1 when its scratch memory could not be allocated. */
+int duq_panels_simd(void) { return DUQ_PANELS_SIMD; }
+
+#define PANEL_ROWS 16
+#ifndef PANEL_TOKENS
+#define PANEL_TOKENS 3      /* tokens per register block (the tail below handles fewer than 4) */
+#endif
+#define INT16_STEPS 8       /* steps of 4 columns added in int16 before widening */
+#ifndef BLOCK_COLUMNS
+#define BLOCK_COLUMNS 2048  /* input columns per cache block (whole groups; one group if larger) */
+#endif
+#ifndef BLOCK_TOKENS
+#define BLOCK_TOKENS 64     /* tokens per cache block */
+#endif
+
+/* What one register block needs: the column block [g0, g1) of groups, whether it is the first and last. */
+typedef struct {
+  const int8_t *xq;
+  const float *s_t;
+  const int32_t *xsum; /* (tokens, groups): 8 * sum of xq over each group */
+  float *y;
+  int64_t in, out, group, groups, g0, g1;
+  int first, last;
+} panel_job;
+
+#if DUQ_PANELS_SIMD
+/* mr (1..PANEL_TOKENS, a constant after inlining) tokens t0.. against panel rows n0..n0+15;
+ * wp: the panel's bytes, sp: its scales as (groups, 16). */
+static inline __attribute__((always_inline)) void panel_block(const int mr, const panel_job *j, int64_t t0,
+                                                              const uint8_t *wp, const float *sp, int64_t n0) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t steps = j->in / 4, gsteps = j->group / 4;
+  const uint8_t *xr[PANEL_TOKENS];
+  __m256 facc[PANEL_TOKENS][2];
+  for (int m = 0; m < mr; ++m) {
+    xr[m] = (const uint8_t *)(j->xq + (t0 + m) * j->in);
+    float *yr = j->y + (t0 + m) * j->out + n0;
+    facc[m][0] = j->first ? _mm256_setzero_ps() : _mm256_loadu_ps(yr);
+    facc[m][1] = j->first ? _mm256_setzero_ps() : _mm256_loadu_ps(yr + 8);
+  }
+  for (int64_t g = j->g0; g < j->g1; ++g) {
+    const int64_t s0 = g * gsteps, s1 = s0 + gsteps < steps ? s0 + gsteps : steps;
+    __m256i acc[PANEL_TOKENS][2]; /* the group's int32 sums */
+    for (int64_t c0 = s0; c0 < s1; c0 += INT16_STEPS) {
+      const int64_t c1 = c0 + INT16_STEPS < s1 ? c0 + INT16_STEPS : s1;
+      __m256i a16[PANEL_TOKENS][2];
+      for (int m = 0; m < mr; ++m) a16[m][0] = a16[m][1] = _mm256_setzero_si256();
+      for (int64_t s = c0; s < c1; ++s) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(wp + s * 32));
+        const __m256i w0 = _mm256_and_si256(b, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        for (int m = 0; m < mr; ++m) {
+          int32_t x4;
+          memcpy(&x4, xr[m] + 4 * s, 4);
+          const __m256i x = _mm256_set1_epi32(x4);
+          a16[m][0] = _mm256_add_epi16(a16[m][0], _mm256_maddubs_epi16(w0, x));
+          a16[m][1] = _mm256_add_epi16(a16[m][1], _mm256_maddubs_epi16(w1, x));
+        }
+      }
+      for (int m = 0; m < mr; ++m)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i wide = _mm256_madd_epi16(a16[m][h], ones);
+          acc[m][h] = c0 == s0 ? wide : _mm256_add_epi32(acc[m][h], wide);
+        }
+    }
+    const __m256 S0 = _mm256_loadu_ps(sp + g * PANEL_ROWS), S1 = _mm256_loadu_ps(sp + g * PANEL_ROWS + 8);
+    for (int m = 0; m < mr; ++m) {
+      const __m256i off = _mm256_set1_epi32(j->xsum[(t0 + m) * j->groups + g]);
+      facc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][0], off)), S0, facc[m][0]);
+      facc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][1], off)), S1, facc[m][1]);
+    }
+  }
+  for (int m = 0; m < mr; ++m) {
+    float *yr = j->y + (t0 + m) * j->out + n0;
+    if (j->last) {
+      const __m256 st = _mm256_set1_ps(j->s_t[t0 + m]);
+      facc[m][0] = _mm256_mul_ps(facc[m][0], st);
+      facc[m][1] = _mm256_mul_ps(facc[m][1], st);
+    }
+    _mm256_storeu_ps(yr, facc[m][0]);
+    _mm256_storeu_ps(yr + 8, facc[m][1]);
+  }
+}
+#else
+/* The same arithmetic in plain C, in the same order (no AVX2 here: interop.kernels does not offer the
+ * path; the library's self-check still compares it with torch). */
+static void panel_block(const int mr, const panel_job *j, int64_t t0, const uint8_t *wp, const float *sp, int64_t n0) {
+  for (int m = 0; m < mr; ++m) {
+    const int8_t *x = j->xq + (t0 + m) * j->in;
+    float *yr = j->y + (t0 + m) * j->out + n0;
+    for (int i = 0; i < PANEL_ROWS; ++i) {
+      const int r = i % 8, shift = i < 8 ? 0 : 4;
+      float f = j->first ? 0.0f : yr[i];
+      for (int64_t g = j->g0; g < j->g1; ++g) {
+        const int64_t k1 = (g + 1) * j->group < j->in ? (g + 1) * j->group : j->in;
+        int32_t sum = 0;
+        for (int64_t k = g * j->group; k < k1; ++k) sum += ((wp[(k / 4) * 32 + 4 * r + k % 4] >> shift) & 15) * (int32_t)x[k];
+        f = fmaf((float)(sum - j->xsum[(t0 + m) * j->groups + g]), sp[g * PANEL_ROWS + i], f);
+      }
+      yr[i] = j->last ? f * j->s_t[t0 + m] : f;
+    }
+  }
+}
+#endif
+
+int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
+                    const float *scales, int64_t out, int64_t group, float *y, int threads) {
+  const int64_t groups = (in + group - 1) / group, n_panels = out / PANEL_ROWS;
+  const int64_t block_groups = group < BLOCK_COLUMNS ? BLOCK_COLUMNS / group : 1;
+  int32_t *xsum = (int32_t *)malloc((size_t)(tokens * groups > 0 ? tokens * groups : 1) * sizeof(int32_t));
+  float *sps = (float *)malloc((size_t)n_panels * (size_t)(block_groups < groups ? block_groups : groups) * PANEL_ROWS * sizeof(float));
+  if (!xsum || !sps) {
+    free(xsum);
+    free(sps);
+    return -1;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k1 = (g + 1) * group < in ? (g + 1) * group : in;
+        int32_t sum = 0;
+        for (int64_t k = g * group; k < k1; ++k) sum += xq[t * in + k];
+        xsum[t * groups + g] = 8 * sum;
+      }
+    for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
+      const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups, ng = g1 - g0;
+      /* every panel's scales of this column block as (ng, 16), panel by panel */
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < n_panels; ++p)
+        for (int64_t g = 0; g < ng; ++g)
+          for (int i = 0; i < PANEL_ROWS; ++i) sps[(p * ng + g) * PANEL_ROWS + i] = scales[(p * PANEL_ROWS + i) * groups + g0 + g];
+      for (int64_t b0 = 0; b0 < tokens; b0 += BLOCK_TOKENS) {
+        const int64_t b1 = b0 + BLOCK_TOKENS < tokens ? b0 + BLOCK_TOKENS : tokens;
+        const panel_job job = {xq, s_t, xsum, y, in, out, group, groups, g0, g1, g0 == 0, g1 == groups};
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < n_panels; ++p) {
+          const uint8_t *wp = panels + p * (in / 4) * 32;
+          const float *sp = sps + (p * ng - g0) * PANEL_ROWS; /* indexed by the absolute group */
+          int64_t t0 = b0;
+          for (; t0 + PANEL_TOKENS <= b1; t0 += PANEL_TOKENS) panel_block(PANEL_TOKENS, &job, t0, wp, sp, p * PANEL_ROWS);
+          switch (b1 - t0) { /* the last few tokens (fewer than PANEL_TOKENS) */
+            case 3: panel_block(3, &job, t0, wp, sp, p * PANEL_ROWS); break;
+            case 2: panel_block(2, &job, t0, wp, sp, p * PANEL_ROWS); break;
+            case 1: panel_block(1, &job, t0, wp, sp, p * PANEL_ROWS); break;
+            default: break;
+          }
+        }
+      }
+    }
+  }
+  free(xsum);
+  free(sps);
+  return 0;
 }

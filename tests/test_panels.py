@@ -1,0 +1,230 @@
+"""The "panels" layout and the compiled W4A8 product on it (`c-w4a8`): the layout holds the codes exactly, the
+product stays within the float32 paths' bound of a float64 oracle, the operands are checked before the C code
+runs, and `layout="auto"` takes panels only where the product is built and int8 dot products are emulated.
+
+Bounds: `c-w4a8` sums codes exactly in int32 and applies the scales in float32 (a fused multiply-add per group,
+then `* s_t`), so it must agree with the float64 product of the same integer activations and codes to 1e-5 of
+`|x3| @ |W_hat|ᵀ` per element (interop/kernels.py's bound for the float32 paths; measured here: <= 2e-7).
+Calls into the compiled product that are not already made by the library's own check run in a subprocess: a
+crash fails the test instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from interop import compiled, kernel_tuning, native
+from interop.qweight import PANEL_ROWS, QuantizedWeight, pack_nibbles, panels_unavailable
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT_BOUND = 1e-5
+needs_product = pytest.mark.skipif(
+    panels_unavailable(16, 16, 4, torch.device("cpu")) is not None,
+    reason=f"the compiled panel product is unavailable: {panels_unavailable(16, 16, 4, torch.device('cpu'))}",
+)
+
+
+def _child(code: str, env: dict[str, str] | None = None, timeout: int = 300) -> dict:
+    """Runs `code` in a fresh interpreter at the repository root; returns the JSON it prints last."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# (out, in, bits, group): a single panel, several, a short last group, groups of 4 (the smallest), one scale per
+# row, 2- and 3-bit codes (held as 4-bit nibbles), and in = 4100 (two column blocks of the C product).
+CASES = [(16, 4, 4, None), (48, 100, 4, 32), (160, 640, 4, 32), (32, 96, 4, 4), (64, 256, 4, None), (32, 64, 2, 16),
+         (16, 48, 3, None), (32, 4100, 4, 32)]
+
+
+def _weight(out: int, n_in: int, bits: int, group: int | None, seed: int, layout: str = "panels") -> tuple[QuantizedWeight, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(lo, hi, (out, n_in), generator=gen, dtype=torch.int8)
+    codes[0], codes[-1] = lo, hi - 1  # the extremes of the code range
+    shape = (out,) if group is None else (out, -(-n_in // group))
+    scales = torch.rand(shape, generator=gen) * 0.02 + 1e-4
+    return QuantizedWeight(codes, scales, bits=bits, group_size=group, layout=layout), codes
+
+
+@pytest.mark.parametrize("out,n_in,bits,group", CASES)
+def test_panels_layout_holds_the_codes_exactly(out, n_in, bits, group):
+    """codes(), rows(ids), every code tile, the canonical state and a reload into another layout give back the
+    codes the weight was made from."""
+    w, codes = _weight(out, n_in, bits, group, seed=out + n_in)
+    assert w.layout == "panels" and tuple(w.qdata.shape) == (out, n_in // 2)
+    assert torch.equal(w.codes(), codes)
+    ids = torch.tensor([0, out - 1, out // 2, 7, 8, min(15, out - 1)])
+    assert torch.equal(w.rows(ids), w.dequantize()[ids])
+    for r0, r1 in w.row_tiles(32):
+        assert r0 % PANEL_ROWS == 0 and r1 % PANEL_ROWS == 0
+        tile = w.code_tile(r0, r1)
+        assert torch.equal(tile.b.to(torch.int16) - tile.offset, codes[r0:r1].t().to(torch.int16))
+    state = w.state_dict()
+    assert torch.equal(state["codes"], pack_nibbles(codes))
+    other = QuantizedWeight(torch.zeros_like(codes), torch.ones_like(w.scales), bits=bits, group_size=group, layout="nibbles")
+    other.load_state_dict(state)
+    assert torch.equal(other.codes(), codes)
+    back = QuantizedWeight(torch.zeros_like(codes), torch.ones_like(w.scales), bits=bits, group_size=group, layout="panels")
+    back.load_state_dict(other.state_dict())
+    assert torch.equal(back.qdata, w.qdata)
+
+
+def test_panels_layout_refuses_what_it_cannot_hold_by_name():
+    codes = torch.zeros(24, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"layout 'panels' is unavailable: panels need out % 16 == 0 and in % 4 == 0; the weight is 24 x 64"):
+        QuantizedWeight(codes, torch.ones(24), bits=4, layout="panels", name="q")
+    with pytest.raises(ValueError, match=r"panels need out % 16 == 0 and in % 4 == 0; the weight is 16 x 66"):
+        QuantizedWeight(torch.zeros(16, 66, dtype=torch.int8), torch.ones(16), bits=4, layout="panels")
+    with pytest.raises(ValueError, match="panels hold 2..4-bit codes; these are 8-bit"):
+        QuantizedWeight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16), bits=8, layout="panels")
+
+
+def test_panels_move_off_the_cpu_as_nibbles_and_relayout_round_trips():
+    w, codes = _weight(48, 100, 4, 32, seed=1)
+    w.relayout("nibbles")
+    assert w.layout == "nibbles" and torch.equal(w.codes(), codes)
+    w.relayout("panels")
+    assert w.layout == "panels" and torch.equal(w.codes(), codes)
+    meta = w.to("meta")  # a non-CPU device: the CPU-only layouts become nibbles
+    assert meta.layout == "nibbles" and meta.qdata.device.type == "meta"
+
+
+@needs_product
+def test_c_w4a8_product_is_within_the_float32_bound_of_the_float64_oracle():
+    """Every case, tokens in every bucket (remainders of the 3-token register block too), dynamic per-token and
+    static per-tensor activations, float32 and bfloat16 inputs (bfloat16: the float32 product rounded once);
+    also equal, within the same bound, to `int-mm` on the same codes."""
+    got = _child(
+        f"""
+        import json, torch
+        from interop import native
+        from interop.kernels import ActQuant, kernel_options, quantize_tokens, quantized_matmul
+        from interop.qweight import QuantizedWeight
+        worst, vs_int_mm, bf16_equal, paths = 0.0, 0.0, True, set()
+        for i, (out, n_in, bits, group) in enumerate({CASES!r}):
+            gen = torch.Generator().manual_seed(i)
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+            codes = torch.randint(lo, hi, (out, n_in), generator=gen, dtype=torch.int8)
+            codes[0], codes[-1] = lo, hi - 1
+            shape = (out,) if group is None else (out, -(-n_in // group))
+            w = QuantizedWeight(codes, torch.rand(shape, generator=gen) * 0.02 + 1e-4, bits=bits, group_size=group, layout="panels")
+            per_code = w.code_scales(0, out).double()
+            for act in (ActQuant("dynamic-token", 8), ActQuant("static-tensor", 8), ActQuant("dynamic-token", 4, clip=0.9)):
+                scale = torch.tensor([0.02]) if act.scheme == "static-tensor" else None
+                for tokens in (1, 2, 3, 5, 16, 67):
+                    x = torch.randn(tokens, n_in, generator=gen) * 3
+                    xq, s_t = quantize_tokens(x, act, scale)
+                    want = (xq.double() @ (codes.double() * per_code).t()) * s_t.double()
+                    den = (xq.double().abs() @ (codes.double().abs() * per_code).t()) * s_t.double()
+                    with kernel_options(path="c-w4a8"):
+                        y = quantized_matmul(x, w, act, scale)
+                        yb = quantized_matmul(x.to(torch.bfloat16), w, act, scale)
+                    paths.add(w.last_path)
+                    worst = max(worst, ((y.double() - want).abs() / den.clamp(min=1e-30)).max().item())
+                    xqb, s_tb = quantize_tokens(x.to(torch.bfloat16), act, scale)  # bfloat16: the float32 product, rounded
+                    yf = native.w4a8_panels(xqb, s_tb, w.qdata, w.scales_2d(), w.effective_group, torch.empty(tokens, out))
+                    bf16_equal &= yb.dtype == torch.bfloat16 and torch.equal(yb, yf.to(torch.bfloat16))
+                    with kernel_options(path="int-mm"):
+                        yi = quantized_matmul(x, w, act, scale)
+                    vs_int_mm = max(vs_int_mm, ((y.double() - yi.double()).abs() / den.clamp(min=1e-30)).max().item())
+        print(json.dumps(dict(worst=worst, vs_int_mm=vs_int_mm, bf16_equal=bf16_equal, paths=sorted(paths))))
+        """
+    )
+    assert got["paths"] == ["c-w4a8"]
+    assert got["worst"] <= PRODUCT_BOUND, got
+    assert got["vs_int_mm"] <= 2 * PRODUCT_BOUND, got
+    assert got["bf16_equal"], got
+
+
+@needs_product
+def test_native_w4a8_panels_refuses_bad_operands_by_name():
+    """Every operand the C product would walk is checked first: dtype, shape, layout facts, contiguity, alignment."""
+    w, _ = _weight(32, 64, 4, 32, seed=3)
+    xq, s_t = torch.zeros(5, 64, dtype=torch.int8), torch.ones(5, 1)
+    y = torch.empty(5, 32)
+    scales = w.scales_2d()
+    native.w4a8_panels(xq, s_t, w.qdata, scales, 32, y)  # the good call
+    misaligned = torch.empty(32 * 32 + 1, dtype=torch.uint8)[1:].view(32, 32)
+    bad = [
+        (dict(xq=xq.float()), "xq must be torch.int8"),
+        (dict(xq=torch.zeros(5, 62, dtype=torch.int8)), "in must be a positive multiple of 4; got 62"),
+        (dict(xq=torch.zeros(5, 128, dtype=torch.int8)[:, ::2]), "xq must be contiguous"),
+        (dict(panels=w.qdata[:24]), "out_features must be a positive multiple of 16; got 24"),
+        (dict(panels=torch.zeros(32, 16, dtype=torch.uint8)), "panels must have in / 2 = 32 columns; got 16"),
+        (dict(panels=misaligned), "panels must start on a 64-byte boundary"),
+        (dict(group=6), "group must be a positive multiple of 4; got 6"),
+        (dict(group=16), r"scales must have shape \(32, 4\); got \(32, 2\)"),
+        (dict(s_t=torch.ones(4, 1)), "s_t must hold 5 contiguous scales"),
+        (dict(s_t=torch.ones(5, 1, dtype=torch.float64)), "s_t must be a float32 CPU tensor"),
+        (dict(out=torch.empty(5, 16)), r"out must have shape \(5, 32\); got \(5, 16\)"),
+        (dict(out=torch.empty(5, 32, dtype=torch.bfloat16)), "out must be torch.float32"),
+    ]
+    for change, match in bad:
+        args = {**dict(xq=xq, s_t=s_t, panels=w.qdata, scales=scales, group=32, out=y), **change}
+        with pytest.raises(native.NativeKernelError, match=match):
+            native.w4a8_panels(**args)
+
+
+@needs_product
+def test_c_w4a8_is_offered_only_for_integer_activations_on_panels():
+    from interop.kernels import ActQuant, unavailable
+
+    w, _ = _weight(32, 64, 4, 32, seed=4)
+    assert unavailable("c-w4a8", w, ActQuant("dynamic-token", 8), torch.float32, 16) is None
+    assert "needs integer activations" in unavailable("c-w4a8", w, ActQuant("none"), torch.float32, 16)
+    assert "needs integer activations" in unavailable("c-w4a8", w, ActQuant("dynamic-group", 8, group=32), torch.float32, 16)
+    nib, _ = _weight(32, 64, 4, 32, seed=4, layout="nibbles")
+    assert "needs the 'panels' layout" in unavailable("c-w4a8", nib, ActQuant("dynamic-token", 8), torch.float32, 16)
+    odd, _ = _weight(32, 66 - 2, 4, 2, seed=5)  # groups of 2 columns
+    assert "scale groups of a multiple of 4" in unavailable("c-w4a8", odd, ActQuant("dynamic-token", 8), torch.float32, 16)
+
+
+@needs_product
+@pytest.mark.parametrize(
+    "flags,integer_acts,want",
+    [
+        ({"avx2", "fma"}, True, "panels"),  # int8 dot products emulated: the compiled product
+        ({"avx2", "fma", "avx512_vnni"}, True, "int4pack"),  # torch's int8 GEMM is native: keep its layout
+        ({"avx2", "fma"}, False, "int4pack"),  # float activations: the product does not apply
+        (set(), True, "int4pack"),  # flags unreadable: nothing assumed missing
+    ],
+)
+def test_auto_layout_takes_panels_only_where_int8_dot_products_are_emulated(monkeypatch, flags, integer_acts, want):
+    from interop.qweight import int4pack_variant
+
+    if want == "int4pack" and int4pack_variant() is None:
+        want = "nibbles"
+    monkeypatch.setattr(kernel_tuning, "cpu_info", lambda: ("test cpu", frozenset(flags)))
+    w = QuantizedWeight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32, 2), bits=4, group_size=32, integer_acts=integer_acts)
+    assert w.layout == want
+    w8 = QuantizedWeight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32), bits=8, integer_acts=integer_acts)
+    assert w8.layout == "int8"
+
+
+def test_panels_are_not_auto_picked_without_the_compiled_product():
+    """With the compiled helpers disabled, a W4A8 layer keeps torch's int4 layout and runs."""
+    got = _child(
+        """
+        import json, torch
+        from duquant_jax import DuQuantConfig
+        from interop.linear import DuQuantLinear
+        from interop.kernels import candidates
+        lin = torch.nn.Linear(64, 32)
+        layer = DuQuantLinear.from_linear(lin, DuQuantConfig.preset("w4a8", weight_method="rtn", smooth_alpha=None))
+        y = layer(torch.randn(3, 64))
+        print(json.dumps(dict(layout=layer.qweight.layout, finite=bool(torch.isfinite(y).all()),
+                              paths=candidates(layer.qweight, layer.act, torch.float32, 3))))
+        """,
+        env={"DUQUANT_COMPILED": "0"},
+    )
+    assert got["layout"] != "panels" and got["finite"] and "c-w4a8" not in got["paths"]
