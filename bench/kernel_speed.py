@@ -1,6 +1,7 @@
 """Quantized product kernels (`interop.kernels`) against `nn.Linear`, per path, on the Gemma-2B block.
 
-    python bench/kernel_speed.py [--tokens 1,16,256] [--rounds 15] [--layers q_proj,...] [--threads N] [--no-write]
+    python bench/kernel_speed.py [--tokens 1,16,256] [--rounds 15] [--layers q_proj,...] [--threads N] [--groups 128]
+        [--tag NAME] [--no-write]
 
 For each linear of one Gemma-2B block, in float32 and bfloat16 at 1, 16 and
 256 tokens: `nn.Linear` in both dtypes; every kernel path of W8A8 and W4A8
@@ -15,13 +16,18 @@ Timing: every variant of one (layer, dtype, tokens) is warmed up, then timed
 once per round, round after round, and its median over the rounds reported:
 interleaving spreads the bursts of load of a shared machine over all variants
 alike. Random codes and scales (the product's speed does not depend on their
-values). Writes the section "Kernel speed" of bench/RESULTS.md.
+values). Each weight is held in the layout a `DuQuantLinear` of its configuration
+gets on this machine (`layout="auto"`, integer activations said), so the `(auto)`
+columns are what a model runs. Writes the section "Kernel speed" of
+bench/RESULTS.md (`--tag NAME`: "Kernel speed, NAME", and kernel_speed_NAME.md/.png,
+for another machine's run beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -53,11 +59,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ROTATIONS = ("rot in B=16", "rot out B=16", "rot in B=128")
 
 
-def _weight(out: int, n_in: int, bits: int, group: int | None, seed: int) -> QuantizedWeight:
+def _weight(out: int, n_in: int, bits: int, group: int | None, seed: int, integer_acts: bool = False) -> QuantizedWeight:
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (out, n_in), generator=gen, dtype=torch.int8)
     shape = (out,) if group is None else (out, -(-n_in // group))
-    return QuantizedWeight(codes, torch.rand(shape, generator=gen) * 0.01 + 1e-3, bits=bits, group_size=group)
+    return QuantizedWeight(codes, torch.rand(shape, generator=gen) * 0.01 + 1e-3, bits=bits, group_size=group,
+                           integer_acts=integer_acts)
 
 
 def _rotation(n: int, tokens: int, dtype: torch.dtype, block: int) -> Callable[[], torch.Tensor]:
@@ -106,8 +113,11 @@ def main() -> None:
     ap.add_argument("--layers", default=",".join(GEMMA_2B), help="comma-separated subset of the Gemma-2B block")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); the section name says it")
     ap.add_argument("--groups", default="128", help="comma-separated weight group sizes timed beside per-row scales")
+    ap.add_argument("--tag", default=None, help="write 'Kernel speed, TAG' and kernel_speed_TAG.md/.png (another machine's run)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args.tag):
+        raise SystemExit(f"--tag must be 1-40 letters, digits, '_' or '-' (it names files); got {args.tag!r}")
     cfgs = configs(tuple(int(g) for g in args.groups.split(",") if g.strip()))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +131,7 @@ def main() -> None:
     block: dict[tuple[str, int], dict[str, float]] = {}
     ao_cols: list[str] = []
     for li, (name, (out, n_in)) in enumerate(layers.items()):
-        weights = {c: _weight(out, n_in, bits, group, seed=li) for c, (bits, group, _) in cfgs.items()}
+        weights = {c: _weight(out, n_in, bits, group, seed=li, integer_acts=act.integer) for c, (bits, group, act) in cfgs.items()}
         lin = torch.nn.Linear(n_in, out, bias=False)
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
@@ -191,6 +201,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     suffix = "" if not args.threads else f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     stem = "kernel_speed" + ("" if not args.threads else f"_{args.threads}thread")
+    if args.tag:
+        suffix, stem = f"{suffix}, {args.tag}", f"{stem}_{args.tag}"
     largest = max(layers, key=lambda k: layers[k][0] * layers[k][1])
     body = (
         "`python bench/kernel_speed.py` — one Gemma-2B block's 7 linears, ms summed over the block; every "

@@ -1,6 +1,6 @@
 """The quantized output layer (and the embedding tied to it) on Gemma-3 270M: saved bytes and perplexity.
 
-    python bench/output_layer.py [--n-test 24] [--dev] | --report COMMIT
+    python bench/output_layer.py [--n-test 24] [--dev [--variants A,B]] | --report COMMIT
 
 Rows: the float model; the float body with the output layer as `quantize_(output_layer=8)` and
 `output_layer=4` make it (int8 per row; int4 in groups of 32 rounded with GPTQ on its input observed
@@ -14,8 +14,9 @@ bench/output_layer.jsonl and writes the section of bench/RESULTS.md; refuses a t
 changes unless `--allow-dirty` (then nothing is written to RESULTS.md).
 
 `--dev`: the float body with its output layer at 4 bits in DEV_VARIANTS' group sizes and roundings (round to
-nearest, or GPTQ on the output layer's observed input), scored on the development chunks, where a choice
-between them is made; the test split is left for the rows above.
+nearest, or GPTQ on the output layer's observed input) and activations (float, or int8 per token: `act_bits=8`),
+scored on the development chunks, where a choice between them is made; the test split is left for the rows
+above. `--variants`: only these DEV_VARIANTS (comma-separated labels), beside the float model.
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ ROWS = {
     "w4a8 + output layer int4 g32 gptq": ("w4a8", 4),
 }
 # `--dev`: the float body's output layer at 4 bits, scored on the development chunks (where choices are made):
-# {label: (group size, rounding method)}; GPTQ observes the output layer's input on the calibration chunks.
+# {label: (group size, rounding method, activation bits)}; GPTQ observes the output layer's input on the
+# calibration chunks; activation bits 8: its input quantized to int8 per token at run time.
 DEV_VARIANTS = {
-    "int4 g128 rtn": (128, "rtn"),
-    "int4 g128 gptq": (128, "gptq"),
-    "int4 g64 gptq": (64, "gptq"),
-    "int4 g32 rtn": (32, "rtn"),
-    "int4 g32 gptq": (32, "gptq"),
+    "int4 g128 rtn": (128, "rtn", 16),
+    "int4 g128 gptq": (128, "gptq", 16),
+    "int4 g64 gptq": (64, "gptq", 16),
+    "int4 g32 rtn": (32, "rtn", 16),
+    "int4 g32 gptq": (32, "gptq", 16),
+    "int4 g32 gptq a8": (32, "gptq", 8),
 }
 DEV_SECTION = "Output layer at 4 bits: group size and rounding, development split (bench/output_layer.py --dev)"
 
@@ -69,14 +72,22 @@ def main() -> None:
     ap.add_argument("--allow-dirty", action="store_true")
     ap.add_argument("--report", metavar="COMMIT", help="render the lines of COMMIT from bench/output_layer.jsonl; measure nothing")
     ap.add_argument("--dev", action="store_true", help="score DEV_VARIANTS of the 4-bit output layer on the development split")
+    ap.add_argument("--variants", default=None, help="with --dev: only these DEV_VARIANTS labels, comma-separated")
     args = ap.parse_args()
+    variants = DEV_VARIANTS
+    if args.variants is not None:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in DEV_VARIANTS]
+        if unknown or not wanted:
+            raise SystemExit(f"--variants: unknown {unknown or args.variants!r}; the variants are {list(DEV_VARIANTS)}")
+        variants = {v: DEV_VARIANTS[v] for v in wanted}
     if args.report:
         return report(args.report)
     rev = commit()
     if (rev.endswith("+dirty") or rev == "unknown") and not args.allow_dirty:
         raise SystemExit(f"the tree has uncommitted changes ({rev}): commit first, or pass --allow-dirty")
     if args.dev:
-        return dev_variants(rev, args.n_test)
+        return dev_variants(rev, args.n_test, variants)
     from quality_models import GemmaTask
 
     from interop import observe, quantize_, save_quantized
@@ -123,8 +134,8 @@ def main() -> None:
     write_report(rows, _float_bytes(task._model), rev)
 
 
-def dev_variants(rev: str, n_test: int) -> None:
-    """The float model and each DEV_VARIANTS output layer (float body) on the development chunks; JSON lines
+def dev_variants(rev: str, n_test: int, variants: dict[str, tuple[int, str, int]]) -> None:
+    """The float model and each of `variants` (DEV_VARIANTS) output layers (float body) on the development chunks; JSON lines
     (`"dev_variant"`) appended to bench/output_layer.jsonl, the table to bench/RESULTS.md."""
     from quality_models import GemmaTask
 
@@ -137,18 +148,18 @@ def dev_variants(rev: str, n_test: int) -> None:
     split = ThreeWaySplit(0, len(task.chunks), 16, 24, n_test)
     batches = [task._ids(int(i)) for i in split.calib]
     recs = []
-    for label, spec in {"float": None, **DEV_VARIANTS}.items():
+    for label, spec in {"float": None, **variants}.items():
         t = time.perf_counter()
         model = task.float_model().eval()
         if spec is not None:
-            group, method = spec
+            group, method, act_bits = spec
             stats = None
             if method == "gptq":
                 head = find_output_layer(model)
                 with observe(model, lambda n, m: n == head, xtx=True) as stats, torch.no_grad():
                     for ids in batches:
                         model(input_ids=ids, use_cache=False)
-            quantize_output_layer(model, 4, group, method=method, stats=stats)
+            quantize_output_layer(model, 4, group, method=method, stats=stats, act_bits=act_bits)
         with kernel_options(precision="float32"):
             nll = task.chunk_nll(model, split.dev).tolist()
         rec = {"commit": rev, "dev_variant": label, "split": split.describe(), "part": "dev", "nll_dev": nll,
@@ -168,7 +179,8 @@ def dev_variants(rev: str, n_test: int) -> None:
         "|---|---|---|",
     ]
     lines += [f"| {r['dev_variant']} | {_quality_cells(r['nll_dev'], fl['nll_dev'])} |" for r in recs]
-    _publish(DEV_SECTION, lines, rev)
+    some = list(variants) != list(DEV_VARIANTS)  # a subset gets its own section, beside the whole table's
+    _publish(f"{DEV_SECTION[: DEV_SECTION.index(' (')]}: {', '.join(variants)} (bench/output_layer.py --dev --variants)" if some else DEV_SECTION, lines, rev)
 
 
 def _quality_cells(nll: list[float], float_nll: list[float]) -> str:

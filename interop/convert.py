@@ -40,6 +40,7 @@ def quantize_(
     stats: Mapping[str, LayerStats] | None = None,
     *,
     output_layer: int | None = None,
+    output_layer_act_bits: int = 16,
     input_groups: str | Sequence[Sequence[str]] | None = None,
     consume_stats: bool = False,
 ) -> dict[str, nn.Module]:
@@ -60,6 +61,9 @@ def quantize_(
         same codes (`interop.output_layer.output_layer_recipe`, `quantize_output_layer`
         for finer control). The main configuration never applies to it then. None
         (default): as the filter says.
+      output_layer_act_bits: with `output_layer`: 16 (default: weight-only) or 8 (its input
+        quantized to int8 per token at run time, so that the integer products run it: README
+        "The output layer and a tied embedding" says what it costs and gains).
       input_groups: give layers that read one input tensor (q/k/v, gate/up) one input
         transform, fitted on their stacked weight (`duquant_jax.shared_input`) and run once
         per input (`interop.shared_input`): faster, but measured 0.5-1% worse perplexity on
@@ -82,7 +86,7 @@ def quantize_(
     if output_layer is not None:
         from interop.output_layer import find_output_layer, output_layer_config
 
-        output_layer_config(output_layer)  # checks the value before any layer is packed
+        output_layer_config(output_layer, act_bits=output_layer_act_bits)  # checks the values before any layer is packed
         try:
             head_name = find_output_layer(model)
         except ValueError as e:
@@ -116,7 +120,8 @@ def quantize_(
         from interop.output_layer import output_layer_recipe, quantize_output_layer
 
         group_size, method = output_layer_recipe(output_layer, stats, head_name)
-        replaced.update(quantize_output_layer(model, output_layer, group_size, method=method, stats=stats, head=head_name))
+        replaced.update(quantize_output_layer(model, output_layer, group_size, method=method, stats=stats, head=head_name,
+                                              act_bits=output_layer_act_bits))
     order = [n for n, _ in selected]
     return {n: replaced[n] for n in order + [n for n in replaced if n not in linears]}
 

@@ -29,12 +29,20 @@ from interop.linear import DuQuantLinear
 from interop.modules import set_child
 
 
-def output_layer_config(bits: int = 8, group_size: int | None = None, method: str = "rtn") -> DuQuantConfig:
-    """The configuration of a quantized output layer: weight-only, `bits` 8 (per row) or 4 (`group_size`)."""
+OUTPUT_ACT_BITS = (16, 8)
+
+
+def output_layer_config(bits: int = 8, group_size: int | None = None, method: str = "rtn", act_bits: int = 16) -> DuQuantConfig:
+    """The configuration of a quantized output layer: `bits` 8 (per row) or 4 (`group_size`) weights, and
+    float activations (`act_bits=16`, weight-only) or int8 ones with one scale per token (`act_bits=8`, dynamic:
+    the integer products run; no rotation, so an embedding can still share the codes)."""
     if bits not in (4, 8):
         raise ValueError(f"output layer: bits must be 8 or 4; got {bits!r}")
-    return DuQuantConfig(weight_bits=bits, act_bits=16, rotation="none", enable_permute=False,
-                         weight_group_size=group_size, weight_method=method)
+    if act_bits not in OUTPUT_ACT_BITS:
+        raise ValueError(f"output layer: act_bits must be 16 (float activations) or 8 (int8 per token); got {act_bits!r}")
+    acts = {} if act_bits == 16 else {"act_bits": act_bits, "act_scheme": "dynamic-token"}
+    return DuQuantConfig(weight_bits=bits, rotation="none", enable_permute=False, weight_group_size=group_size,
+                         weight_method=method, **{"act_bits": 16, **acts})
 
 
 INT4_GROUP_SIZE = 32
@@ -144,8 +152,9 @@ def quantize_output_layer(
     stats: Mapping[str, LayerStats] | None = None,
     head: str | None = None,
     embedding: str | None = None,
+    act_bits: int = 16,
 ) -> dict[str, nn.Module]:
-    """Quantizes `model`'s output layer weight-only and ties its input embedding to the codes, in place.
+    """Quantizes `model`'s output layer and ties its input embedding to the codes, in place.
 
     Args:
       model: a torch model (a transformers model finds both layers itself).
@@ -156,6 +165,8 @@ def quantize_output_layer(
       head: the output layer's module name (default: `model.get_output_embeddings()`).
       embedding: the input embedding's module name (default: `model.get_input_embeddings()`);
         it is replaced only when it shares the head's weight tensor.
+      act_bits: 16 (default: weight-only, float activations) or 8 (the head's input quantized to int8
+        per token at run time, so that the integer products apply; `output_layer_config`).
 
     Returns:
       {name: new module}: the head's `DuQuantLinear`, and the `QuantizedEmbedding` when tied.
@@ -168,7 +179,7 @@ def quantize_output_layer(
     tied = isinstance(emb_mod, nn.Embedding) and emb_mod.weight is head_mod.weight
     if embedding and not tied:
         raise ValueError(f"quantize_output_layer: embedding {embedding!r} does not share the weight of {head_name!r}")
-    config = output_layer_config(bits, group_size, method)
+    config = output_layer_config(bits, group_size, method, act_bits)
     new = quantize_(model, config, lambda n, m: n == head_name, progress=False, stats=stats)
     if tied:
         emb_name = embedding or _name_of(model, emb_mod)

@@ -60,10 +60,12 @@ def test_weight_rows_equal_the_dequantized_rows(layout, bits, group):
         w.rows(torch.tensor([176]))
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
-def test_tied_embedding_reads_the_head_codes_and_logits_stay_close(bits, group):
+@pytest.mark.parametrize("bits, group, act_bits", [(8, None, 16), (4, 32, 16), (4, 32, 8), (8, None, 8)])
+def test_tied_embedding_reads_the_head_codes_and_logits_stay_close(bits, group, act_bits):
+    """Also with the head's input quantized to int8 per token (`act_bits=8`): the integer products run it, and the
+    embedding still gathers the same codes (in the "panels" layout where `layout="auto"` picks it)."""
     ref, model = _gemma(), _gemma()
-    new = quantize_output_layer(model, bits, group)
+    new = quantize_output_layer(model, bits, group, act_bits=act_bits)
     assert set(new) == {"lm_head", "model.embed_tokens"}
     emb, head = model.model.embed_tokens, model.lm_head
     assert isinstance(emb, QuantizedEmbedding) and emb.head is head
@@ -75,6 +77,7 @@ def test_tied_embedding_reads_the_head_codes_and_logits_stay_close(bits, group):
     rel = float((got - float_logits).norm() / float_logits.norm())
     assert rel < (0.02 if bits == 8 else 0.15), rel
     assert "model.embed_tokens.weight" not in model.state_dict()
+    assert head.act.scheme == ("none" if act_bits == 16 else "dynamic-token")
 
 
 def test_tied_embedding_follows_the_model_dtype():
@@ -98,9 +101,10 @@ def test_tied_embedding_follows_the_model_dtype():
         assert emb.dtype == torch.float32 and torch.equal(emb(ids), rows32)
 
 
-def test_saved_model_stores_the_tied_matrix_once_and_reloads_bit_identically(tmp_path):
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_saved_model_stores_the_tied_matrix_once_and_reloads_bit_identically(tmp_path, act_bits):
     model = _gemma(vocab=2048)
-    quantize_output_layer(model, 4, 32)
+    quantize_output_layer(model, 4, 32, act_bits=act_bits)
     save_quantized(model, tmp_path)
     from safetensors import safe_open
 
@@ -109,6 +113,7 @@ def test_saved_model_stores_the_tied_matrix_once_and_reloads_bit_identically(tmp
     assert "lm_head.qweight.codes" in keys and not any(k.startswith("model.embed_tokens") for k in keys)
     back = load_quantized(_gemma(vocab=2048), tmp_path)
     assert isinstance(back.model.embed_tokens, QuantizedEmbedding) and back.model.embed_tokens.head is back.lm_head
+    assert back.lm_head.config.act_bits == act_bits and back.lm_head.qweight.layout == model.lm_head.qweight.layout
     ids = _ids(2048)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
@@ -151,6 +156,10 @@ def test_bad_bits_and_rotated_heads_are_refused():
 
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         quantize_output_layer(_gemma(), 6)
+    with pytest.raises(ValueError, match=r"act_bits must be 16 \(float activations\) or 8 \(int8 per token\); got 4"):
+        quantize_output_layer(_gemma(), 4, 32, act_bits=4)
+    with pytest.raises(ValueError, match="act_bits must be 16"):
+        quantize_(_gemma(), DuQuantConfig.preset("w8a8"), lambda n, m: False, progress=False, output_layer=8, output_layer_act_bits=12)
     model = _gemma()
     quantize_(model, DuQuantConfig.preset("w8a8"), lambda n, m: n == "lm_head", progress=False)
     with pytest.raises(ValueError, match="rotated or smoothed"):
@@ -264,12 +273,12 @@ def test_export_refuses_a_tied_quantized_output_layer(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)])
-def test_fullgraph_compile_of_a_tied_model_matches_eager_and_checks_ids(bits, group):
+@pytest.mark.parametrize("bits, group, act_bits", [(8, None, 16), (4, 32, 16), (4, 32, 8)])
+def test_fullgraph_compile_of_a_tied_model_matches_eager_and_checks_ids(bits, group, act_bits):
     from interop.kernels import freeze_paths
 
     model = _gemma()
-    quantize_output_layer(model, bits, group)
+    quantize_output_layer(model, bits, group, act_bits=act_bits)
     freeze_paths(model)
     ids = _ids()
     compiled = torch.compile(model, fullgraph=True)
