@@ -9,12 +9,11 @@ product torch has no fast kernel for on CPUs without int8 dot-product instructio
   in groups of 128, bench/RESULTS.md "Compiled helpers").
 - Per-token activation quantization (`kernels.quantize_tokens`: max, scale,
   divide, round, clamp) is one pass per token.
-- The `c-w4a8` path (`duq_w4a8_panels`): int8 activations times 4-bit codes in the
-  "panels" layout with AVX2 integer multiply-adds, exact int32 sums per scale group,
-  scaled in float32 (on an AVX2-only EPYC, 2 threads: 0.2-0.8x the time of a float32
-  `nn.Linear`, where torch's int8 GEMM is emulated; bench/RESULTS.md "Kernels on an
-  AVX2-only CPU"). Built without AVX2 and FMA, the library still holds a plain C
-  version (checked, but not offered as a path: `duq_panels_simd()` says which).
+- The `c-int8` path (`duq_w4a8_panels`, `duq_w8a8_panels`): int8 activations times
+  4- or 8-bit codes in the "panels" layout with AVX2 integer multiply-adds, exact int32
+  sums per scale group, scaled in float32, where torch's int8 GEMM is emulated
+  (bench/RESULTS.md "Kernel speed, avx2"). Built without AVX2 and FMA, the library still
+  holds a plain C version (checked, but not offered as a path: `duq_panels_simd()` says which).
 
 Building: the first `load()` of a process compiles the source with the C
 compiler (`$CC`, else `cc`, else `gcc`) and `-O3 -march=native -fopenmp`
@@ -140,8 +139,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.duq_quantize_tokens_t.argtypes = lib.duq_quantize_tokens.argtypes
     lib.duq_panels_simd.restype = c_int
     lib.duq_panels_simd.argtypes = []
-    lib.duq_w4a8_panels.restype = c_int
-    lib.duq_w4a8_panels.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
+    for name in ("duq_w4a8_panels", "duq_w8a8_panels"):
+        getattr(lib, name).restype = c_int
+        getattr(lib, name).argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
     return lib
 
 
@@ -196,33 +196,36 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
     return _check_panels(lib, gen)
 
 
-# The W4A8 product's float32 arithmetic (fused multiply-adds over groups) is not torch's op for op: it is checked
+# The panel products' float32 arithmetic (fused multiply-adds over groups) is not torch's op for op: it is checked
 # against float64 within this many float32 unit roundoffs times the sum of |terms| (the kernels' bound is 1e-5).
 PANELS_CHECK_ULPS = 64
 
 
 def _check_panels(lib: ctypes.CDLL, gen) -> str | None:
-    """`duq_w4a8_panels` on codes and activations at their extremes, a short last group and two column blocks
-    (in = 4100 > BLOCK_COLUMNS), against a float64 product; the first problem, or None."""
+    """`duq_w4a8_panels` and `duq_w8a8_panels` on codes and activations at their extremes, a short last group and
+    two column blocks (in = 4100 > BLOCK_COLUMNS), against a float64 product; the first problem, or None."""
     import torch
 
     from interop.qweight import _to_panels
 
-    for rows, n_in, group, tokens in ((32, 104, 32, 5), (16, 4100, 32, 2), (16, 64, 64, 1)):
-        codes = torch.randint(-8, 8, (rows, n_in), generator=gen, dtype=torch.int8)
+    cases = [(4, 32, 104, 32, 5), (4, 16, 4100, 32, 2), (4, 16, 64, 64, 1), (8, 32, 104, 104, 3), (8, 16, 4100, 4100, 2)]
+    for bits, rows, n_in, group, tokens in cases:
+        q = 2 ** (bits - 1)
+        codes = torch.randint(-q, q, (rows, n_in), generator=gen, dtype=torch.int8)
         xq = torch.randint(-128, 128, (tokens, n_in), generator=gen, dtype=torch.int8)
-        codes[0], codes[1], xq[0] = -8, 7, -128  # the int16 sums' extremes
+        codes[0], codes[1], xq[0] = -q, q - 1, -128  # the int16 sums' extremes
         groups = -(-n_in // group)
         scales = torch.rand(rows, groups, generator=gen) * 3e-2 + 1e-4
         s_t = torch.rand(tokens, generator=gen) + 0.5
         per_code = scales.double().repeat_interleave(group, 1)[:, :n_in]
         want = (xq.double() @ (codes.double() * per_code).t()) * s_t.double()[:, None]
         bound = (xq.double().abs() @ (codes.double().abs() * per_code).t()) * s_t.double()[:, None] * PANELS_CHECK_ULPS * 2.0**-24
-        panels, y = _to_panels(codes), torch.empty(tokens, rows)
-        if lib.duq_w4a8_panels(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), rows, group, y.data_ptr(), 2):
-            return "duq_w4a8_panels could not allocate its scratch memory"
+        panels, y = _to_panels(codes, bits), torch.empty(tokens, rows)
+        name = "duq_w4a8_panels" if bits == 4 else "duq_w8a8_panels"
+        if getattr(lib, name)(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), rows, group, y.data_ptr(), 2):
+            return f"{name} could not allocate its scratch memory"
         if not bool(((y.double() - want).abs() <= bound).all()):
-            return f"duq_w4a8_panels ({rows} x {n_in}, groups of {group}, {tokens} tokens) differs from the float64 product"
+            return f"{name} ({rows} x {n_in}, groups of {group}, {tokens} tokens) differs from the float64 product"
     return None
 
 

@@ -27,11 +27,11 @@ Paths (`PATHS`), each checked against the oracle by `tests/test_kernels.py`:
 | `int-mm` | dynamic-token, static-tensor | all | `torch._int_mm` on int8 `xq` and int8 code tiles: exact int32 sums, then `s_t * s_w` in float32; groups: one int32 product per group |
 | `int8pack` | none, dynamic-token, static-tensor | int8 layout, per row, CPU | `torch._weight_int8pack_mm`: bfloat16 input (`xq` is exact in it), bfloat16 scales and output |
 | `int4pack` | none, dynamic-token, static-tensor | int4pack layout, CPU | `_weight_int4pack_mm_for_cpu`: bfloat16 input, bfloat16 group scales, float32 accumulation, bfloat16 output |
-| `c-w4a8` | dynamic-token, static-tensor | panels layout (2..4 bits), groups of a multiple of 4, CPU with AVX2 | `interop.compiled`'s `duq_w4a8_panels`: exact int32 sums per group (AVX2 `vpmaddubsw`), `s_w` and `s_t` applied in float32 (a fused multiply-add per group) |
+| `c-int8` | dynamic-token, static-tensor | panels layout, groups of a multiple of 4 (8-bit: at most 65536), CPU with AVX2 | `interop.compiled`'s `duq_w4a8_panels` / `duq_w8a8_panels`: exact int32 sums per group (AVX2 `vpmaddubsw` on 4-bit values; 8-bit codes as two 4-bit halves), `s_w` and `s_t` applied in float32 (a fused multiply-add per group) |
 
 Error against a float64 oracle, per output element and relative to
 `|x3| @ |W_hat|ᵀ` (the scale of a dot product's rounding errors): `fake-quant`,
-`int-mm` and `c-w4a8` <= 1e-5 with float32 inputs (the integer sums are exact; only the
+`int-mm` and `c-int8` <= 1e-5 with float32 inputs (the integer sums are exact; only the
 float32 scaling rounds); the bfloat16 paths <= 2e-2 (bfloat16 rounding of
 activations, scales and outputs, unit roundoff 2^-8 each; measured <= 5e-3
 norm-wise). "int4pack" with dynamic-token A8 is the int4 kernel fed the integer
@@ -398,11 +398,11 @@ def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> to
     return torch.mul(y, s_t, out=torch.empty(y.shape, dtype=dtype, device=y.device))
 
 
-def _c_w4a8_product(xq, s_t, weight, dtype):
+def _c_int8_product(xq, s_t, weight, dtype):
     if xq.dtype != torch.int8 or s_t is None:
-        raise ValueError(f"c-w4a8 needs int8 activation codes and their scales; got {xq.dtype}, s_t={'None' if s_t is None else 'tensor'}")
+        raise ValueError(f"c-int8 needs int8 activation codes and their scales; got {xq.dtype}, s_t={'None' if s_t is None else 'tensor'}")
     y = _output(xq.shape[0], weight, torch.float32, dtype)
-    native.w4a8_panels(xq.contiguous(), s_t.contiguous(), weight.qdata, weight.scales_2d(), weight.effective_group, y)
+    native.int8_panels(xq.contiguous(), s_t.contiguous(), weight.qdata, weight.bits, weight.scales_2d(), weight.effective_group, y)
     return y if dtype == torch.float32 else y.to(dtype)
 
 
@@ -455,13 +455,15 @@ def _int_mm_unavailable(weight, act, dtype, device, tokens):
     return None
 
 
-def _c_w4a8_unavailable(weight, act, dtype, device, tokens):
+def _c_int8_unavailable(weight, act, dtype, device, tokens):
     if not act.integer:
-        return f"c-w4a8 needs integer activations (dynamic-token or static-tensor); got {act.scheme!r}"
+        return f"c-int8 needs integer activations (dynamic-token or static-tensor); got {act.scheme!r}"
     if weight.layout != "panels":
-        return f"c-w4a8 needs the 'panels' layout; the weight is stored as {weight.layout!r}"
+        return f"c-int8 needs the 'panels' layout; the weight is stored as {weight.layout!r}"
     if weight.effective_group % 4:
-        return f"c-w4a8 needs scale groups of a multiple of 4 columns; the weight's are {weight.effective_group}"
+        return f"c-int8 needs scale groups of a multiple of 4 columns; the weight's are {weight.effective_group}"
+    if weight.bits > 4 and weight.effective_group > native.PANELS_MAX_GROUP_8:
+        return f"c-int8 sums 8-bit codes in int32 over groups of at most {native.PANELS_MAX_GROUP_8} columns; the weight's are {weight.effective_group}"
     return panels_unavailable(weight.out_features, weight.in_features, weight.bits, device)
 
 
@@ -492,7 +494,7 @@ PATHS: dict[str, KernelPath] = {
         KernelPath("dequant-bf16", "bfloat16", _always, _dequant_bf16_product),
         KernelPath("int8pack", "bfloat16", _packed_unavailable("int8pack", "int8"), _int8pack_product),
         KernelPath("int4pack", "bfloat16", _packed_unavailable("int4pack", "int4pack"), _int4pack_product),
-        KernelPath("c-w4a8", "float32", _c_w4a8_unavailable, _c_w4a8_product),
+        KernelPath("c-int8", "float32", _c_int8_unavailable, _c_int8_product),
     )
 }
 
@@ -518,12 +520,12 @@ def emulated_here(name: str, device: torch.device) -> str | None:
     return f"this CPU has none of {sorted(need)}, so torch emulates {name}'s arithmetic"
 
 
-# Without autotuning: the first available path of these (measured on a Zen 4 CPU, bench/RESULTS.md; `c-w4a8`,
+# Without autotuning: the first available path of these (measured on a Zen 4 CPU, bench/RESULTS.md; `c-int8`,
 # which only a "panels" weight offers, first: the layout is picked where it measured fastest at every token count).
 FALLBACK_ORDER = {
-    "1": ("c-w4a8", "int4pack", "int-mm", "int8pack", "dequant-bf16", "fake-quant"),
-    "2-16": ("c-w4a8", "int-mm", "int4pack", "dequant-bf16", "int8pack", "fake-quant"),
-    "other": ("c-w4a8", "int-mm", "dequant-bf16", "int4pack", "int8pack", "fake-quant"),
+    "1": ("c-int8", "int4pack", "int-mm", "int8pack", "dequant-bf16", "fake-quant"),
+    "2-16": ("c-int8", "int-mm", "int4pack", "dequant-bf16", "int8pack", "fake-quant"),
+    "other": ("c-int8", "int-mm", "dequant-bf16", "int4pack", "int8pack", "fake-quant"),
 }
 
 

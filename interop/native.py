@@ -28,7 +28,7 @@ operand and its value. Pure torch: no JAX.
 
 The compiled helpers of `interop.compiled` (our C code, built on the machine)
 go through this door too: `dequant_int4pack`, `dequant_rows`,
-`quantize_tokens` and `w4a8_panels` check that every pointer the C code will
+`quantize_tokens` and `int8_panels` check that every pointer the C code will
 walk stays inside its tensor (shapes, row ranges on block boundaries,
 contiguity, dtypes) and refuse otherwise; the C functions themselves check
 nothing.
@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 ALIGNMENT = 64  # bytes: a cache line and an AVX-512 register; above every requirement measured
+PANELS_MAX_GROUP_8 = 65536  # columns of one int32 sum of 8-bit codes (u <= 255, |x| <= 128: 65536 * 32640 < 2^31)
 INT4PACK_GROUPS = (256, 128, 64, 32)
 
 
@@ -283,11 +284,14 @@ def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static
     return xq, s_t
 
 
-def w4a8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, scales: torch.Tensor, group: int, out: torch.Tensor) -> torch.Tensor:
-    """`duq_w4a8_panels`: int8 codes `xq (T, in)` with per-token scales `s_t (T, 1)` (or (T,)) float32, times
-    4-bit codes in the "panels" layout `panels (out_features, in/2) uint8` with `scales (out_features, groups)`
-    float32 (`group` input columns each; `in` for one per row) -> out (T, out_features) float32, in place."""
-    kernel = "duq_w4a8_panels"
+def int8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, bits: int, scales: torch.Tensor, group: int,
+                out: torch.Tensor) -> torch.Tensor:
+    """`duq_w4a8_panels` (`bits` 2..4) or `duq_w8a8_panels` (5..8): int8 codes `xq (T, in)` with per-token scales
+    `s_t (T, 1)` (or (T,)) float32, times codes in the "panels" layout `panels` uint8 ((out_features, in/2) for
+    4-bit, (out_features, in) for 8-bit) with `scales (out_features, groups)` float32 (`group` input columns
+    each; `in` for one per row) -> out (T, out_features) float32, in place."""
+    _require(isinstance(bits, int) and 2 <= bits <= 8, "int8_panels", f"bits must be an int in 2..8; got {bits!r}")
+    kernel = "duq_w4a8_panels" if bits <= 4 else "duq_w8a8_panels"
     _operand(kernel, "xq", xq, torch.int8)
     _operand(kernel, "panels", panels, torch.uint8)
     _operand(kernel, "scales", scales, torch.float32)
@@ -298,9 +302,12 @@ def w4a8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, scale
     n_out = panels.shape[0]
     _require(n_in % 4 == 0 and n_in >= 4, kernel, f"in must be a positive multiple of 4; got {n_in}")
     _require(n_out % 16 == 0 and n_out >= 16, kernel, f"out_features must be a positive multiple of 16; got {n_out}")
-    _require(panels.shape[1] * 2 == n_in, kernel, f"panels must have in / 2 = {n_in // 2} columns; got {panels.shape[1]}")
+    width = n_in // 2 if bits <= 4 else n_in
+    _require(panels.shape[1] == width, kernel, f"panels must have {'in / 2' if bits <= 4 else 'in'} = {width} columns; got {panels.shape[1]}")
     _require(isinstance(group, int) and not isinstance(group, bool) and group >= 4 and group % 4 == 0, kernel,
              f"group must be a positive multiple of 4; got {group!r}")
+    _require(bits <= 4 or min(group, n_in) <= PANELS_MAX_GROUP_8, kernel,
+             f"8-bit codes need groups of at most {PANELS_MAX_GROUP_8} columns (int32 sums); got {min(group, n_in)}")
     groups = -(-n_in // group)
     _require(tuple(scales.shape) == (n_out, groups), kernel, f"scales must have shape {(n_out, groups)}; got {tuple(scales.shape)}")
     _require(s_t.numel() == tokens and s_t.is_contiguous(), kernel, f"s_t must hold {tokens} contiguous scales; got shape {tuple(s_t.shape)}, strides {s_t.stride()}")
@@ -312,8 +319,8 @@ def w4a8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, scale
     if tokens:
         lib = _library(kernel)
         _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
-        status = lib.duq_w4a8_panels(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), n_out, group,
-                                     out.data_ptr(), torch.get_num_threads())
+        status = getattr(lib, kernel)(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), n_out, group,
+                                      out.data_ptr(), torch.get_num_threads())
         if status:
             raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {groups} groups)")
     return out

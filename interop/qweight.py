@@ -19,20 +19,23 @@ Layouts of the codes in memory (`QuantizedWeight.layout`):
   layout this module computes has been checked against torch's own converter
   once per process (`int4pack_variant`). Converting to and from the canonical
   form is a few element-wise passes (about a millisecond per 16 MiB).
-- `"panels"`: `(out, in/2)` uint8 in the layout of `interop.compiled`'s W4A8
-  product (`duq_w4a8_panels`): panels of 16 rows; per panel, per step of 4
-  input columns, 32 bytes, byte `4r + c` holding `Q + 8` of row `r` (low
-  nibble) and of row `r + 8` (high nibble) at column `4s + c`. bits 2..4, CPU
-  only, `out % 16 == 0`, `in % 4 == 0`.
+- `"panels"`: the layout of `interop.compiled`'s integer product (`c-int8`):
+  panels of 16 rows; per panel, per step of 4 input columns, for 2..4 bits
+  (`(out, in/2)` uint8) 32 bytes, byte `4r + c` holding `Q + 8` of row `r` (low
+  nibble) and of row `r + 8` (high nibble) at column `4s + c`; for 5..8 bits
+  (`(out, in)` uint8) 64 bytes, byte `4r + c` of the first 32 holding `Q + 128`
+  of row `r`, of the next 32 of row `r + 8`. CPU only, `out % 16 == 0`,
+  `in % 4 == 0`.
 
-`layout="auto"` picks, for bits <= 4: `"panels"` where the weight's products
-take integer activations (`integer_acts=True`, as `DuQuantLinear` says for
-"dynamic-token" and "static-tensor"), the compiled AVX2 product is built here,
-and the CPU has no int8 dot-product instruction (no VNNI, AMX or Arm dotprod:
-there `torch._int_mm` is emulated, and the panel product measured 1.6-6x
-faster than torch's int4 kernel, bench/RESULTS.md "Kernels on an AVX2-only
-CPU"); else `"int4pack"` on a CPU where it is available; else `"nibbles"`.
-`"int8"` for 5..8. `.to(device)` re-picks it for the new device. Whatever the layout, `state_dict()` holds the canonical form:
+`layout="auto"` picks `"panels"` where the weight's products take integer
+activations (`integer_acts=True`, as `DuQuantLinear` says for "dynamic-token"
+and "static-tensor"), the compiled AVX2 product is built here, and the CPU has
+no int8 dot-product instruction (no VNNI, AMX or Arm dotprod: there
+`torch._int_mm` is emulated, and the panel product measured faster than every
+torch path at every token count, bench/RESULTS.md "Kernel speed, avx2");
+otherwise, for bits <= 4, `"int4pack"` on a CPU where it is available, else
+`"nibbles"`, and `"int8"` for 5..8. `.to(device)` re-picks it for the new
+device. Whatever the layout, `state_dict()` holds the canonical form:
 `codes` (the nibbles for bits <= 4, int8 codes for 5..8) and `scales` (float32),
 and `load_state_dict()` takes it back. Scales stay float32 under `.to(dtype)`.
 """
@@ -202,36 +205,51 @@ def int4pack_unavailable(out_features: int, in_features: int, bits: int, device:
 
 
 # -- the compiled W4A8 product's layout ("panels") ---------------------------------
-def _to_panels(codes: torch.Tensor) -> torch.Tensor:
-    """codes: (out, in) int8 in [-8, 7], out % 16 == 0, in % 4 == 0 -> (out, in/2) uint8 panels (module docstring)."""
+def _to_panels(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: (out, in) int8, out % 16 == 0, in % 4 == 0 -> panels (module docstring): (out, in/2) uint8 for
+    bits <= 4, (out, in) uint8 for 5..8."""
     out, n = codes.shape
+    if bits > 4:
+        u = (codes.to(torch.int16) + 128).to(torch.uint8).view(out // PANEL_ROWS, 2, PANEL_ROWS // 2, n // 4, 4)
+        return u.permute(0, 3, 1, 2, 4).contiguous().view(out, n)  # (p, step, half, r, c)
     u = (codes + 8).to(torch.uint8).view(out // PANEL_ROWS, 2, PANEL_ROWS // 2, n // 4, 4)  # (p, half, r, step, c)
     return (u[:, 0] | (u[:, 1] << 4)).permute(0, 2, 1, 3).contiguous().view(out, n // 2)
 
 
-def _panel_offset_tiles(packed: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 (whole panels) of a panels weight -> (in, r1 - r0) uint8 holding `Q + 8`, rows in natural order."""
-    n = packed.shape[1] * 2
-    byte = packed[r0:r1].reshape((r1 - r0) // PANEL_ROWS, n // 4, PANEL_ROWS // 2, 4)  # (p, step, r, c)
+def _panel_code_tiles(packed: torch.Tensor, bits: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 (whole panels) of a panels weight -> (in, r1 - r0) rows in natural order: uint8 `Q + 8` for
+    bits <= 4, int8 `Q` for 5..8."""
+    n, rows = (packed.shape[1] if bits > 4 else packed.shape[1] * 2), r1 - r0
+    if bits > 4:
+        byte = packed[r0:r1].reshape(rows // PANEL_ROWS, n // 4, 2, PANEL_ROWS // 2, 4)  # (p, step, half, r, c)
+        return (byte ^ 0x80).view(torch.int8).permute(1, 4, 0, 2, 3).reshape(n, rows)  # Q + 128 with its top bit flipped: Q
+    byte = packed[r0:r1].reshape(rows // PANEL_ROWS, n // 4, PANEL_ROWS // 2, 4)  # (p, step, r, c)
     u = torch.stack((byte & 0xF, byte >> 4), dim=2)  # (p, step, half, r, c)
-    return u.permute(1, 4, 0, 2, 3).reshape(n, r1 - r0)
+    return u.permute(1, 4, 0, 2, 3).reshape(n, rows)
 
 
-def _panel_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _from_panels(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `_to_panels`: -> (out, in) int8 codes."""
+    tiles = _panel_code_tiles(packed, bits, 0, packed.shape[0]).t()
+    return (tiles if bits > 4 else tiles.to(torch.int8) - 8).contiguous()
+
+
+def _panel_rows(packed: torch.Tensor, bits: int, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids (T,)` of a panels weight -> (T, in) int8 codes, gathered byte by byte."""
-    n = packed.shape[1] * 2
+    n = packed.shape[1] if bits > 4 else packed.shape[1] * 2
     ids = ids.long()
     cols = torch.arange(n, device=packed.device)[None, :]
     p, half, r = (ids // PANEL_ROWS)[:, None], ((ids % PANEL_ROWS) // 8)[:, None], (ids % 8)[:, None]
-    at = p * (PANEL_ROWS * n // 2) + (cols // 4) * 32 + r * 4 + cols % 4
-    byte = packed.reshape(-1)[at]
+    step, c = cols // 4, cols % 4
+    if bits > 4:
+        byte = packed.reshape(-1)[p * (PANEL_ROWS * n) + step * 64 + half * 32 + r * 4 + c]
+        return (byte ^ 0x80).view(torch.int8).contiguous()
+    byte = packed.reshape(-1)[p * (PANEL_ROWS * n // 2) + step * 32 + r * 4 + c]
     return (torch.where(half == 1, byte >> 4, byte & 0xF).to(torch.int8) - 8).contiguous()
 
 
 def panels_unavailable(out_features: int, in_features: int, bits: int, device: torch.device, product: bool = True) -> str | None:
     """Why the panels layout cannot hold this weight, or (`product`) the compiled product cannot run here; None if it can."""
-    if bits > 4:
-        return f"panels hold 2..4-bit codes; these are {bits}-bit"
     if device.type != "cpu":
         return f"panels are the compiled CPU product's layout; the weight is on {device}"
     if out_features % PANEL_ROWS or in_features % 4:
@@ -490,10 +508,10 @@ class QuantizedWeight(nn.Module):
         if layout not in LAYOUTS + ("auto",):
             raise ValueError(f"{self._who()}: layout must be one of {LAYOUTS + ('auto',)}; got {layout!r}")
         if layout == "auto":
-            if self.bits > 4:
-                return "int8"
             if self.integer_acts and _auto_panels(self.out_features, self.in_features, self.bits, device):
                 return "panels"
+            if self.bits > 4:
+                return "int8"
             why = int4pack_unavailable(self.out_features, self.in_features, self.bits, device)
             return "nibbles" if why else "int4pack"
         if layout == "nibbles" and self.bits > 4:
@@ -515,7 +533,7 @@ class QuantizedWeight(nn.Module):
         if layout == "int4pack":
             return native.aligned(_to_int4pack(codes, int4pack_variant()))
         if layout == "panels":
-            return native.aligned(_to_panels(codes))
+            return native.aligned(_to_panels(codes, self.bits))
         return native.aligned(codes)
 
     def codes(self) -> torch.Tensor:
@@ -525,7 +543,7 @@ class QuantizedWeight(nn.Module):
         if self.layout == "int4pack":
             return _from_int4pack(self.qdata, int4pack_variant())
         if self.layout == "panels":
-            return (_panel_offset_tiles(self.qdata, 0, self.out_features).t().to(torch.int8) - 8).contiguous()
+            return _from_panels(self.qdata, self.bits)
         return self.qdata
 
     def canonical_codes(self) -> torch.Tensor:
@@ -554,7 +572,7 @@ class QuantizedWeight(nn.Module):
         elif self.layout == "int4pack":
             codes = _int4pack_rows(self.qdata, _traced_int4pack_variant(), ids)
         elif self.layout == "panels":
-            codes = _panel_rows(self.qdata, ids)
+            codes = _panel_rows(self.qdata, self.bits, ids)
         else:
             codes = self.qdata[ids]
         s = self.scales_2d()[ids]
@@ -619,7 +637,7 @@ class QuantizedWeight(nn.Module):
                 return CodeTile(torch.cat((low, high), dim=1).t(), 0, 0, True)
             return CodeTile(torch.stack((low, high), dim=-1).view(n, -1)[:, : self.in_features].t(), 0, 0, False)
         if self.layout == "panels":
-            return CodeTile(_panel_offset_tiles(self.qdata, r0, r1).view(torch.int8), 8, 0, False)
+            return CodeTile(_panel_code_tiles(self.qdata, self.bits, r0, r1).view(torch.int8), 0 if self.bits > 4 else 8, 0, False)
         kind, block = int4pack_variant()
         if kind != "lanes" or n % block:  # the short last block (or the generic layout): byte by byte
             return CodeTile(_int4pack_offset_tiles(self.qdata, (kind, block), r0, r1).view(torch.int8), 8, 0, False)

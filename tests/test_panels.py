@@ -1,8 +1,8 @@
-"""The "panels" layout and the compiled W4A8 product on it (`c-w4a8`): the layout holds the codes exactly, the
+"""The "panels" layout and the compiled integer product on it (`c-int8`, 4- and 8-bit codes): the layout holds the codes exactly, the
 product stays within the float32 paths' bound of a float64 oracle, the operands are checked before the C code
 runs, and `layout="auto"` takes panels only where the product is built and int8 dot products are emulated.
 
-Bounds: `c-w4a8` sums codes exactly in int32 and applies the scales in float32 (a fused multiply-add per group,
+Bounds: `c-int8` sums codes exactly in int32 and applies the scales in float32 (a fused multiply-add per group,
 then `* s_t`), so it must agree with the float64 product of the same integer activations and codes to 1e-5 of
 `|x3| @ |W_hat|ᵀ` per element (interop/kernels.py's bound for the float32 paths; measured here: <= 2e-7).
 Calls into the compiled product that are not already made by the library's own check run in a subprocess: a
@@ -41,9 +41,11 @@ def _child(code: str, env: dict[str, str] | None = None, timeout: int = 300) -> 
 
 
 # (out, in, bits, group): a single panel, several, a short last group, groups of 4 (the smallest), one scale per
-# row, 2- and 3-bit codes (held as 4-bit nibbles), and in = 4100 (two column blocks of the C product).
+# row, 2- and 3-bit codes (held as 4-bit nibbles), in = 4100 (two column blocks of the C product); 8-bit codes per
+# row (the w8a8 preset), in groups with a short last one, 6-bit codes, and one 4100-column row sum.
 CASES = [(16, 4, 4, None), (48, 100, 4, 32), (160, 640, 4, 32), (32, 96, 4, 4), (64, 256, 4, None), (32, 64, 2, 16),
-         (16, 48, 3, None), (32, 4100, 4, 32)]
+         (16, 48, 3, None), (32, 4100, 4, 32), (16, 4, 8, None), (48, 100, 8, 32), (64, 640, 8, None), (32, 96, 6, None),
+         (16, 4100, 8, None)]
 
 
 def _weight(out: int, n_in: int, bits: int, group: int | None, seed: int, layout: str = "panels") -> tuple[QuantizedWeight, torch.Tensor]:
@@ -61,7 +63,7 @@ def test_panels_layout_holds_the_codes_exactly(out, n_in, bits, group):
     """codes(), rows(ids), every code tile, the canonical state and a reload into another layout give back the
     codes the weight was made from."""
     w, codes = _weight(out, n_in, bits, group, seed=out + n_in)
-    assert w.layout == "panels" and tuple(w.qdata.shape) == (out, n_in // 2)
+    assert w.layout == "panels" and tuple(w.qdata.shape) == (out, n_in // 2 if bits <= 4 else n_in)
     assert torch.equal(w.codes(), codes)
     ids = torch.tensor([0, out - 1, out // 2, 7, 8, min(15, out - 1)])
     assert torch.equal(w.rows(ids), w.dequantize()[ids])
@@ -70,8 +72,9 @@ def test_panels_layout_holds_the_codes_exactly(out, n_in, bits, group):
         tile = w.code_tile(r0, r1)
         assert torch.equal(tile.b.to(torch.int16) - tile.offset, codes[r0:r1].t().to(torch.int16))
     state = w.state_dict()
-    assert torch.equal(state["codes"], pack_nibbles(codes))
-    other = QuantizedWeight(torch.zeros_like(codes), torch.ones_like(w.scales), bits=bits, group_size=group, layout="nibbles")
+    assert torch.equal(state["codes"], pack_nibbles(codes) if bits <= 4 else codes)
+    other = QuantizedWeight(torch.zeros_like(codes), torch.ones_like(w.scales), bits=bits, group_size=group,
+                            layout="nibbles" if bits <= 4 else "int8")
     other.load_state_dict(state)
     assert torch.equal(other.codes(), codes)
     back = QuantizedWeight(torch.zeros_like(codes), torch.ones_like(w.scales), bits=bits, group_size=group, layout="panels")
@@ -85,8 +88,8 @@ def test_panels_layout_refuses_what_it_cannot_hold_by_name():
         QuantizedWeight(codes, torch.ones(24), bits=4, layout="panels", name="q")
     with pytest.raises(ValueError, match=r"panels need out % 16 == 0 and in % 4 == 0; the weight is 16 x 66"):
         QuantizedWeight(torch.zeros(16, 66, dtype=torch.int8), torch.ones(16), bits=4, layout="panels")
-    with pytest.raises(ValueError, match="panels hold 2..4-bit codes; these are 8-bit"):
-        QuantizedWeight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16), bits=8, layout="panels")
+    with pytest.raises(ValueError, match=r"panels need out % 16 == 0 and in % 4 == 0; the weight is 16 x 30"):
+        QuantizedWeight(torch.zeros(16, 30, dtype=torch.int8), torch.ones(16), bits=8, layout="panels")
 
 
 def test_panels_move_off_the_cpu_as_nibbles_and_relayout_round_trips():
@@ -126,13 +129,13 @@ def test_c_w4a8_product_is_within_the_float32_bound_of_the_float64_oracle():
                     xq, s_t = quantize_tokens(x, act, scale)
                     want = (xq.double() @ (codes.double() * per_code).t()) * s_t.double()
                     den = (xq.double().abs() @ (codes.double().abs() * per_code).t()) * s_t.double()
-                    with kernel_options(path="c-w4a8"):
+                    with kernel_options(path="c-int8"):
                         y = quantized_matmul(x, w, act, scale)
                         yb = quantized_matmul(x.to(torch.bfloat16), w, act, scale)
                     paths.add(w.last_path)
                     worst = max(worst, ((y.double() - want).abs() / den.clamp(min=1e-30)).max().item())
                     xqb, s_tb = quantize_tokens(x.to(torch.bfloat16), act, scale)  # bfloat16: the float32 product, rounded
-                    yf = native.w4a8_panels(xqb, s_tb, w.qdata, w.scales_2d(), w.effective_group, torch.empty(tokens, out))
+                    yf = native.int8_panels(xqb, s_tb, w.qdata, bits, w.scales_2d(), w.effective_group, torch.empty(tokens, out))
                     bf16_equal &= yb.dtype == torch.bfloat16 and torch.equal(yb, yf.to(torch.bfloat16))
                     with kernel_options(path="int-mm"):
                         yi = quantized_matmul(x, w, act, scale)
@@ -140,20 +143,21 @@ def test_c_w4a8_product_is_within_the_float32_bound_of_the_float64_oracle():
         print(json.dumps(dict(worst=worst, vs_int_mm=vs_int_mm, bf16_equal=bf16_equal, paths=sorted(paths))))
         """
     )
-    assert got["paths"] == ["c-w4a8"]
+    assert got["paths"] == ["c-int8"]
     assert got["worst"] <= PRODUCT_BOUND, got
     assert got["vs_int_mm"] <= 2 * PRODUCT_BOUND, got
     assert got["bf16_equal"], got
 
 
 @needs_product
-def test_native_w4a8_panels_refuses_bad_operands_by_name():
-    """Every operand the C product would walk is checked first: dtype, shape, layout facts, contiguity, alignment."""
+def test_native_int8_panels_refuses_bad_operands_by_name():
+    """Every operand the C product would walk is checked first: dtype, shape, layout facts, contiguity, alignment,
+    and the int32 bound of 8-bit codes."""
     w, _ = _weight(32, 64, 4, 32, seed=3)
     xq, s_t = torch.zeros(5, 64, dtype=torch.int8), torch.ones(5, 1)
     y = torch.empty(5, 32)
     scales = w.scales_2d()
-    native.w4a8_panels(xq, s_t, w.qdata, scales, 32, y)  # the good call
+    native.int8_panels(xq, s_t, w.qdata, 4, scales, 32, y)  # the good call
     misaligned = torch.empty(32 * 32 + 1, dtype=torch.uint8)[1:].view(32, 32)
     bad = [
         (dict(xq=xq.float()), "xq must be torch.int8"),
@@ -168,11 +172,17 @@ def test_native_w4a8_panels_refuses_bad_operands_by_name():
         (dict(s_t=torch.ones(5, 1, dtype=torch.float64)), "s_t must be a float32 CPU tensor"),
         (dict(out=torch.empty(5, 16)), r"out must have shape \(5, 32\); got \(5, 16\)"),
         (dict(out=torch.empty(5, 32, dtype=torch.bfloat16)), "out must be torch.float32"),
+        (dict(bits=8), "panels must have in = 64 columns; got 32"),
+        (dict(bits=9), "bits must be an int in 2..8; got 9"),
     ]
     for change, match in bad:
-        args = {**dict(xq=xq, s_t=s_t, panels=w.qdata, scales=scales, group=32, out=y), **change}
+        args = {**dict(xq=xq, s_t=s_t, panels=w.qdata, bits=4, scales=scales, group=32, out=y), **change}
         with pytest.raises(native.NativeKernelError, match=match):
-            native.w4a8_panels(**args)
+            native.int8_panels(**args)
+    wide = torch.zeros(1, 65540, dtype=torch.int8)  # one 8-bit row sum over 65540 columns could pass int32
+    with pytest.raises(native.NativeKernelError, match="8-bit codes need groups of at most 65536 columns"):
+        native.int8_panels(wide, torch.ones(1), native.aligned(torch.zeros(16, 65540, dtype=torch.uint8)), 8,
+                           torch.ones(16, 1), 65540, torch.empty(1, 16))
 
 
 @needs_product
@@ -180,13 +190,13 @@ def test_c_w4a8_is_offered_only_for_integer_activations_on_panels():
     from interop.kernels import ActQuant, unavailable
 
     w, _ = _weight(32, 64, 4, 32, seed=4)
-    assert unavailable("c-w4a8", w, ActQuant("dynamic-token", 8), torch.float32, 16) is None
-    assert "needs integer activations" in unavailable("c-w4a8", w, ActQuant("none"), torch.float32, 16)
-    assert "needs integer activations" in unavailable("c-w4a8", w, ActQuant("dynamic-group", 8, group=32), torch.float32, 16)
+    assert unavailable("c-int8", w, ActQuant("dynamic-token", 8), torch.float32, 16) is None
+    assert "needs integer activations" in unavailable("c-int8", w, ActQuant("none"), torch.float32, 16)
+    assert "needs integer activations" in unavailable("c-int8", w, ActQuant("dynamic-group", 8, group=32), torch.float32, 16)
     nib, _ = _weight(32, 64, 4, 32, seed=4, layout="nibbles")
-    assert "needs the 'panels' layout" in unavailable("c-w4a8", nib, ActQuant("dynamic-token", 8), torch.float32, 16)
+    assert "needs the 'panels' layout" in unavailable("c-int8", nib, ActQuant("dynamic-token", 8), torch.float32, 16)
     odd, _ = _weight(32, 66 - 2, 4, 2, seed=5)  # groups of 2 columns
-    assert "scale groups of a multiple of 4" in unavailable("c-w4a8", odd, ActQuant("dynamic-token", 8), torch.float32, 16)
+    assert "scale groups of a multiple of 4" in unavailable("c-int8", odd, ActQuant("dynamic-token", 8), torch.float32, 16)
 
 
 @needs_product
@@ -208,7 +218,7 @@ def test_auto_layout_takes_panels_only_where_int8_dot_products_are_emulated(monk
     w = QuantizedWeight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32, 2), bits=4, group_size=32, integer_acts=integer_acts)
     assert w.layout == want
     w8 = QuantizedWeight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32), bits=8, integer_acts=integer_acts)
-    assert w8.layout == "int8"
+    assert w8.layout == ("panels" if want == "panels" else "int8")
 
 
 def test_panels_are_not_auto_picked_without_the_compiled_product():
@@ -227,4 +237,4 @@ def test_panels_are_not_auto_picked_without_the_compiled_product():
         """,
         env={"DUQUANT_COMPILED": "0"},
     )
-    assert got["layout"] != "panels" and got["finite"] and "c-w4a8" not in got["paths"]
+    assert got["layout"] != "panels" and got["finite"] and "c-int8" not in got["paths"]

@@ -223,17 +223,20 @@ void duq_quantize_tokens_t(const void *xt, int bf16, int64_t tokens, int64_t n, 
   }
 }
 
-/* -- W4A8 products on the "panels" layout ----------------------------------------------------
- * panels: out/16 panels of 16 rows; panel p holds, for each step s of 4 input columns (in/4 steps),
- * 32 bytes: byte 4r + c holds u(16p + r, 4s + c) in its low nibble and u(16p + 8 + r, 4s + c) in
- * its high nibble (r in 0..7, c in 0..3), u = Q + 8 in 0..15. (interop.qweight "panels".)
+/* -- W4A8 and W8A8 products on the "panels" layout ---------------------------------------------
+ * Codes in panels of 16 rows (interop.qweight "panels"), per step s of 4 input columns (in/4 steps):
+ * - 4-bit: 32 bytes per step; byte 4r + c holds u(16p + r, 4s + c) in its low nibble and
+ *   u(16p + 8 + r, 4s + c) in its high nibble (r in 0..7, c in 0..3); u = Q + 8 in 0..15.
+ * - 8-bit: 64 bytes per step; byte 4r + c of the first 32 holds u(16p + r, 4s + c), of the next 32
+ *   u(16p + 8 + r, 4s + c); u = Q + 128 in 0..255, multiplied as 16 * (u >> 4) + (u & 15).
  *
- * y[t, n] = s_t[t] * sum_g s_w[n, g] * (sum_{k in g} u[n, k] xq[t, k] - 8 sum_{k in g} xq[t, k])
- *        = s_t[t] * sum_g s_w[n, g] * sum_{k in g} Q[n, k] xq[t, k],
+ * y[t, n] = s_t[t] * sum_g s_w[n, g] * (sum_{k in g} u[n, k] xq[t, k] - o sum_{k in g} xq[t, k])
+ *        = s_t[t] * sum_g s_w[n, g] * sum_{k in g} Q[n, k] xq[t, k]          (o = 8 or 128),
  * every group's integer sum exact (int32), the groups summed in float32 in order (one fused
- * multiply-add each), then times s_t[t]. The AVX2 form multiplies unsigned codes by signed
+ * multiply-add each), then times s_t[t]. The AVX2 form multiplies 4-bit unsigned values by signed
  * activations in pairs (vpmaddubsw: |pair| <= 2 * 15 * 128 = 3840) and adds at most 8 such
- * int16 terms (30720 < 32767) before widening to int32, so nothing saturates.
+ * int16 terms (30720 < 32767) before widening to int32, so nothing saturates; int32 holds a group's
+ * sum for in * 255 * 128 < 2^31 (interop.native checks in <= 65536).
  * Blocking: input columns in blocks of whole groups (about BLOCK_COLUMNS), tokens in blocks of
  * BLOCK_TOKENS, so that a block of activations stays in cache while every panel passes over it;
  * the partial sums of a token wait in y between column blocks.
@@ -244,8 +247,9 @@ int duq_panels_simd(void) { return DUQ_PANELS_SIMD; }
 
 #define PANEL_ROWS 16
 #ifndef PANEL_TOKENS
-#define PANEL_TOKENS 3      /* tokens per register block (the tail below handles fewer than 4) */
+#define PANEL_TOKENS 3      /* tokens per register block of 4-bit codes (the tails below handle fewer than 4) */
 #endif
+#define PANEL_TOKENS_8 2    /* of 8-bit codes: twice the int16 sums per token */
 #define INT16_STEPS 8       /* steps of 4 columns added in int16 before widening */
 #ifndef BLOCK_COLUMNS
 #define BLOCK_COLUMNS 2048  /* input columns per cache block (whole groups; one group if larger) */
@@ -258,21 +262,21 @@ int duq_panels_simd(void) { return DUQ_PANELS_SIMD; }
 typedef struct {
   const int8_t *xq;
   const float *s_t;
-  const int32_t *xsum; /* (tokens, groups): 8 * sum of xq over each group */
+  const int32_t *xsum; /* (tokens, groups): o * sum of xq over each group */
   float *y;
   int64_t in, out, group, groups, g0, g1;
   int first, last;
 } panel_job;
 
 #if DUQ_PANELS_SIMD
-/* mr (1..PANEL_TOKENS, a constant after inlining) tokens t0.. against panel rows n0..n0+15;
- * wp: the panel's bytes, sp: its scales as (groups, 16). */
-static inline __attribute__((always_inline)) void panel_block(const int mr, const panel_job *j, int64_t t0,
+/* mr (1..3, a constant after inlining) tokens t0.. against panel rows n0..n0+15, codes of `bits8` ? 8 : 4
+ * bits; wp: the panel's bytes, sp: its scales as (groups, 16). */
+static inline __attribute__((always_inline)) void panel_block(const int bits8, const int mr, const panel_job *j, int64_t t0,
                                                               const uint8_t *wp, const float *sp, int64_t n0) {
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const int64_t steps = j->in / 4, gsteps = j->group / 4;
-  const uint8_t *xr[PANEL_TOKENS];
-  __m256 facc[PANEL_TOKENS][2];
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  const int64_t steps = j->in / 4, gsteps = j->group / 4, stride = bits8 ? 64 : 32;
+  const uint8_t *xr[3];
+  __m256 facc[3][2];
   for (int m = 0; m < mr; ++m) {
     xr[m] = (const uint8_t *)(j->xq + (t0 + m) * j->in);
     float *yr = j->y + (t0 + m) * j->out + n0;
@@ -281,26 +285,41 @@ static inline __attribute__((always_inline)) void panel_block(const int mr, cons
   }
   for (int64_t g = j->g0; g < j->g1; ++g) {
     const int64_t s0 = g * gsteps, s1 = s0 + gsteps < steps ? s0 + gsteps : steps;
-    __m256i acc[PANEL_TOKENS][2]; /* the group's int32 sums */
+    __m256i acc[3][2]; /* the group's int32 sums */
+    for (int m = 0; m < mr; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
     for (int64_t c0 = s0; c0 < s1; c0 += INT16_STEPS) {
       const int64_t c1 = c0 + INT16_STEPS < s1 ? c0 + INT16_STEPS : s1;
-      __m256i a16[PANEL_TOKENS][2];
-      for (int m = 0; m < mr; ++m) a16[m][0] = a16[m][1] = _mm256_setzero_si256();
+      __m256i lo[3][2], hi[3][2]; /* int16 sums of the 4-bit values (8-bit: of their low and high halves) */
+      for (int m = 0; m < mr; ++m) lo[m][0] = lo[m][1] = hi[m][0] = hi[m][1] = _mm256_setzero_si256();
       for (int64_t s = c0; s < c1; ++s) {
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(wp + s * 32));
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(wp + s * stride));
         const __m256i w0 = _mm256_and_si256(b, mask), w1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        __m256i v0 = w0, v1 = w1;
+        if (bits8) { /* w0, w1: low and high halves of rows 0-7; v0, v1: of rows 8-15 */
+          const __m256i b2 = _mm256_loadu_si256((const __m256i *)(wp + s * stride + 32));
+          v0 = _mm256_and_si256(b2, mask);
+          v1 = _mm256_and_si256(_mm256_srli_epi16(b2, 4), mask);
+        }
         for (int m = 0; m < mr; ++m) {
           int32_t x4;
           memcpy(&x4, xr[m] + 4 * s, 4);
           const __m256i x = _mm256_set1_epi32(x4);
-          a16[m][0] = _mm256_add_epi16(a16[m][0], _mm256_maddubs_epi16(w0, x));
-          a16[m][1] = _mm256_add_epi16(a16[m][1], _mm256_maddubs_epi16(w1, x));
+          if (bits8) {
+            lo[m][0] = _mm256_add_epi16(lo[m][0], _mm256_maddubs_epi16(w0, x));
+            hi[m][0] = _mm256_add_epi16(hi[m][0], _mm256_maddubs_epi16(w1, x));
+            lo[m][1] = _mm256_add_epi16(lo[m][1], _mm256_maddubs_epi16(v0, x));
+            hi[m][1] = _mm256_add_epi16(hi[m][1], _mm256_maddubs_epi16(v1, x));
+          } else {
+            lo[m][0] = _mm256_add_epi16(lo[m][0], _mm256_maddubs_epi16(w0, x));
+            lo[m][1] = _mm256_add_epi16(lo[m][1], _mm256_maddubs_epi16(w1, x));
+          }
         }
       }
       for (int m = 0; m < mr; ++m)
         for (int h = 0; h < 2; ++h) {
-          const __m256i wide = _mm256_madd_epi16(a16[m][h], ones);
-          acc[m][h] = c0 == s0 ? wide : _mm256_add_epi32(acc[m][h], wide);
+          __m256i wide = _mm256_madd_epi16(lo[m][h], ones);
+          if (bits8) wide = _mm256_add_epi32(wide, _mm256_madd_epi16(hi[m][h], sixteen));
+          acc[m][h] = _mm256_add_epi32(acc[m][h], wide);
         }
     }
     const __m256 S0 = _mm256_loadu_ps(sp + g * PANEL_ROWS), S1 = _mm256_loadu_ps(sp + g * PANEL_ROWS + 8);
@@ -323,18 +342,22 @@ static inline __attribute__((always_inline)) void panel_block(const int mr, cons
 }
 #else
 /* The same arithmetic in plain C, in the same order (no AVX2 here: interop.kernels does not offer the
- * path; the library's self-check still compares it with torch). */
-static void panel_block(const int mr, const panel_job *j, int64_t t0, const uint8_t *wp, const float *sp, int64_t n0) {
+ * path; the library's self-check still compares it with a float64 product). */
+static void panel_block(const int bits8, const int mr, const panel_job *j, int64_t t0, const uint8_t *wp, const float *sp,
+                        int64_t n0) {
   for (int m = 0; m < mr; ++m) {
     const int8_t *x = j->xq + (t0 + m) * j->in;
     float *yr = j->y + (t0 + m) * j->out + n0;
     for (int i = 0; i < PANEL_ROWS; ++i) {
-      const int r = i % 8, shift = i < 8 ? 0 : 4;
+      const int r = i % 8, half = i / 8;
       float f = j->first ? 0.0f : yr[i];
       for (int64_t g = j->g0; g < j->g1; ++g) {
         const int64_t k1 = (g + 1) * j->group < j->in ? (g + 1) * j->group : j->in;
         int32_t sum = 0;
-        for (int64_t k = g * j->group; k < k1; ++k) sum += ((wp[(k / 4) * 32 + 4 * r + k % 4] >> shift) & 15) * (int32_t)x[k];
+        for (int64_t k = g * j->group; k < k1; ++k) {
+          const int u = bits8 ? wp[(k / 4) * 64 + half * 32 + 4 * r + k % 4] : (wp[(k / 4) * 32 + 4 * r + k % 4] >> (4 * half)) & 15;
+          sum += u * (int32_t)x[k];
+        }
         f = fmaf((float)(sum - j->xsum[(t0 + m) * j->groups + g]), sp[g * PANEL_ROWS + i], f);
       }
       yr[i] = j->last ? f * j->s_t[t0 + m] : f;
@@ -343,10 +366,28 @@ static void panel_block(const int mr, const panel_job *j, int64_t t0, const uint
 }
 #endif
 
-int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
-                    const float *scales, int64_t out, int64_t group, float *y, int threads) {
+/* One column block of tokens b0..b1 against panel p; mr-token register blocks, then the tail. */
+static inline __attribute__((always_inline)) void panel_tokens(const int bits8, const panel_job *job, int64_t b0, int64_t b1,
+                                                               const uint8_t *wp, const float *sp, int64_t n0) {
+  const int block = bits8 ? PANEL_TOKENS_8 : PANEL_TOKENS;
+  int64_t t0 = b0;
+  for (; t0 + block <= b1; t0 += block) {
+    if (block == 3) panel_block(bits8, 3, job, t0, wp, sp, n0);
+    else panel_block(bits8, 2, job, t0, wp, sp, n0);
+  }
+  switch (b1 - t0) { /* the last tokens, fewer than the block */
+    case 2: panel_block(bits8, 2, job, t0, wp, sp, n0); break;
+    case 1: panel_block(bits8, 1, job, t0, wp, sp, n0); break;
+    default: break;
+  }
+}
+
+static int panels_product(const int bits8, const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
+                          const float *scales, int64_t out, int64_t group, float *y, int threads) {
   const int64_t groups = (in + group - 1) / group, n_panels = out / PANEL_ROWS;
   const int64_t block_groups = group < BLOCK_COLUMNS ? BLOCK_COLUMNS / group : 1;
+  const int64_t panel_bytes = (in / 4) * (bits8 ? 64 : 32);
+  const int32_t offset = bits8 ? 128 : 8;
   int32_t *xsum = (int32_t *)malloc((size_t)(tokens * groups > 0 ? tokens * groups : 1) * sizeof(int32_t));
   float *sps = (float *)malloc((size_t)n_panels * (size_t)(block_groups < groups ? block_groups : groups) * PANEL_ROWS * sizeof(float));
   if (!xsum || !sps) {
@@ -362,7 +403,7 @@ int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t 
         const int64_t k1 = (g + 1) * group < in ? (g + 1) * group : in;
         int32_t sum = 0;
         for (int64_t k = g * group; k < k1; ++k) sum += xq[t * in + k];
-        xsum[t * groups + g] = 8 * sum;
+        xsum[t * groups + g] = offset * sum;
       }
     for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
       const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups, ng = g1 - g0;
@@ -376,16 +417,9 @@ int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t 
         const panel_job job = {xq, s_t, xsum, y, in, out, group, groups, g0, g1, g0 == 0, g1 == groups};
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n_panels; ++p) {
-          const uint8_t *wp = panels + p * (in / 4) * 32;
           const float *sp = sps + (p * ng - g0) * PANEL_ROWS; /* indexed by the absolute group */
-          int64_t t0 = b0;
-          for (; t0 + PANEL_TOKENS <= b1; t0 += PANEL_TOKENS) panel_block(PANEL_TOKENS, &job, t0, wp, sp, p * PANEL_ROWS);
-          switch (b1 - t0) { /* the last few tokens (fewer than PANEL_TOKENS) */
-            case 3: panel_block(3, &job, t0, wp, sp, p * PANEL_ROWS); break;
-            case 2: panel_block(2, &job, t0, wp, sp, p * PANEL_ROWS); break;
-            case 1: panel_block(1, &job, t0, wp, sp, p * PANEL_ROWS); break;
-            default: break;
-          }
+          if (bits8) panel_tokens(1, &job, b0, b1, panels + p * panel_bytes, sp, p * PANEL_ROWS);
+          else panel_tokens(0, &job, b0, b1, panels + p * panel_bytes, sp, p * PANEL_ROWS);
         }
       }
     }
@@ -393,4 +427,14 @@ int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t 
   free(xsum);
   free(sps);
   return 0;
+}
+
+int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
+                    const float *scales, int64_t out, int64_t group, float *y, int threads) {
+  return panels_product(0, xq, s_t, tokens, in, panels, scales, out, group, y, threads);
+}
+
+int duq_w8a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
+                    const float *scales, int64_t out, int64_t group, float *y, int threads) {
+  return panels_product(1, xq, s_t, tokens, in, panels, scales, out, group, y, threads);
 }
