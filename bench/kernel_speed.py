@@ -1,7 +1,7 @@
 """Quantized product kernels (`interop.kernels`) against `nn.Linear`, per path, on the Gemma-2B block.
 
     python bench/kernel_speed.py [--tokens 1,16,256] [--rounds 15] [--layers q_proj,...] [--threads N] [--groups 128]
-        [--tag NAME] [--no-write]
+        [--tag NAME] [--all-paths] [--no-write]
 
 For each linear of one Gemma-2B block, in float32 and bfloat16 at 1, 16 and
 256 tokens: `nn.Linear` in both dtypes; every kernel path of W8A8 and W4A8
@@ -16,7 +16,9 @@ Timing: every variant of one (layer, dtype, tokens) is warmed up, then timed
 once per round, round after round, and its median over the rounds reported:
 interleaving spreads the bursts of load of a shared machine over all variants
 alike. Random codes and scales (the product's speed does not depend on their
-values). Each weight is held in the layout a `DuQuantLinear` of its configuration
+values). Paths this CPU would run emulated (`interop.kernels.emulated_here`: int8 or
+bfloat16 GEMMs without the instructions, seconds to minutes a call) are left out, as the
+autotuner leaves them out (`--all-paths` times them too). Each weight is held in the layout a `DuQuantLinear` of its configuration
 gets on this machine (`layout="auto"`, integer activations said), so the `(auto)`
 columns are what a model runs. Writes the section "Kernel speed" of
 bench/RESULTS.md (`--tag NAME`: "Kernel speed, NAME", and kernel_speed_NAME.md/.png,
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import GEMMA_2B, best_time, table, write_section  # noqa: E402
 
 from interop import kernel_tuning  # noqa: E402
-from interop.kernels import ActQuant, candidates, quantized_matmul  # noqa: E402
+from interop.kernels import ActQuant, candidates, emulated_here, quantized_matmul  # noqa: E402
 from interop.qweight import QuantizedWeight  # noqa: E402
 
 def configs(groups: tuple[int, ...] = (128,)) -> dict[str, tuple[int, int | None, ActQuant]]:
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); the section name says it")
     ap.add_argument("--groups", default="128", help="comma-separated weight group sizes timed beside per-row scales")
     ap.add_argument("--tag", default=None, help="write 'Kernel speed, TAG' and kernel_speed_TAG.md/.png (another machine's run)")
+    ap.add_argument("--all-paths", action="store_true", help="also time the paths this CPU runs emulated")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args.tag):
@@ -154,7 +157,8 @@ def main() -> None:
                 paths_of = {}
                 for cname, (_, _, act) in cfgs.items():
                     w = weights[cname]
-                    paths_of[cname] = candidates(w, act, dtype, t)
+                    paths_of[cname] = [p for p in candidates(w, act, dtype, t)
+                                       if args.all_paths or emulated_here(p, torch.device("cpu")) is None]
                     for p in paths_of[cname]:
                         fns[f"{cname} | {p}"] = lambda w=w, act=act, p=p, xd=xd: quantized_matmul(xd, w, act, path=p)
                     fns[cname] = lambda w=w, act=act, xd=xd: quantized_matmul(xd, w, act)  # the autotuner's pick
@@ -211,7 +215,11 @@ def main() -> None:
         "bfloat16 `nn.Linear`. "
         f"CPU: {kernel_tuning.cpu_description()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"{torch.get_num_threads()} threads; 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
-        "(the machine is shared: other jobs ran beside this one).\n\n"
+        "(the machine is shared: other jobs ran beside this one). "
+        + ("Every path timed (`--all-paths`)." if args.all_paths else
+           "Left out as emulated here: " + (", ".join(f"`{p}` ({why})" for p in ("int-mm", "dequant-bf16")
+                                                      if (why := emulated_here(p, torch.device("cpu")))) or "nothing") + ".")
+        + "\n\n"
         + table(header, summary)
         + "\n\n"
         + "\n".join(lines)

@@ -13,7 +13,7 @@ float32 kernel paths, with 95% paired bootstrap intervals over chunks against fl
 bench/output_layer.jsonl and writes the section of bench/RESULTS.md; refuses a tree with uncommitted
 changes unless `--allow-dirty` (then nothing is written to RESULTS.md).
 
-`--dev`: the float body with its output layer at 4 bits in DEV_VARIANTS' group sizes and roundings (round to
+`--dev`: the float body with its output layer in DEV_VARIANTS' widths, group sizes and roundings (round to
 nearest, or GPTQ on the output layer's observed input) and activations (float, or int8 per token: `act_bits=8`),
 scored on the development chunks, where a choice between them is made; the test split is left for the rows
 above. `--variants`: only these DEV_VARIANTS (comma-separated labels), beside the float model.
@@ -48,16 +48,18 @@ ROWS = {
     "w4a8 + output layer int8": ("w4a8", 8),
     "w4a8 + output layer int4 g32 gptq": ("w4a8", 4),
 }
-# `--dev`: the float body's output layer at 4 bits, scored on the development chunks (where choices are made):
-# {label: (group size, rounding method, activation bits)}; GPTQ observes the output layer's input on the
+# `--dev`: the float body's output layer alone quantized, scored on the development chunks (where choices are made):
+# {label: (bits, group size, rounding method, activation bits)}; GPTQ observes the output layer's input on the
 # calibration chunks; activation bits 8: its input quantized to int8 per token at run time.
 DEV_VARIANTS = {
-    "int4 g128 rtn": (128, "rtn", 16),
-    "int4 g128 gptq": (128, "gptq", 16),
-    "int4 g64 gptq": (64, "gptq", 16),
-    "int4 g32 rtn": (32, "rtn", 16),
-    "int4 g32 gptq": (32, "gptq", 16),
-    "int4 g32 gptq a8": (32, "gptq", 8),
+    "int4 g128 rtn": (4, 128, "rtn", 16),
+    "int4 g128 gptq": (4, 128, "gptq", 16),
+    "int4 g64 gptq": (4, 64, "gptq", 16),
+    "int4 g32 rtn": (4, 32, "rtn", 16),
+    "int4 g32 gptq": (4, 32, "gptq", 16),
+    "int4 g32 gptq a8": (4, 32, "gptq", 8),
+    "int8 rtn": (8, None, "rtn", 16),
+    "int8 rtn a8": (8, None, "rtn", 8),
 }
 DEV_SECTION = "Output layer at 4 bits: group size and rounding, development split (bench/output_layer.py --dev)"
 
@@ -134,7 +136,7 @@ def main() -> None:
     write_report(rows, _float_bytes(task._model), rev)
 
 
-def dev_variants(rev: str, n_test: int, variants: dict[str, tuple[int, str, int]]) -> None:
+def dev_variants(rev: str, n_test: int, variants: dict[str, tuple[int, int | None, str, int]]) -> None:
     """The float model and each of `variants` (DEV_VARIANTS) output layers (float body) on the development chunks; JSON lines
     (`"dev_variant"`) appended to bench/output_layer.jsonl, the table to bench/RESULTS.md."""
     from quality_models import GemmaTask
@@ -152,14 +154,14 @@ def dev_variants(rev: str, n_test: int, variants: dict[str, tuple[int, str, int]
         t = time.perf_counter()
         model = task.float_model().eval()
         if spec is not None:
-            group, method, act_bits = spec
+            bits, group, method, act_bits = spec
             stats = None
             if method == "gptq":
                 head = find_output_layer(model)
                 with observe(model, lambda n, m: n == head, xtx=True) as stats, torch.no_grad():
                     for ids in batches:
                         model(input_ids=ids, use_cache=False)
-            quantize_output_layer(model, 4, group, method=method, stats=stats, act_bits=act_bits)
+            quantize_output_layer(model, bits, group, method=method, stats=stats, act_bits=act_bits)
         with kernel_options(precision="float32"):
             nll = task.chunk_nll(model, split.dev).tolist()
         rec = {"commit": rev, "dev_variant": label, "split": split.describe(), "part": "dev", "nll_dev": nll,
@@ -171,7 +173,7 @@ def dev_variants(rev: str, n_test: int, variants: dict[str, tuple[int, str, int]
         del model
     fl = recs[0]
     lines = [
-        f"Gemma-3 270M, float body, the output layer (and the embedding tied to it) at 4 bits; {len(fl['nll_dev'])} "
+        f"Gemma-3 270M, float body, the output layer (and the embedding tied to it) quantized alone; {len(fl['nll_dev'])} "
         f"development chunks of 512 tokens after BOS (ThreeWaySplit seed 0), float32 kernel paths; commit {rev}. "
         "GPTQ observes the output layer's input on the 16 calibration chunks.",
         "",
