@@ -1,9 +1,9 @@
 """Quantized product kernels (`interop.kernels`) against `nn.Linear`, per path, on the Gemma-2B block.
 
     python bench/kernel_speed.py [--tokens 1,16,256] [--rounds 15] [--layers q_proj,...] [--threads N] [--groups 128]
-        [--tag NAME] [--all-paths] [--no-write]
+        [--dtypes float32,bfloat16] [--tag NAME] [--all-paths] [--no-write]
 
-For each linear of one Gemma-2B block, in float32 and bfloat16 at 1, 16 and
+For each linear of one Gemma-2B block, in float32 and bfloat16 (`--dtypes`) at 1, 16 and
 256 tokens: `nn.Linear` in both dtypes; every kernel path of W8A8 and W4A8
 (dynamic per-token activations) and W8A16 / W4A16, with per-row scales and with
 groups of 128; the path the autotuner picks (measured once per key, as a model
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--groups", default="128", help="comma-separated weight group sizes timed beside per-row scales")
     ap.add_argument("--tag", default=None, help="write 'Kernel speed, TAG' and kernel_speed_TAG.md/.png (another machine's run)")
     ap.add_argument("--all-paths", action="store_true", help="also time the paths this CPU runs emulated")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="input dtypes of the quantized products (both nn.Linear dtypes are always timed)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args.tag):
@@ -125,6 +126,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise SystemExit(f"--dtypes must name some of {list(DTYPES)}; got {args.dtypes!r}")
     layers = {k: GEMMA_2B[k] for k in args.layers.split(",")}
     torch.manual_seed(0)
     kernel_tuning.set_tuner(kernel_tuning.Autotuner())  # in memory: every key measured afresh in this run
@@ -142,7 +146,7 @@ def main() -> None:
         for d, m in linears.items():
             with torch.no_grad():
                 m.weight.copy_(lin.weight)
-        for dname, dtype in DTYPES.items():
+        for dname, dtype in ((d, DTYPES[d]) for d in dtypes):
             ao = _torchao_models(lin, dtype)
             ao_cols = list(ao) or ao_cols
             for t in tokens:

@@ -204,7 +204,7 @@ def int4pack_unavailable(out_features: int, in_features: int, bits: int, device:
     return None
 
 
-# -- the compiled W4A8 product's layout ("panels") ---------------------------------
+# -- the compiled integer product's layout ("panels") ------------------------------
 def _to_panels(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: (out, in) int8, out % 16 == 0, in % 4 == 0 -> panels (module docstring): (out, in/2) uint8 for
     bits <= 4, (out, in) uint8 for 5..8."""
@@ -266,10 +266,12 @@ def panels_unavailable(out_features: int, in_features: int, bits: int, device: t
     return None
 
 
-def _auto_panels(out_features: int, in_features: int, bits: int, device: torch.device) -> bool:
-    """Whether `layout="auto"` takes panels for a weight whose products take integer activations: where they
-    are available and this CPU lacks an int8 dot-product instruction (module docstring)."""
-    return panels_unavailable(out_features, in_features, bits, device) is None and not kernel_tuning.int8_dot_native()
+def _auto_panels(out_features: int, in_features: int, bits: int, group: int, device: torch.device) -> bool:
+    """Whether `layout="auto"` takes panels for a weight (`group` columns per scale) whose products take integer
+    activations: where the compiled product can run it and this CPU lacks an int8 dot-product instruction
+    (module docstring)."""
+    fits = group % 4 == 0 and (bits <= 4 or group <= native.PANELS_MAX_GROUP_8)
+    return fits and panels_unavailable(out_features, in_features, bits, device) is None and not kernel_tuning.int8_dot_native()
 
 
 # -- tiles ----------------------------------------------------------------------
@@ -508,7 +510,7 @@ class QuantizedWeight(nn.Module):
         if layout not in LAYOUTS + ("auto",):
             raise ValueError(f"{self._who()}: layout must be one of {LAYOUTS + ('auto',)}; got {layout!r}")
         if layout == "auto":
-            if self.integer_acts and _auto_panels(self.out_features, self.in_features, self.bits, device):
+            if self.integer_acts and _auto_panels(self.out_features, self.in_features, self.bits, self.effective_group, device):
                 return "panels"
             if self.bits > 4:
                 return "int8"

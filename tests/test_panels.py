@@ -219,6 +219,8 @@ def test_auto_layout_takes_panels_only_where_int8_dot_products_are_emulated(monk
     assert w.layout == want
     w8 = QuantizedWeight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32), bits=8, integer_acts=integer_acts)
     assert w8.layout == ("panels" if want == "panels" else "int8")
+    odd = QuantizedWeight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32, 32), bits=4, group_size=2, integer_acts=integer_acts)
+    assert odd.layout != "panels"  # groups of 2 columns: the compiled product cannot run it
 
 
 def test_panels_are_not_auto_picked_without_the_compiled_product():
