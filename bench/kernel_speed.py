@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import GEMMA_2B, best_time, table, write_section  # noqa: E402
+from common import GEMMA_2B, best_time, commit, table, write_section  # noqa: E402
 
 from interop import kernel_tuning  # noqa: E402
 from interop.kernels import ActQuant, candidates, emulated_here, quantized_matmul  # noqa: E402
@@ -132,6 +132,7 @@ def main() -> None:
     layers = {k: GEMMA_2B[k] for k in args.layers.split(",")}
     torch.manual_seed(0)
     kernel_tuning.set_tuner(kernel_tuning.Autotuner())  # in memory: every key measured afresh in this run
+    rev = commit()
     load_before = os.getloadavg()[0]
 
     per_layer, detail, memory = [], [], []
@@ -213,7 +214,7 @@ def main() -> None:
         suffix, stem = f"{suffix}, {args.tag}", f"{stem}_{args.tag}"
     largest = max(layers, key=lambda k: layers[k][0] * layers[k][1])
     body = (
-        "`python bench/kernel_speed.py` — one Gemma-2B block's 7 linears, ms summed over the block; every "
+        f"`python bench/kernel_speed.py{''.join(' ' + a for a in sys.argv[1:])}` (commit {rev}) — one Gemma-2B block's 7 linears, ms summed over the block; every "
         "variant timed in interleaved rounds, median over the rounds; `(auto)`: the path the autotuner picked "
         "for each layer (measured once per key, in this run); ratios against the faster of float32 and "
         "bfloat16 `nn.Linear`. "
