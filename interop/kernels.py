@@ -192,7 +192,8 @@ def _quantize_tokens_functional(x2: torch.Tensor, act: ActQuant, act_scale: torc
         s = s.clamp(min=1e-8)  # DYNAMIC_EPS, as a literal: dynamo traces a global float as a dynamic input
     else:
         s = act_scale.reshape(1, 1).float().expand(xf.shape[0], 1)
-    return (xf / s).round().clamp(-qa - 1, qa).to(torch.int8), s
+    # row-major codes, as the eager path gives them: written so by the fused kernel, not copied by a product later
+    return (xf / s).round().clamp(-qa - 1, qa).to(torch.int8).contiguous(), s
 
 
 def prepare(x2: torch.Tensor, act: ActQuant, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -712,17 +713,29 @@ def _checked(name: str, weight: QuantizedWeight, act: ActQuant, dtype: torch.dty
 def resolve_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int, spec: str = "", act_scale: torch.Tensor | None = None) -> str:
     """The path a product of `tokens` tokens takes: forced (`spec` a path name, else `weight.path`, else the
     global option), else the frozen choice of its bucket (`spec` a table, else `weight.frozen_paths`) where
-    the precision option allows it and it can run, else the autotuner's (`choose_path`)."""
+    the precision option allows it and it can run, else the autotuner's (`choose_path`).
+
+    A non-empty `spec` (what the custom op passes) decides the same way for every call of one token bucket with
+    the same options, so that decision is remembered on the weight (`weight.choices`, dropped when the weight
+    moves or changes layout): a compiled model's product costs one dict lookup to route, not the checks."""
+    bucket = kernel_tuning.token_bucket(tokens)[0]
+    memo = ("resolved", spec, bucket, dtype, act, _OPTIONS, weight.path) if spec else None
+    name = weight.choices.get(memo) if memo else None
+    if name is not None:
+        return name
     forced, table = _parse_spec(spec)
     forced = forced or weight.path or _OPTIONS.path
     if forced is not None:
-        return _checked(forced, weight, act, dtype, tokens)
-    if table is None:
-        table = frozen_table(weight, dtype)
-    name = table.get(kernel_tuning.token_bucket(tokens)[0]) if table else None
-    if name is not None and _allowed(name) and unavailable(name, weight, act, dtype, tokens) is None:
-        return name
-    return choose_path(weight, act, dtype, tokens, act_scale)
+        name = _checked(forced, weight, act, dtype, tokens)
+    else:
+        if table is None:
+            table = frozen_table(weight, dtype)
+        name = table.get(bucket) if table else None
+        if name is None or not _allowed(name) or unavailable(name, weight, act, dtype, tokens) is not None:
+            return choose_path(weight, act, dtype, tokens, act_scale)  # remembers its own choice, per tuner state
+    if memo:
+        weight.choices[memo] = name
+    return name
 
 
 def _allowed(name: str) -> bool:

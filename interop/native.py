@@ -76,25 +76,27 @@ def aligned_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # -- checks -------------------------------------------------------------------------
-def _require(ok: bool, kernel: str, message: str) -> None:
+def _require(ok: bool, kernel: str, message) -> None:
+    """Raises NativeKernelError naming `kernel` unless `ok`; `message` is a string or a callable that makes one
+    (formatted only on failure: the checks run before every call, and most calls pass)."""
     if not ok:
-        raise NativeKernelError(f"{kernel}: {message}")
+        raise NativeKernelError(f"{kernel}: {message() if callable(message) else message}")
 
 
 def _operand(kernel: str, name: str, t: object, dtype: torch.dtype, dims: int = 2, cpu_only: bool = True) -> None:
-    _require(isinstance(t, torch.Tensor), kernel, f"{name} must be a tensor; got {type(t).__name__}")
+    _require(isinstance(t, torch.Tensor), kernel, lambda: f"{name} must be a tensor; got {type(t).__name__}")
     assert isinstance(t, torch.Tensor)
-    _require(t.dtype == dtype, kernel, f"{name} must be {dtype}; got {t.dtype}")
-    _require(t.dim() == dims, kernel, f"{name} must be {dims}-D; got shape {tuple(t.shape)}")
-    _require(t.device.type == "cpu" or not cpu_only, kernel, f"{name} must be on the CPU; got {t.device}")
+    _require(t.dtype == dtype, kernel, lambda: f"{name} must be {dtype}; got {t.dtype}")
+    _require(t.dim() == dims, kernel, lambda: f"{name} must be {dims}-D; got shape {tuple(t.shape)}")
+    _require(t.device.type == "cpu" or not cpu_only, kernel, lambda: f"{name} must be on the CPU; got {t.device}")
 
 
 def _state_operand(kernel: str, name: str, t: torch.Tensor) -> None:
     """A weight-side operand: must already be contiguous and aligned (set so once, at load)."""
-    _require(t.is_contiguous(), kernel, f"{name} must be contiguous; got strides {t.stride()}")
+    _require(t.is_contiguous(), kernel, lambda: f"{name} must be contiguous; got strides {t.stride()}")
     _require(
         is_aligned(t), kernel,
-        f"{name} must start on a {ALIGNMENT}-byte boundary; it starts at offset {t.data_ptr() % ALIGNMENT} "
+        lambda: f"{name} must start on a {ALIGNMENT}-byte boundary; it starts at offset {t.data_ptr() % ALIGNMENT} "
         "(weight state must go through interop.native.aligned when it is set or loaded)",
     )
 
@@ -110,13 +112,13 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     for name, t, dtype in (("a", a, torch.int8), ("b", b, torch.int8), ("out", out, torch.int32)):
         _operand(kernel, name, t, dtype, cpu_only=False)
     m, k = a.shape
-    _require(b.shape[0] == k, kernel, f"b must have {k} rows (a is {tuple(a.shape)}); got shape {tuple(b.shape)}")
-    _require(tuple(out.shape) == (m, b.shape[1]), kernel, f"out must have shape {(m, b.shape[1])}; got {tuple(out.shape)}")
-    _require(a.device == b.device == out.device, kernel, f"operands on different devices: {a.device}, {b.device}, {out.device}")
+    _require(b.shape[0] == k, kernel, lambda: f"b must have {k} rows (a is {tuple(a.shape)}); got shape {tuple(b.shape)}")
+    _require(tuple(out.shape) == (m, b.shape[1]), kernel, lambda: f"out must have shape {(m, b.shape[1])}; got {tuple(out.shape)}")
+    _require(a.device == b.device == out.device, kernel, lambda: f"operands on different devices: {a.device}, {b.device}, {out.device}")
     for name, t in (("a", a), ("b", b)):
-        _require(1 in t.stride() or t.numel() <= 1, kernel, f"{name} must have a unit stride; got strides {t.stride()}")
+        _require(1 in t.stride() or t.numel() <= 1, kernel, lambda: f"{name} must have a unit stride; got strides {t.stride()}")
     if a.device.type == "cuda":
-        _require(m > 16 and k % 8 == 0 and b.shape[1] % 8 == 0, kernel, f"on CUDA needs m > 16, k and n multiples of 8; got {m}, {k}, {b.shape[1]}")
+        _require(m > 16 and k % 8 == 0 and b.shape[1] % 8 == 0, kernel, lambda: f"on CUDA needs m > 16, k and n multiples of 8; got {m}, {k}, {b.shape[1]}")
     return torch._int_mm(a, b, out=out)
 
 
@@ -131,9 +133,9 @@ def weight_int8pack_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -
     _operand(kernel, "w", w, torch.int8)
     _operand(kernel, "scales", scales, torch.bfloat16, dims=1)
     n, k = w.shape
-    _require(k % 16 == 0, kernel, f"in_features must be a multiple of 16 (the kernel crashes or returns NaN otherwise); got {k}")
-    _require(x.shape[1] == k, kernel, f"x must have {k} columns; got shape {tuple(x.shape)}")
-    _require(tuple(scales.shape) == (n,), kernel, f"scales must have shape ({n},); got {tuple(scales.shape)}")
+    _require(k % 16 == 0, kernel, lambda: f"in_features must be a multiple of 16 (the kernel crashes or returns NaN otherwise); got {k}")
+    _require(x.shape[1] == k, kernel, lambda: f"x must have {k} columns; got shape {tuple(x.shape)}")
+    _require(tuple(scales.shape) == (n,), kernel, lambda: f"scales must have shape ({n},); got {tuple(scales.shape)}")
     _state_operand(kernel, "w", w)
     return torch._weight_int8pack_mm(aligned(x), w, aligned(scales))
 
@@ -146,12 +148,12 @@ def weight_int4pack_mm(x: torch.Tensor, w: torch.Tensor, group: int, scales_zero
     _operand(kernel, "w", w, torch.uint8)
     _operand(kernel, "scales_zeros", scales_zeros, torch.bfloat16, dims=3)
     n, k = w.shape[0], w.shape[1] * 2
-    _require(group in INT4PACK_GROUPS, kernel, f"group must be one of {INT4PACK_GROUPS}; got {group!r}")
-    _require(k % group == 0, kernel, f"in_features {k} must be a multiple of the group {group}")
-    _require(n % 16 == 0, kernel, f"out_features must be a multiple of 16; got {n}")
-    _require(x.shape[1] == k, kernel, f"x must have {k} columns; got shape {tuple(x.shape)}")
+    _require(group in INT4PACK_GROUPS, kernel, lambda: f"group must be one of {INT4PACK_GROUPS}; got {group!r}")
+    _require(k % group == 0, kernel, lambda: f"in_features {k} must be a multiple of the group {group}")
+    _require(n % 16 == 0, kernel, lambda: f"out_features must be a multiple of 16; got {n}")
+    _require(x.shape[1] == k, kernel, lambda: f"x must have {k} columns; got shape {tuple(x.shape)}")
     want = (k // group, n, 2)
-    _require(tuple(scales_zeros.shape) == want, kernel, f"scales_zeros must have shape {want}; got {tuple(scales_zeros.shape)}")
+    _require(tuple(scales_zeros.shape) == want, kernel, lambda: f"scales_zeros must have shape {want}; got {tuple(scales_zeros.shape)}")
     _state_operand(kernel, "w", w)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x), w, group, aligned(scales_zeros))
 
@@ -161,10 +163,10 @@ def convert_weight_to_int4pack(offset_codes: torch.Tensor, inner_k_tiles: int = 
     kernel = "_convert_weight_to_int4pack_for_cpu"
     _operand(kernel, "offset_codes", offset_codes, torch.int32)
     n, k = offset_codes.shape
-    _require(n % 16 == 0 and k % 2 == 0, kernel, f"needs out % 16 == 0 and even in; got {n} x {k}")
+    _require(n % 16 == 0 and k % 2 == 0, kernel, lambda: f"needs out % 16 == 0 and even in; got {n} x {k}")
     if offset_codes.numel():
         lo, hi = int(offset_codes.min()), int(offset_codes.max())
-        _require(0 <= lo and hi <= 15, kernel, f"offset codes must lie in [0, 15]; got range [{lo}, {hi}]")
+        _require(0 <= lo and hi <= 15, kernel, lambda: f"offset codes must lie in [0, 15]; got range [{lo}, {hi}]")
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(aligned(offset_codes), inner_k_tiles)
 
 
@@ -172,14 +174,14 @@ def convert_weight_to_int4pack(offset_codes: torch.Tensor, inner_k_tiles: int = 
 def _dequant_operands(kernel: str, scales: torch.Tensor, out: torch.Tensor, out_shape: tuple[int, int]) -> None:
     _operand(kernel, "scales", scales, torch.float32)
     _operand(kernel, "out", out, torch.bfloat16)
-    _require(scales.is_contiguous(), kernel, f"scales must be contiguous; got strides {scales.stride()}")
-    _require(out.is_contiguous(), kernel, f"out must be contiguous; got strides {out.stride()}")
-    _require(tuple(out.shape) == out_shape, kernel, f"out must have shape {out_shape}; got {tuple(out.shape)}")
+    _require(scales.is_contiguous(), kernel, lambda: f"scales must be contiguous; got strides {scales.stride()}")
+    _require(out.is_contiguous(), kernel, lambda: f"out must be contiguous; got strides {out.stride()}")
+    _require(tuple(out.shape) == out_shape, kernel, lambda: f"out must have shape {out_shape}; got {tuple(out.shape)}")
 
 
 def _group_count(kernel: str, in_features: int, group: int) -> int:
-    _require(isinstance(group, int) and group >= 1, kernel, f"group must be a positive int; got {group!r}")
-    _require(in_features >= 1, kernel, f"in_features must be positive; got {in_features}")
+    _require(isinstance(group, int) and group >= 1, kernel, lambda: f"group must be a positive int; got {group!r}")
+    _require(in_features >= 1, kernel, lambda: f"in_features must be positive; got {in_features}")
     return -(-in_features // group)
 
 
@@ -187,7 +189,7 @@ def _library(kernel: str):
     from interop import compiled
 
     lib = compiled.load()
-    _require(lib is not None, kernel, f"the compiled helpers are unavailable: {compiled.unavailable()}")
+    _require(lib is not None, kernel, lambda: f"the compiled helpers are unavailable: {compiled.unavailable()}")
     return lib
 
 
@@ -200,17 +202,17 @@ def dequant_int4pack(
     r0 must start a block; r1 ends one or the weight (its short last block)."""
     kernel = "duq_dequant_int4pack"
     _operand(kernel, "qdata", qdata, torch.uint8)
-    _require(qdata.is_contiguous(), kernel, f"qdata must be contiguous; got strides {qdata.stride()}")
+    _require(qdata.is_contiguous(), kernel, lambda: f"qdata must be contiguous; got strides {qdata.stride()}")
     n_out, kind, block = qdata.shape[0], variant[0], variant[1]
-    _require(qdata.shape[1] * 2 == in_features, kernel, f"qdata must have in_features / 2 = {in_features / 2} columns; got {qdata.shape[1]}")
-    _require(block >= 2 and block % 2 == 0, kernel, f"the variant's block must be even; got {block}")
-    _require(0 <= r0 < r1 <= n_out and r0 % block == 0, kernel, f"rows {r0}:{r1} must start a block of {block} inside {n_out} rows")
+    _require(qdata.shape[1] * 2 == in_features, kernel, lambda: f"qdata must have in_features / 2 = {in_features / 2} columns; got {qdata.shape[1]}")
+    _require(block >= 2 and block % 2 == 0, kernel, lambda: f"the variant's block must be even; got {block}")
+    _require(0 <= r0 < r1 <= n_out and r0 % block == 0, kernel, lambda: f"rows {r0}:{r1} must start a block of {block} inside {n_out} rows")
     rows = r1 - r0
     full = rows // block * block
-    _require(full == rows or (r1 == n_out and (rows - full) % 2 == 0), kernel, f"rows {r0}:{r1} must end a block of {block} or the weight")
+    _require(full == rows or (r1 == n_out and (rows - full) % 2 == 0), kernel, lambda: f"rows {r0}:{r1} must end a block of {block} or the weight")
     groups = _group_count(kernel, in_features, group)
     _dequant_operands(kernel, scales_t, out, (in_features, rows))
-    _require(tuple(scales_t.shape) == (groups, n_out), kernel, f"scales_t must have shape {(groups, n_out)}; got {tuple(scales_t.shape)}")
+    _require(tuple(scales_t.shape) == (groups, n_out), kernel, lambda: f"scales_t must have shape {(groups, n_out)}; got {tuple(scales_t.shape)}")
     lib, threads = _library(kernel), torch.get_num_threads()
     base, s, o = qdata.data_ptr() + r0 * (in_features // 2), scales_t.data_ptr() + r0 * 4, out.data_ptr()
     if full:
@@ -226,15 +228,15 @@ def dequant_rows(codes: torch.Tensor, layout: str, in_features: int, scales: tor
     """Rows of `"nibbles"` `(rows, ceil(in/2)) uint8` or `"int8"` `(rows, in) int8` codes -> out (rows, in)
     bfloat16, `Q * s`; `scales (rows, groups)` float32 bfloat16-rounded, `group` columns per scale."""
     kernel = f"duq_dequant_{layout}"
-    _require(layout in ("nibbles", "int8"), kernel, f"layout must be 'nibbles' or 'int8'; got {layout!r}")
+    _require(layout in ("nibbles", "int8"), kernel, lambda: f"layout must be 'nibbles' or 'int8'; got {layout!r}")
     _operand(kernel, "codes", codes, torch.uint8 if layout == "nibbles" else torch.int8)
-    _require(codes.is_contiguous(), kernel, f"codes must be contiguous; got strides {codes.stride()}")
+    _require(codes.is_contiguous(), kernel, lambda: f"codes must be contiguous; got strides {codes.stride()}")
     rows = codes.shape[0]
     width = -(-in_features // 2) if layout == "nibbles" else in_features
-    _require(codes.shape[1] == width, kernel, f"codes must have {width} columns for in_features={in_features}; got {codes.shape[1]}")
+    _require(codes.shape[1] == width, kernel, lambda: f"codes must have {width} columns for in_features={in_features}; got {codes.shape[1]}")
     groups = _group_count(kernel, in_features, group)
     _dequant_operands(kernel, scales, out, (rows, in_features))
-    _require(tuple(scales.shape) == (rows, groups), kernel, f"scales must have shape {(rows, groups)}; got {tuple(scales.shape)}")
+    _require(tuple(scales.shape) == (rows, groups), kernel, lambda: f"scales must have shape {(rows, groups)}; got {tuple(scales.shape)}")
     lib, threads = _library(kernel), torch.get_num_threads()
     if layout == "nibbles":
         lib.duq_dequant_nibbles(codes.data_ptr(), rows, width, in_features, scales.data_ptr(), groups, group, out.data_ptr(), threads)
@@ -262,14 +264,14 @@ def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static
     (unit column stride) or the transpose of a row-major (n, T) (unit row stride, as `rotate_input` returns)."""
     kernel = "duq_quantize_tokens"
     _require(isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.bfloat16), kernel,
-             f"x must be a float32 or bfloat16 tensor; got {getattr(x, 'dtype', type(x).__name__)}")
-    _require(x.dim() == 2 and x.device.type == "cpu", kernel, f"x must be 2-D on the CPU; got shape {tuple(x.shape)} on {x.device}")
+             lambda: f"x must be a float32 or bfloat16 tensor; got {getattr(x, 'dtype', type(x).__name__)}")
+    _require(x.dim() == 2 and x.device.type == "cpu", kernel, lambda: f"x must be 2-D on the CPU; got shape {tuple(x.shape)} on {x.device}")
     tokens, n = x.shape
     layout = token_layout(x)
     rows = layout == "rows"
-    _require(layout is not None, kernel, f"x must be row-major or a transposed row-major tensor (unit stride on one dimension, rows apart by at least their length); got shape {tuple(x.shape)}, strides {x.stride()}")
-    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, f"qa must be an int in 1..127; got {qa!r}")
-    _require(0 < clip <= 1, kernel, f"clip must lie in (0, 1]; got {clip!r}")
+    _require(layout is not None, kernel, lambda: f"x must be row-major or a transposed row-major tensor (unit stride on one dimension, rows apart by at least their length); got shape {tuple(x.shape)}, strides {x.stride()}")
+    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, lambda: f"qa must be an int in 1..127; got {qa!r}")
+    _require(0 < clip <= 1, kernel, lambda: f"clip must lie in (0, 1]; got {clip!r}")
     if not dynamic:
         _require(isinstance(static_scale, torch.Tensor) and static_scale.numel() == 1, kernel, "static quantization needs a one-element scale tensor")
         static_scale = static_scale.detach().reshape(1).float().cpu().contiguous()
@@ -290,40 +292,73 @@ def int8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, bits:
     `s_t (T, 1)` (or (T,)) float32, times codes in the "panels" layout `panels` uint8 ((out_features, in/2) for
     4-bit, (out_features, in) for 8-bit) with `scales (out_features, groups)` float32 (`group` input columns
     each; `in` for one per row) -> out (T, out_features) float32, in place."""
-    _require(isinstance(bits, int) and 2 <= bits <= 8, "int8_panels", f"bits must be an int in 2..8; got {bits!r}")
+    if not _int8_panels_ok(xq, s_t, panels, bits, scales, group, out):
+        _check_int8_panels(xq, s_t, panels, bits, scales, group, out)
+    tokens, n_in = xq.shape
+    if tokens:
+        kernel = "duq_w4a8_panels" if bits <= 4 else "duq_w8a8_panels"
+        lib = _library(kernel)
+        _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
+        status = getattr(lib, kernel)(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(),
+                                      panels.shape[0], group, out.data_ptr(), torch.get_num_threads())
+        if status:
+            raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {-(-n_in // group)} groups)")
+    return out
+
+
+def _int8_panels_ok(xq, s_t, panels, bits, scales, group, out) -> bool:
+    """Every condition `_check_int8_panels` checks, as one expression (the check before every call, cheap when it
+    passes; `_check_int8_panels` then names what failed)."""
+    T, C = torch.Tensor, torch.int8
+    if not (type(xq) is T and type(s_t) is T and type(panels) is T and type(scales) is T and type(out) is T
+            and type(bits) is int and type(group) is int and 2 <= bits <= 8):
+        return False
+    xs, ps, ss, os_ = xq.shape, panels.shape, scales.shape, out.shape
+    if not (len(xs) == 2 and len(ps) == 2 and len(ss) == 2 and len(os_) == 2):
+        return False
+    tokens, n_in = xs
+    n_out = ps[0]
+    return (
+        xq.dtype is C and panels.dtype is torch.uint8 and scales.dtype is torch.float32 and out.dtype is torch.float32
+        and s_t.dtype is torch.float32 and xq.is_cpu and panels.is_cpu and scales.is_cpu and out.is_cpu and s_t.is_cpu
+        and n_in % 4 == 0 and n_in >= 4 and n_out % 16 == 0 and n_out >= 16
+        and ps[1] == (n_in // 2 if bits <= 4 else n_in)
+        and group >= 4 and group % 4 == 0 and (bits <= 4 or min(group, n_in) <= PANELS_MAX_GROUP_8)
+        and ss[0] == n_out and ss[1] == -(-n_in // group)
+        and s_t.numel() == tokens and s_t.is_contiguous() and os_[0] == tokens and os_[1] == n_out
+        and xq.is_contiguous() and out.is_contiguous() and panels.is_contiguous() and scales.is_contiguous()
+        and is_aligned(panels) and is_aligned(scales)
+    )
+
+
+def _check_int8_panels(xq, s_t, panels, bits, scales, group, out) -> None:
+    """`int8_panels`'s preconditions, each named in the NativeKernelError it raises."""
+    _require(isinstance(bits, int) and 2 <= bits <= 8, "int8_panels", lambda: f"bits must be an int in 2..8; got {bits!r}")
     kernel = "duq_w4a8_panels" if bits <= 4 else "duq_w8a8_panels"
     _operand(kernel, "xq", xq, torch.int8)
     _operand(kernel, "panels", panels, torch.uint8)
     _operand(kernel, "scales", scales, torch.float32)
     _operand(kernel, "out", out, torch.float32)
     _require(isinstance(s_t, torch.Tensor) and s_t.dtype == torch.float32 and s_t.device.type == "cpu", kernel,
-             f"s_t must be a float32 CPU tensor; got {getattr(s_t, 'dtype', type(s_t).__name__)}")
+             lambda: f"s_t must be a float32 CPU tensor; got {getattr(s_t, 'dtype', type(s_t).__name__)}")
     tokens, n_in = xq.shape
     n_out = panels.shape[0]
-    _require(n_in % 4 == 0 and n_in >= 4, kernel, f"in must be a positive multiple of 4; got {n_in}")
-    _require(n_out % 16 == 0 and n_out >= 16, kernel, f"out_features must be a positive multiple of 16; got {n_out}")
+    _require(n_in % 4 == 0 and n_in >= 4, kernel, lambda: f"in must be a positive multiple of 4; got {n_in}")
+    _require(n_out % 16 == 0 and n_out >= 16, kernel, lambda: f"out_features must be a positive multiple of 16; got {n_out}")
     width = n_in // 2 if bits <= 4 else n_in
-    _require(panels.shape[1] == width, kernel, f"panels must have {'in / 2' if bits <= 4 else 'in'} = {width} columns; got {panels.shape[1]}")
+    _require(panels.shape[1] == width, kernel, lambda: f"panels must have {'in / 2' if bits <= 4 else 'in'} = {width} columns; got {panels.shape[1]}")
     _require(isinstance(group, int) and not isinstance(group, bool) and group >= 4 and group % 4 == 0, kernel,
-             f"group must be a positive multiple of 4; got {group!r}")
+             lambda: f"group must be a positive multiple of 4; got {group!r}")
     _require(bits <= 4 or min(group, n_in) <= PANELS_MAX_GROUP_8, kernel,
-             f"8-bit codes need groups of at most {PANELS_MAX_GROUP_8} columns (int32 sums); got {min(group, n_in)}")
+             lambda: f"8-bit codes need groups of at most {PANELS_MAX_GROUP_8} columns (int32 sums); got {min(group, n_in)}")
     groups = -(-n_in // group)
-    _require(tuple(scales.shape) == (n_out, groups), kernel, f"scales must have shape {(n_out, groups)}; got {tuple(scales.shape)}")
-    _require(s_t.numel() == tokens and s_t.is_contiguous(), kernel, f"s_t must hold {tokens} contiguous scales; got shape {tuple(s_t.shape)}, strides {s_t.stride()}")
-    _require(tuple(out.shape) == (tokens, n_out), kernel, f"out must have shape {(tokens, n_out)}; got {tuple(out.shape)}")
+    _require(tuple(scales.shape) == (n_out, groups), kernel, lambda: f"scales must have shape {(n_out, groups)}; got {tuple(scales.shape)}")
+    _require(s_t.numel() == tokens and s_t.is_contiguous(), kernel, lambda: f"s_t must hold {tokens} contiguous scales; got shape {tuple(s_t.shape)}, strides {s_t.stride()}")
+    _require(tuple(out.shape) == (tokens, n_out), kernel, lambda: f"out must have shape {(tokens, n_out)}; got {tuple(out.shape)}")
     for name, t in (("xq", xq), ("out", out)):
-        _require(t.is_contiguous(), kernel, f"{name} must be contiguous; got strides {t.stride()}")
+        _require(t.is_contiguous(), kernel, lambda: f"{name} must be contiguous; got strides {t.stride()}")
     _state_operand(kernel, "panels", panels)
     _state_operand(kernel, "scales", scales)
-    if tokens:
-        lib = _library(kernel)
-        _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
-        status = getattr(lib, kernel)(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), n_out, group,
-                                      out.data_ptr(), torch.get_num_threads())
-        if status:
-            raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {groups} groups)")
-    return out
 
 
 def available(name: str) -> bool:

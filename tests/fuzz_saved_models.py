@@ -63,7 +63,7 @@ WIDTH = 256
 SHARD_BYTES = 120_000
 CONFIG_FILE = "duquant_quantized.json"
 INDEX_FILE = "model.safetensors.index.json"
-ALL_PATHS = ["fake-quant", "int-mm", "dequant-bf16", "int8pack", "int4pack"]  # interop.kernels.PATHS (checked by the CI test)
+ALL_PATHS = ["fake-quant", "int-mm", "dequant-bf16", "int8pack", "int4pack", "c-int8"]  # interop.kernels.PATHS (checked by the CI test)
 
 
 # --- the base model ---------------------------------------------------------------------------------

@@ -177,6 +177,27 @@ def test_quantize_output_layer_option_keeps_the_main_config_off_the_head():
     assert model.lm_head.config.weight_group_size == 32 and model.lm_head.config.weight_method == "rtn"
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     assert model.model.layers[0].mlp.up_proj.config.rotation == "hadamard" and "model.layers.0.mlp.up_proj" in new
+    assert model.lm_head.config.act_bits == 16 and model.lm_head.act.scheme == "none"
+
+
+def test_quantize_output_layer_act_bits_quantizes_the_head_input_per_token():
+    """`output_layer_act_bits=8`: the head's input is quantized to int8 per token (its logits equal those of the
+    weight-only head fed the fake-quantized input), and the embedding still reads the same codes."""
+    from duquant_jax import DuQuantConfig
+    from interop import quantize_
+    from interop.kernels import ActQuant, fake_quantize
+
+    model = _gemma()
+    with pytest.warns(UserWarning, match="no XᵀX statistics"):
+        quantize_(model, DuQuantConfig.preset("w8a8"), None, progress=False, output_layer=4, output_layer_act_bits=8)
+    head = model.lm_head
+    assert head.config.act_bits == 8 and head.config.act_scheme == "dynamic-token" and head.act.integer
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding) and model.model.embed_tokens.head is head
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = fake_quantize(x, ActQuant("dynamic-token", 8)) @ head.qweight.dequantize().t()
+        got = head(x)
+    assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())  # the bfloat16 paths' bound, whichever runs
 
 
 def _observed_head(model, xtx: bool = True):

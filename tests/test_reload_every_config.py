@@ -43,6 +43,9 @@ CONFIGS = [
     ("gptq_order_w8_svd", DuQuantConfig(weight_bits=8, weight_method="gptq", gptq_act_order=True, act_scheme="dynamic-token", row_rot_mode="none"), BIG, True),
     ("smooth_none_w4_g128", DuQuantConfig(rotation="none", smooth_alpha=0.5, weight_group_size=128, act_scheme="dynamic-token"), BIG, False),
     ("w4_a16_g128", DuQuantConfig(rotation="hadamard", block_size=128, weight_group_size=128, act_bits=16, row_rot_mode="none"), ODD, False),
+    # weight-only 8-bit per row: the int8 layout and torch's int8pack kernel whatever the CPU (integer-activation
+    # layers take the "panels" layout where int8 dot products are emulated)
+    ("w8_a16_rows", DuQuantConfig(weight_bits=8, act_bits=16, rotation="hadamard", block_size=128, row_rot_mode="none"), BIG, False),
     ("w4_a4_act_groups", DuQuantConfig(rotation="hadamard", block_size=128, weight_group_size=128, act_bits=4,
                                        act_scheme="dynamic-group", act_group_size=96, row_rot_mode="none"), BIG, True),
 ]
@@ -86,10 +89,16 @@ def test_every_config_and_kernel_path_runs_in_a_fresh_process_within_the_oracle_
 
 
 def test_the_native_kernels_are_among_the_paths_tried(reloaded):
-    """The crash-prone paths really ran on loaded (formerly unaligned) state: int8pack and int4pack both."""
+    """The crash-prone paths really ran on loaded (formerly unaligned) state: int8pack and int4pack both, and the
+    compiled integer product where this machine's integer-activation layers take its "panels" layout."""
+    from interop.kernel_tuning import int8_dot_native
+    from interop.qweight import panels_unavailable
+
     _, got = reloaded
     tried = {r["path"] for rows in got["results"].values() for r in rows}
     assert {"int-mm", "int8pack", "int4pack", "dequant-bf16", "fake-quant"} <= tried
+    if panels_unavailable(128, 256, 4, torch.device("cpu")) is None and not int8_dot_native():
+        assert "c-int8" in tried
 
 
 def test_reloaded_outputs_are_bit_identical_to_the_saved_model(reloaded):
