@@ -703,39 +703,34 @@ def _who(weight: QuantizedWeight) -> str:
     return f"weight {weight.name!r}" if weight.name else "quantized_matmul"
 
 
-def _checked(name: str, weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int) -> str:
-    why = unavailable(name, weight, act, dtype, tokens)
-    if why:
-        raise ValueError(f"{_who(weight)}: kernel path {name!r} cannot run here: {why}")
-    return name
-
-
 def resolve_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tokens: int, spec: str = "", act_scale: torch.Tensor | None = None) -> str:
     """The path a product of `tokens` tokens takes: forced (`spec` a path name, else `weight.path`, else the
     global option), else the frozen choice of its bucket (`spec` a table, else `weight.frozen_paths`) where
     the precision option allows it and it can run, else the autotuner's (`choose_path`).
 
-    A non-empty `spec` (what the custom op passes) decides the same way for every call of one token bucket with
-    the same options, so that decision is remembered on the weight (`weight.choices`, dropped when the weight
-    moves or changes layout): a compiled model's product costs one dict lookup to route, not the checks."""
+    Whether a path can run depends on the weight, the activations, the dtype and the token bucket only, so the
+    verdict is remembered on the weight (`weight.choices`, dropped when it moves or changes layout) and a call
+    costs a few dict lookups to route, not the checks."""
     bucket = kernel_tuning.token_bucket(tokens)[0]
-    memo = ("resolved", spec, bucket, dtype, act, _OPTIONS, weight.path) if spec else None
-    name = weight.choices.get(memo) if memo else None
-    if name is not None:
-        return name
     forced, table = _parse_spec(spec)
     forced = forced or weight.path or _OPTIONS.path
     if forced is not None:
-        name = _checked(forced, weight, act, dtype, tokens)
+        name = forced
     else:
         if table is None:
             table = frozen_table(weight, dtype)
         name = table.get(bucket) if table else None
-        if name is None or not _allowed(name) or unavailable(name, weight, act, dtype, tokens) is not None:
+        if name is None or not _allowed(name):
             return choose_path(weight, act, dtype, tokens, act_scale)  # remembers its own choice, per tuner state
-    if memo:
-        weight.choices[memo] = name
-    return name
+    key = ("why", name, bucket, dtype, act, _OPTIONS.compiled)
+    why = weight.choices.get(key)
+    if why is None:
+        why = weight.choices[key] = unavailable(name, weight, act, dtype, tokens) or ""
+    if not why:
+        return name
+    if forced is not None:
+        raise ValueError(f"{_who(weight)}: kernel path {name!r} cannot run here: {why}")
+    return choose_path(weight, act, dtype, tokens, act_scale)
 
 
 def _allowed(name: str) -> bool:

@@ -40,9 +40,9 @@ def output_layer_config(bits: int = 8, group_size: int | None = None, method: st
         raise ValueError(f"output layer: bits must be 8 or 4; got {bits!r}")
     if act_bits not in OUTPUT_ACT_BITS:
         raise ValueError(f"output layer: act_bits must be 16 (float activations) or 8 (int8 per token); got {act_bits!r}")
-    acts = {} if act_bits == 16 else {"act_bits": act_bits, "act_scheme": "dynamic-token"}
+    acts = {"act_bits": 16} if act_bits == 16 else {"act_bits": 8, "act_scheme": "dynamic-token"}
     return DuQuantConfig(weight_bits=bits, rotation="none", enable_permute=False, weight_group_size=group_size,
-                         weight_method=method, **{"act_bits": 16, **acts})
+                         weight_method=method, **acts)
 
 
 INT4_GROUP_SIZE = 32
