@@ -206,7 +206,7 @@ def _check_panels(lib: ctypes.CDLL, gen) -> str | None:
     two column blocks (in = 4100 > BLOCK_COLUMNS), against a float64 product; the first problem, or None."""
     import torch
 
-    from interop.qweight import _to_panels
+    from interop.panels import to_panels
 
     cases = [(4, 32, 104, 32, 5), (4, 16, 4100, 32, 2), (4, 16, 64, 64, 1), (8, 32, 104, 104, 3), (8, 16, 4100, 4100, 2)]
     for bits, rows, n_in, group, tokens in cases:
@@ -220,7 +220,7 @@ def _check_panels(lib: ctypes.CDLL, gen) -> str | None:
         per_code = scales.double().repeat_interleave(group, 1)[:, :n_in]
         want = (xq.double() @ (codes.double() * per_code).t()) * s_t.double()[:, None]
         bound = (xq.double().abs() @ (codes.double().abs() * per_code).t()) * s_t.double()[:, None] * PANELS_CHECK_ULPS * 2.0**-24
-        panels, y = _to_panels(codes, bits), torch.empty(tokens, rows)
+        panels, y = to_panels(codes, bits), torch.empty(tokens, rows)
         name = "duq_w4a8_panels" if bits == 4 else "duq_w8a8_panels"
         if getattr(lib, name)(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(), rows, group, y.data_ptr(), 2):
             return f"{name} could not allocate its scratch memory"

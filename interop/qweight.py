@@ -52,9 +52,9 @@ import torch
 from torch import nn
 
 from interop import kernel_tuning, native
+from interop.panels import PANEL_ROWS, from_panels, panel_code_tiles, panel_rows, to_panels
 
 LAYOUTS = ("nibbles", "int8", "int4pack", "panels")
-PANEL_ROWS = 16  # rows per panel of the "panels" layout (interop/csrc/duquant_kernels.c)
 INT4PACK_GROUPS = native.INT4PACK_GROUPS  # group sizes torch's CPU int4 kernel takes
 
 
@@ -204,50 +204,7 @@ def int4pack_unavailable(out_features: int, in_features: int, bits: int, device:
     return None
 
 
-# -- the compiled integer product's layout ("panels") ------------------------------
-def _to_panels(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: (out, in) int8, out % 16 == 0, in % 4 == 0 -> panels (module docstring): (out, in/2) uint8 for
-    bits <= 4, (out, in) uint8 for 5..8."""
-    out, n = codes.shape
-    if bits > 4:
-        u = (codes.to(torch.int16) + 128).to(torch.uint8).view(out // PANEL_ROWS, 2, PANEL_ROWS // 2, n // 4, 4)
-        return u.permute(0, 3, 1, 2, 4).contiguous().view(out, n)  # (p, step, half, r, c)
-    u = (codes + 8).to(torch.uint8).view(out // PANEL_ROWS, 2, PANEL_ROWS // 2, n // 4, 4)  # (p, half, r, step, c)
-    return (u[:, 0] | (u[:, 1] << 4)).permute(0, 2, 1, 3).contiguous().view(out, n // 2)
-
-
-def _panel_code_tiles(packed: torch.Tensor, bits: int, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 (whole panels) of a panels weight -> (in, r1 - r0) rows in natural order: uint8 `Q + 8` for
-    bits <= 4, int8 `Q` for 5..8."""
-    n, rows = (packed.shape[1] if bits > 4 else packed.shape[1] * 2), r1 - r0
-    if bits > 4:
-        byte = packed[r0:r1].reshape(rows // PANEL_ROWS, n // 4, 2, PANEL_ROWS // 2, 4)  # (p, step, half, r, c)
-        return (byte ^ 0x80).view(torch.int8).permute(1, 4, 0, 2, 3).reshape(n, rows)  # Q + 128 with its top bit flipped: Q
-    byte = packed[r0:r1].reshape(rows // PANEL_ROWS, n // 4, PANEL_ROWS // 2, 4)  # (p, step, r, c)
-    u = torch.stack((byte & 0xF, byte >> 4), dim=2)  # (p, step, half, r, c)
-    return u.permute(1, 4, 0, 2, 3).reshape(n, rows)
-
-
-def _from_panels(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `_to_panels`: -> (out, in) int8 codes."""
-    tiles = _panel_code_tiles(packed, bits, 0, packed.shape[0]).t()
-    return (tiles if bits > 4 else tiles.to(torch.int8) - 8).contiguous()
-
-
-def _panel_rows(packed: torch.Tensor, bits: int, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids (T,)` of a panels weight -> (T, in) int8 codes, gathered byte by byte."""
-    n = packed.shape[1] if bits > 4 else packed.shape[1] * 2
-    ids = ids.long()
-    cols = torch.arange(n, device=packed.device)[None, :]
-    p, half, r = (ids // PANEL_ROWS)[:, None], ((ids % PANEL_ROWS) // 8)[:, None], (ids % 8)[:, None]
-    step, c = cols // 4, cols % 4
-    if bits > 4:
-        byte = packed.reshape(-1)[p * (PANEL_ROWS * n) + step * 64 + half * 32 + r * 4 + c]
-        return (byte ^ 0x80).view(torch.int8).contiguous()
-    byte = packed.reshape(-1)[p * (PANEL_ROWS * n // 2) + step * 32 + r * 4 + c]
-    return (torch.where(half == 1, byte >> 4, byte & 0xF).to(torch.int8) - 8).contiguous()
-
-
+# -- the compiled integer product's layout ("panels"; the codec is interop.panels) ----------
 def panels_unavailable(out_features: int, in_features: int, bits: int, device: torch.device, product: bool = True) -> str | None:
     """Why the panels layout cannot hold this weight, or (`product`) the compiled product cannot run here; None if it can."""
     if device.type != "cpu":
@@ -535,7 +492,7 @@ class QuantizedWeight(nn.Module):
         if layout == "int4pack":
             return native.aligned(_to_int4pack(codes, int4pack_variant()))
         if layout == "panels":
-            return native.aligned(_to_panels(codes, self.bits))
+            return native.aligned(to_panels(codes, self.bits))
         return native.aligned(codes)
 
     def codes(self) -> torch.Tensor:
@@ -545,7 +502,7 @@ class QuantizedWeight(nn.Module):
         if self.layout == "int4pack":
             return _from_int4pack(self.qdata, int4pack_variant())
         if self.layout == "panels":
-            return _from_panels(self.qdata, self.bits)
+            return from_panels(self.qdata, self.bits)
         return self.qdata
 
     def canonical_codes(self) -> torch.Tensor:
@@ -574,7 +531,7 @@ class QuantizedWeight(nn.Module):
         elif self.layout == "int4pack":
             codes = _int4pack_rows(self.qdata, _traced_int4pack_variant(), ids)
         elif self.layout == "panels":
-            codes = _panel_rows(self.qdata, self.bits, ids)
+            codes = panel_rows(self.qdata, self.bits, ids)
         else:
             codes = self.qdata[ids]
         s = self.scales_2d()[ids]
@@ -639,7 +596,7 @@ class QuantizedWeight(nn.Module):
                 return CodeTile(torch.cat((low, high), dim=1).t(), 0, 0, True)
             return CodeTile(torch.stack((low, high), dim=-1).view(n, -1)[:, : self.in_features].t(), 0, 0, False)
         if self.layout == "panels":
-            return CodeTile(_panel_code_tiles(self.qdata, self.bits, r0, r1).view(torch.int8), 0 if self.bits > 4 else 8, 0, False)
+            return CodeTile(panel_code_tiles(self.qdata, self.bits, r0, r1).view(torch.int8), 0 if self.bits > 4 else 8, 0, False)
         kind, block = int4pack_variant()
         if kind != "lanes" or n % block:  # the short last block (or the generic layout): byte by byte
             return CodeTile(_int4pack_offset_tiles(self.qdata, (kind, block), r0, r1).view(torch.int8), 8, 0, False)

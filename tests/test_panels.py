@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from interop import compiled, kernel_tuning, native
-from interop.qweight import PANEL_ROWS, QuantizedWeight, pack_nibbles, panels_unavailable
+from interop.panels import PANEL_ROWS
+from interop.qweight import QuantizedWeight, pack_nibbles, panels_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT_BOUND = 1e-5
