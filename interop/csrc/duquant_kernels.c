@@ -1,7 +1,7 @@
 /* duquant-jax's compiled helpers: weight tiles of 4- and 8-bit codes dequantized to
  * bfloat16 in one pass, activations quantized per token in one pass, and the product
- * of int8 activations with 4-bit weight codes in the "panels" layout (AVX2 integer
- * dot products: exact int32 sums per scale group, scaled in float32).
+ * of int8 activations with 4- or 8-bit weight codes in the "panels" layout (AVX2 integer
+ * multiply-adds: exact int32 sums per scale group, scaled in float32).
  *
  * Built at first use by interop/compiled.py (cc -O3 -march=native -fopenmp) and
  * called through interop/native.py, which checks every operand first: these
@@ -224,7 +224,7 @@ void duq_quantize_tokens_t(const void *xt, int bf16, int64_t tokens, int64_t n, 
 }
 
 /* -- W4A8 and W8A8 products on the "panels" layout ---------------------------------------------
- * Codes in panels of 16 rows (interop.qweight "panels"), per step s of 4 input columns (in/4 steps):
+ * Codes in panels of 16 rows (interop.panels), per step s of 4 input columns (in/4 steps):
  * - 4-bit: 32 bytes per step; byte 4r + c holds u(16p + r, 4s + c) in its low nibble and
  *   u(16p + 8 + r, 4s + c) in its high nibble (r in 0..7, c in 0..3); u = Q + 8 in 0..15.
  * - 8-bit: 64 bytes per step; byte 4r + c of the first 32 holds u(16p + r, 4s + c), of the next 32
@@ -236,7 +236,7 @@ void duq_quantize_tokens_t(const void *xt, int bf16, int64_t tokens, int64_t n, 
  * multiply-add each), then times s_t[t]. The AVX2 form multiplies 4-bit unsigned values by signed
  * activations in pairs (vpmaddubsw: |pair| <= 2 * 15 * 128 = 3840) and adds at most 8 such
  * int16 terms (30720 < 32767) before widening to int32, so nothing saturates; int32 holds a group's
- * sum for in * 255 * 128 < 2^31 (interop.native checks in <= 65536).
+ * sum of 8-bit codes for groups of at most 65536 columns (65536 * 255 * 128 < 2^31; interop.native checks).
  * Blocking: input columns in blocks of whole groups (about BLOCK_COLUMNS), tokens in blocks of
  * BLOCK_TOKENS, so that a block of activations stays in cache while every panel passes over it;
  * the partial sums of a token wait in y between column blocks.
