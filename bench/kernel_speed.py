@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import GEMMA_2B, best_time, commit, table, write_section  # noqa: E402
 
 from interop import kernel_tuning  # noqa: E402
-from interop.kernels import ActQuant, candidates, emulated_here, quantized_matmul  # noqa: E402
+from interop.kernels import NATIVE_CPU_FLAGS, ActQuant, candidates, emulated_here, quantized_matmul  # noqa: E402
 from interop.qweight import QuantizedWeight  # noqa: E402
 
 def configs(groups: tuple[int, ...] = (128,)) -> dict[str, tuple[int, int | None, ActQuant]]:
@@ -222,7 +222,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
         "(the machine is shared: other jobs ran beside this one). "
         + ("Every path timed (`--all-paths`)." if args.all_paths else
-           "Left out as emulated here: " + (", ".join(f"`{p}` ({why})" for p in ("int-mm", "dequant-bf16")
+           "Left out as emulated here: " + (", ".join(f"`{p}` ({why})" for p in NATIVE_CPU_FLAGS
                                                       if (why := emulated_here(p, torch.device("cpu")))) or "nothing") + ".")
         + "\n\n"
         + table(header, summary)

@@ -461,11 +461,7 @@ def _c_int8_unavailable(weight, act, dtype, device, tokens):
         return f"c-int8 needs integer activations (dynamic-token or static-tensor); got {act.scheme!r}"
     if weight.layout != "panels":
         return f"c-int8 needs the 'panels' layout; the weight is stored as {weight.layout!r}"
-    if weight.effective_group % 4:
-        return f"c-int8 needs scale groups of a multiple of 4 columns; the weight's are {weight.effective_group}"
-    if weight.bits > 4 and weight.effective_group > native.PANELS_MAX_GROUP_8:
-        return f"c-int8 sums 8-bit codes in int32 over groups of at most {native.PANELS_MAX_GROUP_8} columns; the weight's are {weight.effective_group}"
-    return panels_unavailable(weight.out_features, weight.in_features, weight.bits, device)
+    return panels_unavailable(weight.out_features, weight.in_features, weight.bits, device, group=weight.effective_group)
 
 
 def _packed_unavailable(name: str, layout: str):
@@ -722,7 +718,7 @@ def resolve_path(weight: QuantizedWeight, act: ActQuant, dtype: torch.dtype, tok
         name = table.get(bucket) if table else None
         if name is None or not _allowed(name):
             return choose_path(weight, act, dtype, tokens, act_scale)  # remembers its own choice, per tuner state
-    key = ("why", name, bucket, dtype, act, _OPTIONS.compiled)
+    key = ("why", name, bucket, dtype, act)
     why = weight.choices.get(key)
     if why is None:
         why = weight.choices[key] = unavailable(name, weight, act, dtype, tokens) or ""

@@ -205,14 +205,20 @@ def int4pack_unavailable(out_features: int, in_features: int, bits: int, device:
 
 
 # -- the compiled integer product's layout ("panels"; the codec is interop.panels) ----------
-def panels_unavailable(out_features: int, in_features: int, bits: int, device: torch.device, product: bool = True) -> str | None:
-    """Why the panels layout cannot hold this weight, or (`product`) the compiled product cannot run here; None if it can."""
+def panels_unavailable(out_features: int, in_features: int, bits: int, device: torch.device, product: bool = True,
+                       group: int | None = None) -> str | None:
+    """Why the panels layout cannot hold this weight, or (`product`) the compiled product cannot run it here, with
+    `group` input columns per scale (None: not asked); None if it can."""
     if device.type != "cpu":
         return f"panels are the compiled CPU product's layout; the weight is on {device}"
     if out_features % PANEL_ROWS or in_features % 4:
         return f"panels need out % {PANEL_ROWS} == 0 and in % 4 == 0; the weight is {out_features} x {in_features}"
     if not product:
         return None
+    if group is not None and group % 4:
+        return f"the panel product needs scale groups of a multiple of 4 columns; the weight's are {group}"
+    if group is not None and bits > 4 and group > native.PANELS_MAX_GROUP_8:
+        return f"the panel product sums 8-bit codes in int32 over groups of at most {native.PANELS_MAX_GROUP_8} columns; the weight's are {group}"
     from interop import compiled
 
     lib = compiled.load()
@@ -227,8 +233,7 @@ def _auto_panels(out_features: int, in_features: int, bits: int, group: int, dev
     """Whether `layout="auto"` takes panels for a weight (`group` columns per scale) whose products take integer
     activations: where the compiled product can run it and this CPU lacks an int8 dot-product instruction
     (module docstring)."""
-    fits = group % 4 == 0 and (bits <= 4 or group <= native.PANELS_MAX_GROUP_8)
-    return fits and panels_unavailable(out_features, in_features, bits, device) is None and not kernel_tuning.int8_dot_native()
+    return panels_unavailable(out_features, in_features, bits, device, group=group) is None and not kernel_tuning.int8_dot_native()
 
 
 # -- tiles ----------------------------------------------------------------------
