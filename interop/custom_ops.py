@@ -67,7 +67,7 @@ class WeightView:
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.layout = bits, group_size, layout
         self.name, self.path, self.last_path = "", None, None
-        self._derived: dict[str, torch.Tensor] = {}
+        self._derived: dict[str, object] = {}
         self.choices: dict[tuple, str] = {}
 
 
@@ -84,35 +84,36 @@ def _act(scheme: str, bits: int, clip: float) -> kernels.ActQuant:
     return kernels.ActQuant(scheme, bits, clip)
 
 
-@torch.library.custom_op("duquant::quantized_mm", mutates_args=())
-def quantized_mm(
-    a: torch.Tensor,
-    s_t: torch.Tensor | None,
-    qdata: torch.Tensor,
-    scales: torch.Tensor,
-    in_features: int,
-    out_features: int,
-    bits: int,
-    group_size: int,
-    layout: str,
-    paths: str,
-    act_scheme: str,
-    act_bits: int,
-    act_clip: float,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
+# Defined with the low-level `torch.library.Library` rather than `torch.library.custom_op`: one call of the
+# latter cost ~25-45 us of Python wrapping (a dynamo-disable frame, grad-mode contexts, an alias check) on top
+# of the ~8 us dispatch, per projection per token (bench/RESULTS.md, "Whole-model speed ..."). The op never
+# returns an alias of its inputs (every path writes a fresh tensor) and has no autograd formula: it is an
+# inference kernel, run below the autograd keys, so what it computes inside records no graph.
+_LIB = torch.library.Library("duquant", "DEF")
+_LIB.define(
+    "quantized_mm(Tensor a, Tensor? s_t, Tensor qdata, Tensor scales, int in_features, int out_features, int bits, "
+    "int group_size, str layout, str paths, str act_scheme, int act_bits, float act_clip, ScalarType out_dtype) -> Tensor"
+)
+
+
+def _quantized_mm(a, s_t, qdata, scales, in_features, out_features, bits, group_size, layout, paths, act_scheme, act_bits,
+                  act_clip, out_dtype):
     """Prepared activations `a (T, in)` (and `s_t (T, 1)`) -> y (T, out) in `out_dtype` (module docstring)."""
     weight = _weight(qdata, scales, in_features, out_features, bits, group_size or None, layout)
-    act = _act(act_scheme, act_bits, act_clip)
     tokens = a.shape[0]
     if tokens == 0:
         return torch.zeros(0, out_features, dtype=out_dtype, device=a.device)
-    name = kernels.resolve_path(weight, act, out_dtype, tokens, paths)
-    with torch.no_grad():
-        return kernels.PATHS[name].product(a, s_t, weight, out_dtype)
+    name = kernels.resolve_path(weight, _act(act_scheme, act_bits, act_clip), out_dtype, tokens, paths)
+    return kernels.PATHS[name].product(a, s_t, weight, out_dtype)
 
 
-@quantized_mm.register_fake
+_LIB.impl("quantized_mm", _quantized_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("duquant::quantized_mm", lib=_LIB)
 def _(a, s_t, qdata, scales, in_features, out_features, bits, group_size, layout, paths, act_scheme, act_bits, act_clip, out_dtype):
     torch._check(a.shape[-1] == in_features, lambda: f"quantized_mm: a must have {in_features} columns; got {a.shape[-1]}")
     return a.new_empty((a.shape[0], out_features), dtype=out_dtype)
+
+
+quantized_mm = torch.ops.duquant.quantized_mm.default

@@ -400,11 +400,17 @@ def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> to
 
 
 def _c_int8_product(xq, s_t, weight, dtype):
-    if xq.dtype != torch.int8 or s_t is None:
+    if s_t is None or xq.dtype is not torch.int8:
         raise ValueError(f"c-int8 needs int8 activation codes and their scales; got {xq.dtype}, s_t={'None' if s_t is None else 'tensor'}")
-    y = _output(xq.shape[0], weight, torch.float32, dtype)
-    native.int8_panels(xq.contiguous(), s_t.contiguous(), weight.qdata, weight.bits, weight.scales_2d(), weight.effective_group, y)
-    return y if dtype == torch.float32 else y.to(dtype)
+    product = weight.derived("c-int8", lambda: _panels_product(weight))
+    if product.panels is not weight.qdata:  # codes replaced without a relayout: bind the new ones
+        product = weight._derived["c-int8"] = _panels_product(weight)
+    y = product(xq.contiguous(), s_t.contiguous())
+    return y if dtype is torch.float32 else y.to(dtype)
+
+
+def _panels_product(weight) -> native.PanelsProduct:
+    return native.PanelsProduct(weight.qdata, weight.bits, weight.scales_2d(), weight.effective_group, weight.in_features)
 
 
 def _int8pack_product(a, s_t, weight, dtype):

@@ -306,6 +306,53 @@ def int8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, bits:
     return out
 
 
+class PanelsProduct:
+    """`int8_panels` bound to one weight (`panels`, `bits`, `scales`, `group`): the per-call door of the c-int8 path.
+
+    The weight's operands are checked in full once, here (`_check_int8_panels`); before every call `__call__`
+    checks the activations and that the weight's tensors are still the ones checked (same storage address and
+    shape: a weight changed in place since fails the quick check, and the full checks then run again and name
+    what is wrong). What is left per call is a few attribute tests and the C call: the product of one decode
+    token takes ~20-60 us, and the generic door's checks and lookups took about as long again.
+    """
+
+    __slots__ = ("panels", "scales", "bits", "group", "n_in", "n_out", "_fn", "_facts")
+
+    def __init__(self, panels: torch.Tensor, bits: int, scales: torch.Tensor, group: int, in_features: int):
+        kernel = "duq_w4a8_panels" if isinstance(bits, int) and bits <= 4 else "duq_w8a8_panels"
+        lib = _library(kernel)
+        _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
+        n_out = panels.shape[0] if isinstance(panels, torch.Tensor) and panels.dim() == 2 else 0
+        xq, s_t = torch.zeros(1, in_features, dtype=torch.int8), torch.ones(1, 1)
+        _check_int8_panels(xq, s_t, panels, bits, scales, group, torch.empty(1, n_out))  # the weight side, named
+        self.panels, self.scales, self.bits, self.group = panels, scales, bits, group
+        self.n_in, self.n_out = in_features, n_out
+        self._fn = getattr(lib, kernel)
+        self._facts = self._weight_facts()
+
+    def _weight_facts(self) -> tuple:
+        p, s = self.panels, self.scales
+        return (p.data_ptr(), p.shape, p.dtype, p.is_contiguous(), s.data_ptr(), s.shape, s.dtype, s.is_contiguous())
+
+    def __call__(self, xq: torch.Tensor, s_t: torch.Tensor) -> torch.Tensor:
+        """int8 codes `xq (T, in)`, float32 scales `s_t (T, 1)` -> (T, out) float32 (a fresh tensor)."""
+        T = torch.Tensor
+        ok = (type(xq) is T and type(s_t) is T and xq.dtype is torch.int8 and s_t.dtype is torch.float32
+              and xq.is_cpu and s_t.is_cpu and xq.dim() == 2 and xq.shape[1] == self.n_in and xq.is_contiguous()
+              and s_t.numel() == xq.shape[0] and s_t.is_contiguous() and self._weight_facts() == self._facts)
+        if not ok:  # the full checks name what is wrong (or, stricter than they are, pass: then the call is safe)
+            tokens = xq.shape[0] if isinstance(xq, torch.Tensor) and xq.dim() == 2 else 0
+            return int8_panels(xq, s_t, self.panels, self.bits, self.scales, self.group, torch.empty(tokens, self.n_out))
+        tokens = xq.shape[0]
+        out = torch.empty(tokens, self.n_out)
+        if tokens:
+            status = self._fn(xq.data_ptr(), s_t.data_ptr(), tokens, self.n_in, self._facts[0], self._facts[4], self.n_out,
+                              self.group, out.data_ptr(), torch.get_num_threads())
+            if status:
+                raise MemoryError(f"{self._fn.__name__}: could not allocate its scratch memory ({tokens} tokens)")
+        return out
+
+
 def _int8_panels_ok(xq, s_t, panels, bits, scales, group, out) -> bool:
     """Every condition `_check_int8_panels` checks, as one expression (the check before every call, cheap when it
     passes; `_check_int8_panels` then names what failed)."""

@@ -376,7 +376,7 @@ class QuantizedWeight(nn.Module):
         self._layout_request = layout
         self.layout = self._resolve_layout(layout, codes.device)
         self.qdata = self._encode(codes.to(torch.int8), self.layout)
-        self._derived: dict[str, torch.Tensor] = {}
+        self._derived: dict[str, object] = {}  # derived()
         self.choices: dict[tuple, str] = {}  # kernel choices per call signature (interop.kernels)
         self.path: str | None = None
         self.last_path: str | None = None
@@ -460,7 +460,7 @@ class QuantizedWeight(nn.Module):
         """Bytes held: codes and scales, plus the small per-kernel caches built so far (`derived`)."""
         n = self.qdata.numel() * self.qdata.element_size() + self.scales.numel() * 4
         if derived:
-            n += sum(t.numel() * t.element_size() for t in self._derived.values())
+            n += sum(t.numel() * t.element_size() for t in self._derived.values() if isinstance(t, torch.Tensor))
         return n
 
     def extra_repr(self) -> str:
@@ -674,14 +674,19 @@ class QuantizedWeight(nn.Module):
             w = w.t()
         return w, CodeTile(w, 0, 0, False)
 
-    def derived(self, key: str, build) -> torch.Tensor:
-        """A small per-kernel tensor (e.g. bf16 scales), built once and dropped on `.to()`/load."""
+    def derived(self, key: str, build):
+        """A small per-kernel tensor (e.g. bf16 scales) or a kernel bound to this weight's tensors
+        (`native.PanelsProduct`), built once and dropped on `.to()`, a relayout or a load."""
         t = self._derived.get(key)
         if t is None:
             t = self._derived[key] = build()
         return t
 
     # -- torch.nn.Module plumbing ------------------------------------------------
+    def __getstate__(self):  # pickle, copy.deepcopy: the derived caches are rebuilt on first use, not carried
+        state = super().__getstate__()
+        return {**state, "_derived": {}}
+
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half() ...
         scales = self.scales
         out = super()._apply(fn, recurse)

@@ -187,6 +187,60 @@ def test_native_int8_panels_refuses_bad_operands_by_name():
 
 
 @needs_product
+def test_bound_panel_product_checks_the_weight_once_and_the_activations_every_call_by_name():
+    """`native.PanelsProduct` (the c-int8 path's per-call door) equals `int8_panels`; bad activations and a weight
+    changed in place since it was bound are refused by name, never passed to the C code."""
+    w, _ = _weight(32, 64, 4, 32, seed=6)
+    product = native.PanelsProduct(w.qdata, 4, w.scales_2d(), 32, 64)
+    gen = torch.Generator().manual_seed(6)
+    xq, s_t = torch.randint(-128, 128, (5, 64), generator=gen, dtype=torch.int8), torch.rand(5, 1, generator=gen)
+    want = native.int8_panels(xq, s_t, w.qdata, 4, w.scales_2d(), 32, torch.empty(5, 32))
+    assert torch.equal(product(xq, s_t), want)
+    assert product(xq[:0], s_t[:0]).shape == (0, 32)
+    bad = [
+        ((xq.float(), s_t), "xq must be torch.int8"),
+        ((torch.zeros(5, 60, dtype=torch.int8), s_t), "panels must have in / 2 = 30 columns; got 32"),
+        ((torch.zeros(5, 128, dtype=torch.int8)[:, ::2], s_t), "xq must be contiguous"),
+        ((xq, torch.ones(4, 1)), "s_t must hold 5 contiguous scales"),
+        ((xq, torch.ones(5, 1, dtype=torch.float64)), "s_t must be a float32 CPU tensor"),
+    ]
+    for args, match in bad:
+        with pytest.raises(native.NativeKernelError, match=match):
+            product(*args)
+    with pytest.raises(native.NativeKernelError, match="group must be a positive multiple of 4; got 6"):
+        native.PanelsProduct(w.qdata, 4, w.scales_2d(), 6, 64)
+    codes = w.qdata
+    codes.resize_(16, 32)  # the bound weight shrunk in place: same storage, fewer rows than bound
+    with pytest.raises(native.NativeKernelError, match=r"scales must have shape \(16, 2\); got \(32, 2\)"):
+        product(xq, s_t)
+
+
+@needs_product
+def test_bound_products_are_not_carried_by_copies_or_pickles():
+    """A weight's bound c-int8 product is a derived cache: `copy.deepcopy` and pickling rebuild it for the copy's own
+    tensors (a bound product holds a C function pointer, which cannot be pickled)."""
+    import copy
+    import io
+
+    from interop.kernels import ActQuant, kernel_options, quantized_matmul
+
+    w, _ = _weight(32, 64, 4, 32, seed=7)
+    act, x = ActQuant("dynamic-token", 8), torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    with kernel_options(path="c-int8"):
+        want = quantized_matmul(x, w, act)
+        assert "c-int8" in w._derived
+        twin = copy.deepcopy(w)
+        buf = io.BytesIO()
+        torch.save(w, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for other in (twin, loaded):
+            assert "c-int8" not in other._derived
+            assert torch.equal(quantized_matmul(x, other, act), want)
+            assert other._derived["c-int8"].panels is other.qdata
+
+
+@needs_product
 def test_c_w4a8_is_offered_only_for_integer_activations_on_panels():
     from interop.kernels import ActQuant, unavailable
 
