@@ -8,7 +8,9 @@ product torch has no fast kernel for on CPUs without int8 dot-product instructio
   loop here (4.7x faster than the torch ops on a 2048 x 1024 tile of 4-bit codes
   in groups of 128, bench/RESULTS.md "Compiled helpers").
 - Per-token activation quantization (`kernels.quantize_tokens`: max, scale,
-  divide, round, clamp) is one pass per token.
+  divide, round, clamp) is one pass per token; with a layer's input transform
+  before it (`duq_transform_quantize`: smoothing, permutation, block rotation,
+  then the codes; float32 inputs, no pre-rotation), one C call per layer and call.
 - The `c-int8` path (`duq_w4a8_panels`, `duq_w8a8_panels`): int8 activations times
   4- or 8-bit codes in the "panels" layout with AVX2 integer multiply-adds, exact int32
   sums per scale group, scaled in float32, where torch's int8 GEMM is emulated
@@ -50,7 +52,7 @@ __all__ = ["SOURCE", "forget", "load", "unavailable"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "duquant_kernels.c"
 LIBRARY = "libduquant_kernels.so"
-ABI_VERSION = 4
+ABI_VERSION = 5
 # tried in order; the first the compiler accepts wins
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -142,6 +144,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("duq_w4a8_panels", "duq_w8a8_panels"):
         getattr(lib, name).restype = c_int
         getattr(lib, name).argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, c_int]
+    lib.duq_transform_quantize.restype = c_int
+    lib.duq_transform_quantize.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, c_int, ctypes.c_float, c_int, ptr, ptr, ptr, c_int]
     return lib
 
 
@@ -193,7 +197,41 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         lib.duq_quantize_tokens_t(xt.data_ptr(), int(dtype == torch.bfloat16), 5, 70, 5, 1, clip, qa, None, q.data_ptr(), st.data_ptr(), 2)
         if not (torch.equal(q, want_q) and torch.equal(st, want_s[:, 0])):
             return f"duq_quantize_tokens_t ({dtype}, clip {clip}) differs from torch"
-    return _check_panels(lib, gen)
+    return _check_transform(lib, gen) or _check_panels(lib, gen)
+
+
+def _check_transform(lib: ctypes.CDLL, gen) -> str | None:
+    """`duq_transform_quantize` (smoothing, permutation, one shared or per-block rotation with a short last block,
+    none) against the float64 transform: every code within half a step (plus float32 roundoff) of x2 / s_t, every
+    scale within float32 roundoff of float64's; an index outside the permutation refused. The first problem, or None."""
+    import torch
+
+    n, block, tokens = 70, 32, 6  # 3 blocks, the last short (70 = 2 x 32 + 6)
+    x = torch.randn(tokens, n, generator=gen) * torch.logspace(-2, 2, tokens)[:, None]
+    x[1] = 0  # an all-zero token: the 1e-8 floor
+    perm, diag = torch.randperm(n, generator=gen), torch.rand(n, generator=gen) + 0.5
+    for n_rot, use_diag in ((1, True), (3, False), (0, True)):
+        rot = torch.linalg.qr(torch.randn(max(n_rot, 1), block, block, generator=gen, dtype=torch.float64))[0].float().contiguous()
+        xp = (x.double() * (diag.double() if use_diag else 1))[:, perm]
+        if n_rot:
+            xp = torch.nn.functional.pad(xp, (0, 3 * block - n)).view(tokens, 3, block)
+            x2 = torch.einsum("tbk,bkc->tbc", xp, rot.double().expand(3, block, block)).reshape(tokens, -1)[:, :n]
+        else:
+            x2 = xp
+        want_s = (x2.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        q, st = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens)
+        status = lib.duq_transform_quantize(x.data_ptr(), tokens, n, n, diag.data_ptr() if use_diag else None, perm.data_ptr(),
+                                            rot.data_ptr() if n_rot else None, n_rot, block, 1, 1.0, 127, None, q.data_ptr(), st.data_ptr(), 2)
+        scale_ok = ((st.double() - want_s).abs() <= want_s * 2.0**-18).all()
+        codes_ok = ((q.double() - x2 / st.double()[:, None]).abs() <= 0.5 + 1e-3).all()
+        if status or not (scale_ok and codes_ok):
+            return f"duq_transform_quantize ({n_rot} rotations, smoothing {use_diag}) differs from the float64 transform"
+    bad = perm.clone()
+    bad[5] = n
+    if lib.duq_transform_quantize(x.data_ptr(), tokens, n, n, None, bad.data_ptr(), None, 0, block, 1, 1.0, 127, None,
+                                  q.data_ptr(), st.data_ptr(), 2) != -2:
+        return "duq_transform_quantize read a permutation index outside [0, n)"
+    return None
 
 
 # The panel products' float32 arithmetic (fused multiply-adds over groups) is not torch's op for op: it is checked

@@ -31,7 +31,7 @@ import torch
 from interop import kernels
 from interop.qweight import QuantizedWeight
 
-__all__ = ["WeightView", "quantized_mm", "register"]
+__all__ = ["WeightView", "quantized_mm", "register", "transform_quantize"]
 
 _WEIGHTS: dict[int, weakref.ref] = {}  # id(weight.qdata) -> the weight
 
@@ -117,3 +117,28 @@ def _(a, s_t, qdata, scales, in_features, out_features, bits, group_size, layout
 
 
 quantized_mm = torch.ops.duquant.quantized_mm.default
+
+
+# The input transform and per-token quantization in one C pass (`interop.native.transform_quantize`), for graphs
+# whose layers take it in eager mode too (`DuQuantLinear._fuses`), so that compiled and eager give the same codes.
+_LIB.define(
+    "transform_quantize(Tensor x, Tensor perm, Tensor? diag, Tensor? rot, bool dynamic, float clip, int qa, "
+    "Tensor? static_scale) -> (Tensor, Tensor)"
+)
+
+
+def _transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale):
+    from interop import native
+
+    return native.transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale)
+
+
+_LIB.impl("transform_quantize", _transform_quantize, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("duquant::transform_quantize", lib=_LIB)
+def _(x, perm, diag, rot, dynamic, clip, qa, static_scale):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+transform_quantize = torch.ops.duquant.transform_quantize.default

@@ -840,6 +840,17 @@ def unfreeze_paths(model: torch.nn.Module) -> None:
             m.frozen_paths = None
 
 
+@torch.compiler.assume_constant_result
+def _compiled_built() -> bool:
+    return compiled.load() is not None
+
+
+def compiled_helpers_on() -> bool:
+    """Whether the compiled helpers run: the option on (`kernel_options(compiled=...)`) and the library built here.
+    Under `torch.compile` the option is guarded and the library's availability a constant of the graph."""
+    return _OPTIONS.compiled and _compiled_built()
+
+
 def quantized_matmul(
     x2: torch.Tensor,
     weight: QuantizedWeight,

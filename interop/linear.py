@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from duquant_jax.config import DuQuantConfig, qmax
-from interop.kernels import ActQuant, fake_quantize, quantized_matmul
+from interop import native
+from interop.kernels import ActQuant, compiled_helpers_on, fake_quantize, quantized_matmul
 from interop.qweight import QuantizedWeight
 
 if TYPE_CHECKING:  # the JAX side, imported only where a Pack is packed or converted
@@ -228,6 +229,9 @@ class DuQuantLinear(nn.Module):
 
             register(self.qweight)
         self.r_in_t = None if self.r_in is None else self.r_in.transpose(-1, -2).contiguous()
+        float32 = lambda t: t is None or (t.dtype == torch.float32 and t.device.type == "cpu")  # noqa: E731
+        self._fusable = (self.qweight is not None and self.act.integer and self.r_pre is None and self.perm.device.type == "cpu"
+                         and float32(self.in_diag) and float32(self.r_in))
         bias = self.bias
         if bias is not None and self.config.rotate_rows and self.config.row_rot_mode == "propagate":
             b = bias.detach().float()
@@ -329,25 +333,54 @@ class DuQuantLinear(nn.Module):
         x3 = x2 if act.scheme == "none" else fake_quantize(x2, act, self.a_scale if act.scheme.startswith("static") else None)
         return nn.functional.linear(x3.to(x2.dtype), self.w2.to(x2.dtype))  # fake_quantize computes in float32
 
+    def _require_calibrated(self, compiling: bool) -> None:
+        if self.config.needs_calibration and not (self._calibrated if compiling else bool(self.calibrated)):
+            raise RuntimeError(
+                f"layer {self.name or '(unnamed)'} quantizes activations (A{self.config.act_bits}) but was never "
+                "calibrated: run batches inside `with interop.calibrate(model):` first"
+            )
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether this call takes `_fused_input`: integer activations, float32 on the CPU, no pre-rotation, float32
+        transform buffers, and the compiled helpers on and built."""
+        return self._fusable and x.dtype == torch.float32 and x.device.type == "cpu" and compiled_helpers_on()
+
+    def _fused_input(self, x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., in) float32 -> (xq (T, in) int8, s_t (T, 1) float32): `rotate_input` and `kernels.quantize_tokens`
+        in one C pass (`interop.native.transform_quantize`; the `duquant::transform_quantize` op under
+        `torch.compile`). Its x2 is summed in another order than torch's matmul, so a code may differ by one
+        step from the unfused path's where x2 / s_t lies within float32 roundoff of a rounding tie."""
+        act = self.act
+        args = (x.reshape(-1, self.in_features), self.perm, self.in_diag, self.r_in, act.scheme == "dynamic-token",
+                act.traced_clip, act.qa, act_scale)
+        if torch.compiler.is_compiling():
+            from interop.custom_ops import transform_quantize as op
+
+            return op(*args)
+        return native.transform_quantize(*args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'DuQuantLinear'}: input must have last dimension {self.in_features}; got shape {tuple(x.shape)}")
         cfg = self.config
         group, compiling = self.input_group, torch.compiler.is_compiling()
-        if group is None:
-            x2 = self.rotate_input(x)
-        else:
-            x2 = group.traced(self, x) if compiling else group.rotated(x)
         act = self.act
-        if self._stat_batches >= 0:
-            self._record(x2)
-            act = ActQuant()  # calibration runs with float activations
-        elif cfg.needs_calibration and not (self._calibrated if torch.compiler.is_compiling() else bool(self.calibrated)):
-            raise RuntimeError(
-                f"layer {self.name or '(unnamed)'} quantizes activations (A{cfg.act_bits}) but was never "
-                "calibrated: run batches inside `with interop.calibrate(model):` first"
-            )
-        y = self._product(x2, act, group, compiling)
+        if self._stat_batches < 0 and self._fuses(x):  # the transform and the activation codes in one C pass
+            self._require_calibrated(compiling)
+            scale = self.a_scale if act.scheme == "static-tensor" else None
+            prepared = self._fused_input(x, scale) if group is None else group.fused(self, x, scale)
+            y = quantized_matmul(x, self.qweight, act, scale, prepared=prepared)
+        else:
+            if group is None:
+                x2 = self.rotate_input(x)
+            else:
+                x2 = group.traced(self, x) if compiling else group.rotated(x)
+            if self._stat_batches >= 0:
+                self._record(x2)
+                act = ActQuant()  # calibration runs with float activations
+            else:
+                self._require_calibrated(compiling)
+            y = self._product(x2, act, group, compiling)
         if group is not None:
             group.traced_read() if compiling else group.read()
         if cfg.rotate_rows and cfg.row_rot_mode == "restore":

@@ -306,6 +306,65 @@ def int8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, bits:
     return out
 
 
+def transform_quantize(x: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor | None, rot: torch.Tensor | None, dynamic: bool,
+                       clip: float, qa: int, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`duq_transform_quantize`: float32 x (T, n) (unit column stride) -> the codes of
+    `rot(x * diag)[..., perm]`'s blocks (`DuQuantLinear.rotate_input` without a pre-rotation), xq (T, n) int8
+    and s_t (T, 1) float32, as `quantize_tokens` makes them. `perm` (n,) int64; `diag` (n,) float32 or None;
+    `rot` (n_rot, B, B) float32 with n_rot 1 (every block) or ceil(n / B), or None. The C code also refuses a
+    permutation index outside [0, n) itself, on every call (the buffers can change in place)."""
+    kernel = "duq_transform_quantize"
+    T, f32 = torch.Tensor, torch.float32
+    ok = (type(x) is T and type(perm) is T and x.dtype is f32 and perm.dtype is torch.int64 and x.is_cpu and perm.is_cpu
+          and x.dim() == 2 and perm.dim() == 1 and x.shape[1] == perm.shape[0] and x.stride(1) == 1 and perm.is_contiguous()
+          and (diag is None or (type(diag) is T and diag.dtype is f32 and diag.is_cpu and diag.shape == perm.shape and diag.is_contiguous()))
+          and (rot is None or (type(rot) is T and rot.dtype is f32 and rot.is_cpu and rot.dim() == 3 and rot.shape[1] == rot.shape[2]
+                               and rot.shape[0] in (1, -(-perm.shape[0] // rot.shape[1])) and rot.is_contiguous()))
+          and type(qa) is int and 1 <= qa <= 127 and 0 < clip <= 1
+          and (dynamic or (type(static_scale) is T and static_scale.numel() == 1)))
+    if not ok:
+        _check_transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale)
+    tokens, n = x.shape
+    if not dynamic:
+        static_scale = static_scale.detach().reshape(1).float().cpu().contiguous()
+    xq, s_t = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens, 1)
+    if tokens:
+        status = _library(kernel).duq_transform_quantize(
+            x.data_ptr(), tokens, n, x.stride(0) if tokens > 1 else n, None if diag is None else diag.data_ptr(), perm.data_ptr(),
+            None if rot is None else rot.data_ptr(), 0 if rot is None else rot.shape[0], 0 if rot is None else rot.shape[1],
+            int(dynamic), float(clip), qa, None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(),
+            torch.get_num_threads())
+        _require(status != -2, kernel, lambda: f"perm must hold indices in [0, {n}); got range [{int(perm.min())}, {int(perm.max())}]")
+        if status:
+            raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {n} channels)")
+    return xq, s_t
+
+
+def _check_transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale) -> None:
+    """`transform_quantize`'s preconditions, each named in the NativeKernelError it raises."""
+    kernel = "duq_transform_quantize"
+    _operand(kernel, "x", x, torch.float32)
+    _operand(kernel, "perm", perm, torch.int64, dims=1)
+    n = perm.shape[0]
+    _require(x.shape[1] == n, kernel, lambda: f"x must have {n} columns (perm's length); got shape {tuple(x.shape)}")
+    _require(x.stride(1) == 1 or x.shape[0] == 0, kernel, lambda: f"x must have unit column stride; got strides {x.stride()}")
+    _require(perm.is_contiguous(), kernel, lambda: f"perm must be contiguous; got strides {perm.stride()}")
+    if diag is not None:
+        _operand(kernel, "diag", diag, torch.float32, dims=1)
+        _require(diag.shape == perm.shape and diag.is_contiguous(), kernel,
+                 lambda: f"diag must be a contiguous ({n},) tensor; got shape {tuple(diag.shape)}, strides {diag.stride()}")
+    if rot is not None:
+        _operand(kernel, "rot", rot, torch.float32, dims=3)
+        _require(rot.shape[1] == rot.shape[2] and rot.shape[1] >= 1, kernel, lambda: f"rot must hold square blocks; got shape {tuple(rot.shape)}")
+        blocks = -(-n // rot.shape[1])
+        _require(rot.shape[0] in (1, blocks), kernel, lambda: f"rot must hold 1 or {blocks} blocks of {rot.shape[1]}; got {rot.shape[0]}")
+        _require(rot.is_contiguous(), kernel, lambda: f"rot must be contiguous; got strides {rot.stride()}")
+    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, lambda: f"qa must be an int in 1..127; got {qa!r}")
+    _require(0 < clip <= 1, kernel, lambda: f"clip must lie in (0, 1]; got {clip!r}")
+    _require(dynamic or (isinstance(static_scale, torch.Tensor) and static_scale.numel() == 1), kernel,
+             "static quantization needs a one-element scale tensor")
+
+
 class PanelsProduct:
     """`int8_panels` bound to one weight (`panels`, `bits`, `scales`, `group`): the per-call door of the c-int8 path.
 

@@ -105,8 +105,9 @@ class SharedInput:
         """`rotate_input(x)` of the group's (one) transform, computed once per input."""
         if not self._same_input(x):
             self._clear()
-            self._x2 = self.members[0].rotate_input(x)
             self._input, self._version = weakref.ref(x), version(x)
+        if self._x2 is None:
+            self._x2 = self.members[0].rotate_input(x)
         return self._x2
 
     def prepared(self, x2: torch.Tensor, act: kernels.ActQuant, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -118,6 +119,25 @@ class SharedInput:
         self._prepared[act] = (x2, out, act_scale)
         return out
 
+    def fused(self, layer: DuQuantLinear, x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer._fused_input(x)` (the transform and activation codes in one C pass), once per input for the group
+        (eager and traced alike; calibrated scales stay each layer's own)."""
+        if torch.compiler.is_compiling():
+            if self._trace is None or self._trace[0] is not x:
+                self._trace = [x, None, {}, 0]
+            cache = self._trace[2]
+        else:
+            if not self._same_input(x):
+                self._clear()
+                self._input, self._version = weakref.ref(x), version(x)
+            cache = self._prepared
+        key = ("fused", layer.act)
+        if act_scale is not None:
+            return layer._fused_input(x, act_scale)
+        if key not in cache:
+            cache[key] = layer._fused_input(x, None)
+        return cache[key]
+
     # -- compiled: one transform per input in the graph -----------------------------
     def traced(self, layer: DuQuantLinear, x: torch.Tensor) -> torch.Tensor:
         """Under `torch.compile`: `rotate_input(x)`, traced once per input for the group.
@@ -126,7 +146,9 @@ class SharedInput:
         tracing the same graph (`traced_prepared` likewise), and the last member's `traced_read`
         clears them, so no tensor is kept past the graph."""
         if self._trace is None or self._trace[0] is not x:
-            self._trace = [x, layer.rotate_input(x), {}, 0]
+            self._trace = [x, None, {}, 0]
+        if self._trace[1] is None:
+            self._trace[1] = layer.rotate_input(x)
         return self._trace[1]
 
     def traced_prepared(self, x2: torch.Tensor, act: kernels.ActQuant, act_scale: torch.Tensor | None) -> tuple | None:

@@ -166,13 +166,14 @@ def test_each_input_is_transformed_once_per_group(monkeypatch):
     quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False, input_groups="auto")
     calls = []
     layer_type = type(model.get_submodule("model.layers.0.self_attn.q_proj"))
-    original = layer_type.rotate_input
+    for method in ("rotate_input", "_fused_input"):  # the torch transform, or the one C pass with the codes
+        original = getattr(layer_type, method)
 
-    def counting(self, x):
-        calls.append(self.name)
-        return original(self, x)
+        def counting(self, *args, original=original):
+            calls.append(self.name)
+            return original(self, *args)
 
-    monkeypatch.setattr(layer_type, "rotate_input", counting)
+        monkeypatch.setattr(layer_type, method, counting)
     with torch.no_grad():
         model(_ids())
     # 2 blocks x (attention group, o_proj, MLP group, down_proj), and lm_head: 9 transforms for 15 layers
@@ -295,7 +296,8 @@ def test_compiled_group_transforms_its_input_once_and_equals_eager():
     for a, b in zip(eager, compiled):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max()
     src = "\n".join(code)
-    assert src.count("extern_kernels.bmm(") == 1  # one input rotation for q, k and v
+    # one input rotation for q, k and v: torch's, or the one C pass with the codes (interop.native.transform_quantize)
+    assert src.count("extern_kernels.bmm(") + src.count("torch.ops.duquant.transform_quantize.default(") == 1
     assert src.count("torch.ops.duquant.quantized_mm.default(") == 3
 
 

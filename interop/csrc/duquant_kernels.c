@@ -1,7 +1,8 @@
 /* duquant-jax's compiled helpers: weight tiles of 4- and 8-bit codes dequantized to
  * bfloat16 in one pass, activations quantized per token in one pass, and the product
  * of int8 activations with 4- or 8-bit weight codes in the "panels" layout (AVX2 integer
- * multiply-adds: exact int32 sums per scale group, scaled in float32).
+ * multiply-adds: exact int32 sums per scale group, scaled in float32), and a layer's input
+ * transform (smoothing, permutation, block rotation) fused with the per-token quantization.
  *
  * Built at first use by interop/compiled.py (cc -O3 -march=native -fopenmp) and
  * called through interop/native.py, which checks every operand first: these
@@ -18,6 +19,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define DUQ_PANELS_SIMD 1
@@ -25,7 +29,7 @@
 #define DUQ_PANELS_SIMD 0
 #endif
 
-int duq_abi_version(void) { return 4; }
+int duq_abi_version(void) { return 5; }
 
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -437,4 +441,77 @@ int duq_w4a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t 
 int duq_w8a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
                     const float *scales, int64_t out, int64_t group, float *y, int threads) {
   return panels_product(1, xq, s_t, tokens, in, panels, scales, out, group, y, threads);
+}
+
+/* -- The input transform and the per-token quantization in one pass ---------------------------------
+ * DuQuantLinear.rotate_input without a pre-rotation, then duq_quantize_tokens, for float32 x:
+ *   xp[j] = x[t, perm[j]] * diag[perm[j]]                 (diag NULL: no smoothing)
+ *   x2[b B + c] = sum_{k < B} xp[b B + k] * R_b[k, c]       (rot NULL: x2 = xp; past n, xp reads 0)
+ * with R_b = rot[n_rot == 1 ? 0 : b] (B x B, row-major), the k-sum in order in float32 (fused
+ * multiply-adds), then xq[t] and s[t] as duq_quantize_tokens makes them from x2[t, :n].
+ * x: (tokens, n) rows ld apart; perm: (n,) int64; xq: (tokens, n) int8; s: (tokens,) float.
+ * Returns 0; -1 if scratch memory could not be allocated; -2 if an index of perm lies outside [0, n)
+ * (checked here, before anything is read: interop.native checks it too, when the layer is bound). */
+#define TRANSFORM_TOKENS 4
+int duq_transform_quantize(const float *x, int64_t tokens, int64_t n, int64_t ld, const float *diag, const int64_t *perm,
+                           const float *rot, int64_t n_rot, int64_t block, int dynamic, float clip, int qa,
+                           const float *static_scale, int8_t *xq, float *s, int threads) {
+  for (int64_t j = 0; j < n; ++j)
+    if (perm[j] < 0 || perm[j] >= n) return -2;
+  const int64_t B = rot ? block : n, n_blocks = (n + B - 1) / B, padded = n_blocks * B;
+  const int64_t chunks = (tokens + TRANSFORM_TOKENS - 1) / TRANSFORM_TOKENS;
+  const int team = threads > 1 && tokens * n * B >= (1 << 20) ? threads : 1;
+  const size_t per_thread = (size_t)(2 * TRANSFORM_TOKENS * padded);
+  float *scratch = (float *)malloc(per_thread * (size_t)team * sizeof(float));
+  if (!scratch) return -1;
+  const float lo = (float)(-qa - 1), hi = (float)qa;
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+#ifdef _OPENMP
+    float *xp = scratch + per_thread * (size_t)omp_get_thread_num();
+#else
+    float *xp = scratch;
+#endif
+    float *x2 = xp + TRANSFORM_TOKENS * padded;
+    const int64_t t0 = c * TRANSFORM_TOKENS;
+    const int64_t tb = tokens - t0 < TRANSFORM_TOKENS ? tokens - t0 : TRANSFORM_TOKENS;
+    for (int64_t t = 0; t < tb; ++t) {
+      const float *row = x + (t0 + t) * ld;
+      float *p = (rot ? xp : x2) + t * padded;
+      if (diag)
+        for (int64_t j = 0; j < n; ++j) p[j] = row[perm[j]] * diag[perm[j]];
+      else
+        for (int64_t j = 0; j < n; ++j) p[j] = row[perm[j]];
+      for (int64_t j = n; j < padded; ++j) p[j] = 0.0f;
+    }
+    if (rot) {
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const float *R = rot + (n_rot == 1 ? 0 : b) * B * B;
+        for (int64_t t = 0; t < tb; ++t) memset(x2 + t * padded + b * B, 0, (size_t)B * sizeof(float));
+        for (int64_t k = 0; k < B; ++k) {
+          const float *restrict r = R + k * B;
+          for (int64_t t = 0; t < tb; ++t) {
+            const float a = xp[t * padded + b * B + k];
+            float *restrict o = x2 + t * padded + b * B;
+            for (int64_t i = 0; i < B; ++i) o[i] += a * r[i];
+          }
+        }
+      }
+    }
+    for (int64_t t = 0; t < tb; ++t) {
+      const float *v = x2 + t * padded;
+      uint32_t m = 0;
+      if (dynamic)
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t a = magnitude_bits(v, 0, j);
+          m = a > m ? a : m;
+        }
+      const float st = token_scale(m, dynamic, clip, qa, static_scale);
+      s[t0 + t] = st;
+      int8_t *q = xq + (t0 + t) * n;
+      for (int64_t j = 0; j < n; ++j) q[j] = to_code(v[j] / st, lo, hi);
+    }
+  }
+  free(scratch);
+  return 0;
 }
