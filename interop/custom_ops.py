@@ -15,7 +15,12 @@ layout, paths, act_scheme, act_bits, act_clip, out_dtype) -> y (T, out)`:
 - `act_scheme`, `act_bits`, `act_clip`: the activation handling (`ActQuant`), for the path checks;
 - `out_dtype`: the dtype of x2 and of y.
 
-The op is opaque to inductor; its fake implementation gives `(T, out)` in `out_dtype`. At run time it
+`torch.ops.duquant.transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale) -> (xq, s_t)`: a
+layer's input transform and per-token quantization in one C pass (`interop.native.transform_quantize`), which
+`DuQuantLinear` calls under `torch.compile` wherever it calls the C function in eager mode, so that both modes
+compute the same codes.
+
+The ops are opaque to inductor; `quantized_mm`'s fake implementation gives `(T, out)` in `out_dtype`. At run time it
 finds the layer's `QuantizedWeight` by its tensors (`register`; its derived caches and choices are
 reused), or, failing that, wraps the tensors in a `WeightView` (correct, builds small caches per call).
 Pure torch: no JAX.

@@ -2,8 +2,8 @@
 prompt length, and frozen kernel choices that survive save/load in a fresh process.
 
 Bounds: the compiled model runs the same kernels on the same prepared activations as eager (the
-per-token quantization is traced and fused by inductor; the product is the opaque
-`duquant::quantized_mm`), so its outputs must equal eager's to 1e-5 of max|y| (the float32 paths'
+per-token quantization is traced and fused by inductor, or, where eager takes the fused C input transform, the
+same C function as the op `duquant::transform_quantize`; the product is the opaque `duquant::quantized_mm`), so its outputs must equal eager's to 1e-5 of max|y| (the float32 paths'
 bound of interop/kernels.py; measured on this machine: bit-identical, 0.0, for every config).
 """
 
