@@ -42,11 +42,12 @@ def _operands(n, block, n_rot, seed, diag=True):
     return gen, perm, d, rot
 
 
-@pytest.mark.parametrize("n,block,n_rot,diag", [(640, 128, 1, True), (200, 64, 4, False), (70, 32, 1, True), (96, 32, 0, True)])
+@pytest.mark.parametrize("n,block,n_rot,diag", [(640, 128, 1, True), (200, 64, 4, False), (70, 32, 1, True), (96, 32, 0, True), (60, 12, 5, True)])
 @pytest.mark.parametrize("tokens", [0, 1, 5, 67])
 def test_transform_quantize_is_within_float32_roundoff_of_the_float64_transform(n, block, n_rot, diag, tokens):
     """One rotation for every block or one per block, a short last block (200 = 3 x 64 + 8, 70 = 2 x 32 + 6), no
-    rotation, with and without smoothing; 67 tokens run on two threads in chunks of 4 with a remainder."""
+    rotation, with and without smoothing, blocks of 12 (one 8-wide vector and a scalar tail); 67 tokens run on two
+    threads in chunks of 4 with a remainder."""
     gen, perm, d, rot = _operands(n, block, n_rot, seed=n + tokens, diag=diag)
     x = torch.randn(tokens, n, generator=gen) * torch.logspace(-2, 2, n)[torch.randperm(n, generator=gen)]
     for dynamic, clip, qa in ((True, 1.0, 127), (True, 0.9, 7), (False, 1.0, 127)):

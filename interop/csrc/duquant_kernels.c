@@ -453,63 +453,110 @@ int duq_w8a8_panels(const int8_t *xq, const float *s_t, int64_t tokens, int64_t 
  * Returns 0; -1 if scratch memory could not be allocated; -2 if an index of perm lies outside [0, n)
  * (checked here, before anything is read: interop.native checks it too, when the layer is bound). */
 #define TRANSFORM_TOKENS 4
+
+/* o[i] = sum_{k < B} a[k] * R[k, i] for i < B, each sum from 0 in k order with one fused multiply-add per term:
+ * the AVX2 form keeps 32 outputs in registers over the whole k loop (the plain loop stores every partial sum),
+ * with the same operations in the same order, so both give the same bits. */
+static void rotate_block(const float *restrict a, const float *restrict R, int64_t B, float *restrict o) {
+  int64_t i = 0;
+#if DUQ_PANELS_SIMD
+  for (; i + 32 <= B; i += 32) {
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+    for (int64_t k = 0; k < B; ++k) {
+      const __m256 ak = _mm256_broadcast_ss(a + k);
+      const float *r = R + k * B + i;
+      c0 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(r), c0);
+      c1 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(r + 8), c1);
+      c2 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(r + 16), c2);
+      c3 = _mm256_fmadd_ps(ak, _mm256_loadu_ps(r + 24), c3);
+    }
+    _mm256_storeu_ps(o + i, c0);
+    _mm256_storeu_ps(o + i + 8, c1);
+    _mm256_storeu_ps(o + i + 16, c2);
+    _mm256_storeu_ps(o + i + 24, c3);
+  }
+  for (; i + 8 <= B; i += 8) {
+    __m256 c = _mm256_setzero_ps();
+    for (int64_t k = 0; k < B; ++k) c = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k), _mm256_loadu_ps(R + k * B + i), c);
+    _mm256_storeu_ps(o + i, c);
+  }
+#endif
+  for (; i < B; ++i) {
+    float c = 0.0f;
+    for (int64_t k = 0; k < B; ++k) c = fmaf(a[k], R[k * B + i], c);
+    o[i] = c;
+  }
+}
+typedef struct {
+  const float *x, *diag, *rot;
+  const int64_t *perm;
+  int64_t tokens, n, ld, n_rot, B, n_blocks, padded;
+  int dynamic, qa;
+  float clip;
+  const float *static_scale;
+  int8_t *xq;
+  float *s;
+} transform_job;
+
+/* Tokens [c * TRANSFORM_TOKENS, ...) of duq_transform_quantize, with `xp`: 2 * TRANSFORM_TOKENS * padded floats. */
+static void transform_chunk(const transform_job *j, int64_t c, float *xp) {
+  const int64_t n = j->n, padded = j->padded, B = j->B;
+  float *x2 = xp + TRANSFORM_TOKENS * padded;
+  const int64_t t0 = c * TRANSFORM_TOKENS;
+  const int64_t tb = j->tokens - t0 < TRANSFORM_TOKENS ? j->tokens - t0 : TRANSFORM_TOKENS;
+  const float lo = (float)(-j->qa - 1), hi = (float)j->qa;
+  for (int64_t t = 0; t < tb; ++t) {
+    const float *row = j->x + (t0 + t) * j->ld;
+    float *p = (j->rot ? xp : x2) + t * padded;
+    if (j->diag)
+      for (int64_t i = 0; i < n; ++i) p[i] = row[j->perm[i]] * j->diag[j->perm[i]];
+    else
+      for (int64_t i = 0; i < n; ++i) p[i] = row[j->perm[i]];
+    for (int64_t i = n; i < padded; ++i) p[i] = 0.0f;
+  }
+  if (j->rot)
+    for (int64_t b = 0; b < j->n_blocks; ++b) {
+      const float *R = j->rot + (j->n_rot == 1 ? 0 : b) * B * B;
+      for (int64_t t = 0; t < tb; ++t) rotate_block(xp + t * padded + b * B, R, B, x2 + t * padded + b * B);
+    }
+  for (int64_t t = 0; t < tb; ++t) {
+    const float *v = x2 + t * padded;
+    uint32_t m = 0;
+    if (j->dynamic)
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t a = magnitude_bits(v, 0, i);
+        m = a > m ? a : m;
+      }
+    const float st = token_scale(m, j->dynamic, j->clip, j->qa, j->static_scale);
+    j->s[t0 + t] = st;
+    int8_t *q = j->xq + (t0 + t) * n;
+    for (int64_t i = 0; i < n; ++i) q[i] = to_code(v[i] / st, lo, hi);
+  }
+}
+
 int duq_transform_quantize(const float *x, int64_t tokens, int64_t n, int64_t ld, const float *diag, const int64_t *perm,
                            const float *rot, int64_t n_rot, int64_t block, int dynamic, float clip, int qa,
                            const float *static_scale, int8_t *xq, float *s, int threads) {
-  for (int64_t j = 0; j < n; ++j)
-    if (perm[j] < 0 || perm[j] >= n) return -2;
-  const int64_t B = rot ? block : n, n_blocks = (n + B - 1) / B, padded = n_blocks * B;
+  for (int64_t i = 0; i < n; ++i)
+    if (perm[i] < 0 || perm[i] >= n) return -2;
+  const int64_t B = rot ? block : n, n_blocks = (n + B - 1) / B;
+  const transform_job job = {x, diag, rot, perm, tokens, n, ld, n_rot, B, n_blocks, n_blocks * B, dynamic, qa, clip,
+                             static_scale, xq, s};
   const int64_t chunks = (tokens + TRANSFORM_TOKENS - 1) / TRANSFORM_TOKENS;
-  const int team = threads > 1 && tokens * n * B >= (1 << 20) ? threads : 1;
-  const size_t per_thread = (size_t)(2 * TRANSFORM_TOKENS * padded);
+  const int team = threads > 1 && chunks > 1 && tokens * n * B >= (1 << 20) ? threads : 1;
+  const size_t per_thread = (size_t)(2 * TRANSFORM_TOKENS * job.padded);
   float *scratch = (float *)malloc(per_thread * (size_t)team * sizeof(float));
   if (!scratch) return -1;
-  const float lo = (float)(-qa - 1), hi = (float)qa;
-#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
+  if (team == 1) { /* one token (decode) and small calls: no thread team to wake */
+    for (int64_t c = 0; c < chunks; ++c) transform_chunk(&job, c, scratch);
+  } else {
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
 #ifdef _OPENMP
-    float *xp = scratch + per_thread * (size_t)omp_get_thread_num();
+      transform_chunk(&job, c, scratch + per_thread * (size_t)omp_get_thread_num());
 #else
-    float *xp = scratch;
+      transform_chunk(&job, c, scratch);
 #endif
-    float *x2 = xp + TRANSFORM_TOKENS * padded;
-    const int64_t t0 = c * TRANSFORM_TOKENS;
-    const int64_t tb = tokens - t0 < TRANSFORM_TOKENS ? tokens - t0 : TRANSFORM_TOKENS;
-    for (int64_t t = 0; t < tb; ++t) {
-      const float *row = x + (t0 + t) * ld;
-      float *p = (rot ? xp : x2) + t * padded;
-      if (diag)
-        for (int64_t j = 0; j < n; ++j) p[j] = row[perm[j]] * diag[perm[j]];
-      else
-        for (int64_t j = 0; j < n; ++j) p[j] = row[perm[j]];
-      for (int64_t j = n; j < padded; ++j) p[j] = 0.0f;
-    }
-    if (rot) {
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        const float *R = rot + (n_rot == 1 ? 0 : b) * B * B;
-        for (int64_t t = 0; t < tb; ++t) memset(x2 + t * padded + b * B, 0, (size_t)B * sizeof(float));
-        for (int64_t k = 0; k < B; ++k) {
-          const float *restrict r = R + k * B;
-          for (int64_t t = 0; t < tb; ++t) {
-            const float a = xp[t * padded + b * B + k];
-            float *restrict o = x2 + t * padded + b * B;
-            for (int64_t i = 0; i < B; ++i) o[i] += a * r[i];
-          }
-        }
-      }
-    }
-    for (int64_t t = 0; t < tb; ++t) {
-      const float *v = x2 + t * padded;
-      uint32_t m = 0;
-      if (dynamic)
-        for (int64_t j = 0; j < n; ++j) {
-          const uint32_t a = magnitude_bits(v, 0, j);
-          m = a > m ? a : m;
-        }
-      const float st = token_scale(m, dynamic, clip, qa, static_scale);
-      s[t0 + t] = st;
-      int8_t *q = xq + (t0 + t) * n;
-      for (int64_t j = 0; j < n; ++j) q[j] = to_code(v[j] / st, lo, hi);
     }
   }
   free(scratch);
