@@ -258,6 +258,17 @@ def token_layout(x: torch.Tensor) -> str | None:
     return None
 
 
+def _token_scale_args(kernel: str, dynamic: bool, clip: float, qa: int, static_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """Checks the per-token quantization's arguments (each named); returns the static scale as a (1,) float32 CPU
+    tensor, or None when `dynamic`."""
+    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, lambda: f"qa must be an int in 1..127; got {qa!r}")
+    _require(0 < clip <= 1, kernel, lambda: f"clip must lie in (0, 1]; got {clip!r}")
+    if dynamic:
+        return None
+    _require(isinstance(static_scale, torch.Tensor) and static_scale.numel() == 1, kernel, "static quantization needs a one-element scale tensor")
+    return static_scale.detach().reshape(1).float().cpu().contiguous()
+
+
 def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, n) float32 or bfloat16 -> (xq (T, n) int8, s_t (T, 1) float32), in one pass per token, with
     `interop.kernels.quantize_tokens`'s arithmetic (dynamic per token, or one static scale). x is row-major
@@ -270,11 +281,7 @@ def quantize_tokens(x: torch.Tensor, dynamic: bool, clip: float, qa: int, static
     layout = token_layout(x)
     rows = layout == "rows"
     _require(layout is not None, kernel, lambda: f"x must be row-major or a transposed row-major tensor (unit stride on one dimension, rows apart by at least their length); got shape {tuple(x.shape)}, strides {x.stride()}")
-    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, lambda: f"qa must be an int in 1..127; got {qa!r}")
-    _require(0 < clip <= 1, kernel, lambda: f"clip must lie in (0, 1]; got {clip!r}")
-    if not dynamic:
-        _require(isinstance(static_scale, torch.Tensor) and static_scale.numel() == 1, kernel, "static quantization needs a one-element scale tensor")
-        static_scale = static_scale.detach().reshape(1).float().cpu().contiguous()
+    static_scale = _token_scale_args(kernel, dynamic, clip, qa, static_scale)
     xq, s_t = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens, 1, dtype=torch.float32)
     if tokens:
         lib = _library(kernel)
@@ -296,13 +303,11 @@ def int8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, bits:
         _check_int8_panels(xq, s_t, panels, bits, scales, group, out)
     tokens, n_in = xq.shape
     if tokens:
-        kernel = "duq_w4a8_panels" if bits <= 4 else "duq_w8a8_panels"
-        lib = _library(kernel)
-        _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
-        status = getattr(lib, kernel)(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(),
+        kernel = _panels_function(bits)
+        status = kernel(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(),
                                       panels.shape[0], group, out.data_ptr(), torch.get_num_threads())
         if status:
-            raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {-(-n_in // group)} groups)")
+            raise MemoryError(f"{kernel.__name__}: could not allocate its scratch memory ({tokens} tokens, {-(-n_in // group)} groups)")
     return out
 
 
@@ -319,14 +324,11 @@ def transform_quantize(x: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor |
           and x.dim() == 2 and perm.dim() == 1 and x.shape[1] == perm.shape[0] and x.stride(1) == 1 and perm.is_contiguous()
           and (diag is None or (type(diag) is T and diag.dtype is f32 and diag.is_cpu and diag.shape == perm.shape and diag.is_contiguous()))
           and (rot is None or (type(rot) is T and rot.dtype is f32 and rot.is_cpu and rot.dim() == 3 and rot.shape[1] == rot.shape[2]
-                               and rot.shape[0] in (1, -(-perm.shape[0] // rot.shape[1])) and rot.is_contiguous()))
-          and type(qa) is int and 1 <= qa <= 127 and 0 < clip <= 1
-          and (dynamic or (type(static_scale) is T and static_scale.numel() == 1)))
+                               and rot.shape[0] in (1, -(-perm.shape[0] // rot.shape[1])) and rot.is_contiguous())))
     if not ok:
-        _check_transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale)
+        _check_transform_quantize(x, perm, diag, rot)
+    static_scale = _token_scale_args(kernel, dynamic, clip, qa, static_scale)
     tokens, n = x.shape
-    if not dynamic:
-        static_scale = static_scale.detach().reshape(1).float().cpu().contiguous()
     xq, s_t = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens, 1)
     if tokens:
         status = _library(kernel).duq_transform_quantize(
@@ -340,8 +342,8 @@ def transform_quantize(x: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor |
     return xq, s_t
 
 
-def _check_transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scale) -> None:
-    """`transform_quantize`'s preconditions, each named in the NativeKernelError it raises."""
+def _check_transform_quantize(x, perm, diag, rot) -> None:
+    """`transform_quantize`'s tensor operands' preconditions, each named in the NativeKernelError it raises."""
     kernel = "duq_transform_quantize"
     _operand(kernel, "x", x, torch.float32)
     _operand(kernel, "perm", perm, torch.int64, dims=1)
@@ -359,10 +361,6 @@ def _check_transform_quantize(x, perm, diag, rot, dynamic, clip, qa, static_scal
         blocks = -(-n // rot.shape[1])
         _require(rot.shape[0] in (1, blocks), kernel, lambda: f"rot must hold 1 or {blocks} blocks of {rot.shape[1]}; got {rot.shape[0]}")
         _require(rot.is_contiguous(), kernel, lambda: f"rot must be contiguous; got strides {rot.stride()}")
-    _require(isinstance(qa, int) and 1 <= qa <= 127, kernel, lambda: f"qa must be an int in 1..127; got {qa!r}")
-    _require(0 < clip <= 1, kernel, lambda: f"clip must lie in (0, 1]; got {clip!r}")
-    _require(dynamic or (isinstance(static_scale, torch.Tensor) and static_scale.numel() == 1), kernel,
-             "static quantization needs a one-element scale tensor")
 
 
 class PanelsProduct:
@@ -378,15 +376,12 @@ class PanelsProduct:
     __slots__ = ("panels", "scales", "bits", "group", "n_in", "n_out", "_fn", "_facts")
 
     def __init__(self, panels: torch.Tensor, bits: int, scales: torch.Tensor, group: int, in_features: int):
-        kernel = "duq_w4a8_panels" if isinstance(bits, int) and bits <= 4 else "duq_w8a8_panels"
-        lib = _library(kernel)
-        _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
         n_out = panels.shape[0] if isinstance(panels, torch.Tensor) and panels.dim() == 2 else 0
         xq, s_t = torch.zeros(1, in_features, dtype=torch.int8), torch.ones(1, 1)
         _check_int8_panels(xq, s_t, panels, bits, scales, group, torch.empty(1, n_out))  # the weight side, named
         self.panels, self.scales, self.bits, self.group = panels, scales, bits, group
         self.n_in, self.n_out = in_features, n_out
-        self._fn = getattr(lib, kernel)
+        self._fn = _panels_function(bits)
         self._facts = self._weight_facts()
 
     def _weight_facts(self) -> tuple:
@@ -410,6 +405,15 @@ class PanelsProduct:
             if status:
                 raise MemoryError(f"{self._fn.__name__}: could not allocate its scratch memory ({tokens} tokens)")
         return out
+
+
+def _panels_function(bits: int):
+    """The compiled panel product for `bits` codes (2..4: `duq_w4a8_panels`, 5..8: `duq_w8a8_panels`); refused where
+    the library was built without AVX2 and FMA (its plain-C version is for the self-check only)."""
+    kernel = "duq_w4a8_panels" if bits <= 4 else "duq_w8a8_panels"
+    lib = _library(kernel)
+    _require(bool(lib.duq_panels_simd()), kernel, "the compiled helpers were built without AVX2 and FMA")
+    return getattr(lib, kernel)
 
 
 def _int8_panels_ok(xq, s_t, panels, bits, scales, group, out) -> bool:
