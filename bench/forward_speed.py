@@ -209,13 +209,15 @@ def _linear_names(model: torch.nn.Module, filter_fn) -> list[str]:
 
 
 def measure(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, save: bool) -> dict:
+    from duquant_jax.peak_memory import peak_rss_gib
     from interop.kernels import freeze_paths
     from interop.shared_input import input_groups
 
     dtype = DTYPES[dtype_name]
     model, seconds = quantized(source, spec, dtype)
     rec: dict = {"model": source.name, "dtype": dtype_name, "config": spec.text, "quantize_s": seconds,
-                 "input_groups": len(input_groups(model))}
+                 "input_groups": len(input_groups(model)),
+                 "peak_rss_gib": round(peak_rss_gib(), 2)}  # the process's peak so far: every config this run quantized
     loaded = model
     if save:
         linears = _linear_names(model, source.filter_fn)

@@ -27,6 +27,10 @@ How this module computes the same thing without forming `h⁻¹`:
   at a time (`lax.fori_loop`, batched over rows), one product passing each group's
   errors on to the rest of the block, so the loop's state stays in cache.
 
+- Rows are independent given the factor: a tall weight (an output layer of 256000 rows)
+  is rounded in chunks of rows (`chunk_rows`), so the rounding's temporaries stay near
+  128 MiB each instead of growing with the vocabulary.
+
 Two entry points: `gptq_codes` (factor and round), or `gptq_factor` once per Hessian
 and `gptq_round` per layer (q/k/v share their input, gate/up too).
 """
@@ -48,6 +52,7 @@ from duquant_jax.config import qmax
 HIGHEST = lax.Precision.HIGHEST
 PANEL = 1024  # columns per panel: a multiple of `block` near this
 SUB = 16  # columns per inner step of a block's column loop
+ROW_CHUNK_ELEMENTS = 1 << 25  # weights rounded per program call at most: 128 MiB per (rows, in) float32 temporary
 
 
 class GPTQFactor(NamedTuple):
@@ -427,24 +432,37 @@ def gptq_round(
     return _round_checked(w2, factor, scale, groups, bits, block, consume_w)
 
 
+def chunk_rows(out: int, n_in: int) -> int:
+    """Rows rounded per program call: all `out`, or as many as keep one (rows, in) float32 temporary
+    within ROW_CHUNK_ELEMENTS entries (rows are rounded independently given the factor)."""
+    return max(1, min(out, ROW_CHUNK_ELEMENTS // max(n_in, 1)))
+
+
 def _round_checked(
     w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.ndarray, bits: int, block: int, consume_w: bool = False
 ) -> jax.Array:
     block = min(block, w2.shape[1])
-    panel = max(block, PANEL // block * block)
-    codes = _round(
-        jnp.asarray(w2, jnp.float32),
-        factor.l,
-        factor.order if factor.act_order else None,
-        factor.dead,
-        scale,
-        groups,
-        jnp.float32(qmax(bits)),
-        block=block,
-        panel=panel,
-        consume_w=consume_w,
+    rounding = partial(
+        _round, l=factor.l, order=factor.order if factor.act_order else None, dead=factor.dead, col_group=groups,
+        q_max=jnp.float32(qmax(bits)), block=block, panel=max(block, PANEL // block * block),
     )
-    return codes.block_until_ready()  # no LAPACK call of a later pack overlaps this one
+    out, n_in = w2.shape
+    rows = chunk_rows(out, n_in)
+    if rows == out:
+        codes = rounding(jnp.asarray(w2, jnp.float32), scale=scale, consume_w=consume_w)
+        return codes.block_until_ready()  # no LAPACK call of a later pack overlaps this one
+    # A tall weight (an output layer: 262144 x 640, 256000 x 2048) in chunks of rows, so the rounding's
+    # (rows, in) temporaries stay small: 6 GiB of them above the weight at 256000 x 2048 in one call. A short
+    # last chunk is padded (zero weights, unit scales: its codes are dropped), so one program serves every chunk.
+    codes = np.empty((out, n_in), np.int8)
+    for r0 in range(0, out, rows):
+        part, part_scale = jnp.asarray(w2[r0 : r0 + rows], jnp.float32), scale[r0 : r0 + rows]
+        short = rows - part.shape[0]
+        if short:
+            part = jnp.pad(part, ((0, short), (0, 0)))
+            part_scale = np.pad(part_scale, ((0, short), (0, 0)), constant_values=1.0)
+        codes[r0 : r0 + rows] = np.asarray(rounding(part, scale=part_scale, consume_w=True))[: rows - short]
+    return jnp.asarray(codes)
 
 
 def gptq_codes(

@@ -189,6 +189,24 @@ def test_codes_equal_the_reference_across_panels(monkeypatch):
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_tall_weight_rounded_in_row_chunks_equals_the_reference(monkeypatch, act_order):
+    # An output layer's weight goes in chunks of rows (its temporaries bounded): here 7 rows a chunk, the last
+    # chunk of 3 padded to 7. Rows are independent given the factor, so the codes are the reference's.
+    monkeypatch.setattr(gptq, "ROW_CHUNK_ELEMENTS", 7 * 96)
+    out, n, bits, group = 24, 96, 4, 32
+    assert gptq.chunk_rows(out, n) == 7
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((out, n)).astype(np.float32)
+    h = hessian(n, 300, seed=11)
+    s = scales_for(w, bits, group)
+    kw = dict(group_size=group, block=32, act_order=act_order)
+    for weight in (w, jnp.asarray(w)):  # NumPy rows are sliced on the host, a JAX weight's on its device
+        codes = gptq_codes(weight, h, s, bits, **kw)
+        assert codes.dtype == jnp.int8 and codes.shape == (out, n)
+        assert assert_equal_up_to_ties(np.asarray(codes), ref.gptq_rounding(w, h, s, bits, **kw)) <= 1
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
 def test_factor_equals_the_reference_inverse_cholesky(act_order):
     # U = J inv(chol(J h J)) J equals chol(h⁻¹, upper) of the reference (chol -> inverse -> chol).
     h = hessian(300, 1000, seed=3)
