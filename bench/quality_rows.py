@@ -87,7 +87,9 @@ class Row:
             "smoothing": "-" if c.smooth_alpha is None else f"α={c.smooth_alpha}",
             "act scheme": act,
             "granularity": "row" if c.weight_group_size is None else f"g{c.weight_group_size}",
-            "weight method": c.weight_method + (" act-order" if c.weight_method == "gptq" and c.gptq_act_order else ""),
+            "weight method": c.weight_method + (" act-order" if c.weight_method == "gptq" and c.gptq_act_order else "")
+            + (", scales fitted per group while rounding" if c.weight_method == "gptq" and not c.gptq_static_groups else "")
+            + (f", {c.scale_method} scales" if c.scale_method != "mse" else ""),
         }
         if self.kind == "preset":
             labels["rotation"] = f"preset: {labels['rotation']}"
@@ -244,6 +246,15 @@ ROWS: dict[str, Row] = {
         dataclasses.replace(_from_preset("w4a16-only-k-smooth0.5", "w4a16", smooth_alpha=0.5), only=r"\.k_proj$"),
         dataclasses.replace(_from_preset("w4a16-only-k-g32-smooth0.5", "w4a16", weight_group_size=32, smooth_alpha=0.5),
                             only=r"\.k_proj$"),
+        # GPTQ fitting each group's scale when the rounding reaches the group (gptq_static_groups=False, the GPTQ
+        # reference code's default) instead of to the weight before rounding; with SPEC's five candidate scales
+        # or the 16 of "mse-fine". In column order (act_order needs static groups).
+        _from_preset("w4a8-fitgroups", "w4a8", gptq_static_groups=False),
+        _from_preset("w4a8-fitgroups-fine", "w4a8", gptq_static_groups=False, scale_method="mse-fine"),
+        _from_preset("w4a16-fitgroups", "w4a16", gptq_static_groups=False, gptq_act_order=False),
+        _from_preset("w4a16-fitgroups-fine", "w4a16", gptq_static_groups=False, gptq_act_order=False, scale_method="mse-fine"),
+        _from_preset("w4a16-fitgroups-fine-g32", "w4a16", gptq_static_groups=False, gptq_act_order=False,
+                     scale_method="mse-fine", weight_group_size=32),
     ]
 }
 
@@ -272,6 +283,7 @@ LISTS["msefine"] = ["presets", "presets+clip-search"] + [n for n in WHOLE if "ms
 LISTS["w4a8-candidates"] = ["presets"] + [n for n in WHOLE if n.startswith("w4a8-")]  # with --bits W4A8
 LISTS["g64"] = ["presets"] + [n for n in WHOLE if n.endswith("-g64")]
 LISTS["groups-small"] = ["presets"] + [n for n in WHOLE if n.endswith(("-g64", "-g32"))]  # each row in its own column
+LISTS["fit-groups"] = ["presets"] + [n for n in WHOLE if "-fitgroups" in n]  # each row in its own column
 LISTS["sensitivity"] = [n for n in ROWS if n.startswith("presets-only-")]  # Gemma's projections; with --bits
 LISTS["sensitivity-k"] = ["presets-only-k"] + [n for n in ROWS if n.startswith("w4a16-only-k-")]  # with --bits W4A16
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))

@@ -166,6 +166,15 @@ def layer_file(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / "layers" / safe_file_name(name, ".safetensors")
 
 
+def _config_of(info: dict) -> DuQuantConfig | None:
+    """The config a pack file records (a dict written before a field existed gives it its default), or None
+    when it records none that reads."""
+    try:
+        return DuQuantConfig.from_dict(info.get("config"))
+    except (TypeError, ValueError):
+        return None
+
+
 def _reuse(path: Path, name: str, shape: tuple[int, ...], config: DuQuantConfig) -> str | None:
     """None when `path` already holds `name`'s pack for this shape and config, intact (resume);
     else why it must be (re)packed: "absent", or a reason to tell the user."""
@@ -176,7 +185,7 @@ def _reuse(path: Path, name: str, shape: tuple[int, ...], config: DuQuantConfig)
         info = read_metadata(path)[name]
     except (PackFileError, integrity.ChecksumError, KeyError, OSError) as e:
         return f"it is unreadable or damaged ({e})"
-    if info.get("config") != config.to_dict():
+    if _config_of(info) != config:
         return "it was packed with another config"
     if (info.get("out_features"), info.get("in_features")) != tuple(shape):
         return "it was packed from a tensor of another shape"

@@ -86,6 +86,11 @@ class DuQuantConfig:
       gptq_damp: GPTQ dampening, a fraction of the mean diagonal of H, in [0, 1].
       gptq_block: GPTQ lazy-batch block size (columns).
       gptq_act_order: GPTQ rounds columns in descending order of diag(H).
+      gptq_static_groups: True (default): GPTQ rounds with the scales fitted to the weight before
+        any rounding (the reference code's `static_groups`). False: each group's scale is fitted
+        when the rounding reaches the group's first column, to the weights as the error feedback
+        of the columns before has left them (the reference code's default). False needs
+        weight_group_size dividing gptq_block and no act_order.
       act_scheme: "static-channel" (SPEC, default: calibrated per-channel scales),
         "dynamic-token" (per-token absmax at run time), "static-tensor" (one
         calibrated scale per layer) or "dynamic-group" (at run time, one absmax scale
@@ -116,6 +121,7 @@ class DuQuantConfig:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     gptq_act_order: bool = False
+    gptq_static_groups: bool = True
     act_scheme: str = "static-channel"
     act_clip: float = 1.0
     act_group_size: int = 128
@@ -129,7 +135,7 @@ class DuQuantConfig:
         if self.block_out_size is not None:
             _check_positive_int("block_out_size", self.block_out_size)
         _check_positive_int("calib_batches", self.calib_batches)
-        for name in ("enable_permute", "gptq_act_order"):
+        for name in ("enable_permute", "gptq_act_order", "gptq_static_groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         _check_number("lambda_smooth", self.lambda_smooth, 0.0, 1.0)
@@ -151,6 +157,14 @@ class DuQuantConfig:
         _check_positive_int("gptq_block", self.gptq_block)
         _check_number("act_clip", self.act_clip, 0.0, 1.0, lo_open=True)
         _check_positive_int("act_group_size", self.act_group_size)
+        if not self.gptq_static_groups and self.weight_method == "gptq" and self.quantize_weights:
+            if self.weight_group_size is None or self.gptq_block % self.weight_group_size:
+                raise ValueError(
+                    "gptq_static_groups=False fits each group's scale inside GPTQ's blocks: it needs weight_group_size "
+                    f"to divide gptq_block; got weight_group_size={self.weight_group_size!r}, gptq_block={self.gptq_block!r}"
+                )
+            if self.gptq_act_order:
+                raise ValueError("gptq_static_groups=False rounds columns in their own order: it needs gptq_act_order=False")
         if self.rotation == "hadamard":
             for name, size in (("block_size", self.block_size), ("block_out_size", self.out_block_size)):
                 if not _is_power_of_two(size):

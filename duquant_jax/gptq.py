@@ -48,6 +48,7 @@ from jax import lax
 
 from duquant_jax.checks import count_nonfinite, is_float_dtype
 from duquant_jax.config import qmax
+from duquant_jax.quantize import weight_scales
 
 HIGHEST = lax.Precision.HIGHEST
 PANEL = 1024  # columns per panel: a multiple of `block` near this
@@ -200,6 +201,14 @@ def gptq_factor(h: Any, *, damp: float = 0.01, act_order: bool = False, name: st
     return _factor_checked(h, damp, act_order, name)
 
 
+def gptq_factor_consuming(h: jax.Array, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> GPTQFactor:
+    """`gptq_factor` of a float32 JAX `h` the caller no longer needs: its buffer is reused by the
+    factorization and `h` is deleted (as `gptq_codes(consume_h=True)`)."""
+    n_in = _check_factor_args(h, damp, act_order, name)
+    check_hessian(h, n_in, name)
+    return _factor_checked(h, damp, act_order, name, consume_h=True)
+
+
 def _round_columns(w1: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) -> tuple[jax.Array, jax.Array]:
     """w1: (out, c) state, u: (c, c) upper, s: (out, c) -> (codes, errors), both (out, c) float.
 
@@ -222,18 +231,33 @@ def _round_columns(w1: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) 
     return codes, errs
 
 
-def _round_block(wb: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) -> jax.Array:
-    """wb: (out, b) state, u: (b, b) upper, s: (out, b) scales -> (out, b) float codes.
+class Refit(NamedTuple):
+    """Scales fitted during the rounding (the reference code without `static_groups`): when the
+    rounding reaches a group's first column, the group's scale is fitted to the group's current
+    (error-fed) weights by `quantize.weight_scales(method=method)` for `bits`-bit codes. The group
+    size divides the block; columns go in their own order (no act_order)."""
+
+    group: int
+    bits: int
+    method: str
+
+
+def _round_block(wb: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array, refit: Refit | None = None) -> tuple[jax.Array, jax.Array]:
+    """wb: (out, b) state, u: (b, b) upper, s: (out, b) scales -> ((out, b) float codes, (out, b) scales).
 
     The reference's column loop over one block, run `SUB` columns at a time (each
     column's update reaches the rest of its sub-block; one product carries a
     sub-block's errors to the rest of the block), so the loop's state stays in cache.
+    With `refit`, each group's scale is fitted to `wb`'s group columns when its first
+    column comes (`s` then only gives the shape).
     """
     b = wb.shape[1]
     sub = SUB if b % SUB == 0 else b
+    if refit is not None:
+        sub = math.gcd(sub, refit.group)
 
-    def sub_block(k: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        wb, codes = carry
+    def sub_block(k: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        wb, codes, s = carry
         a = k * sub
         u_rows = lax.dynamic_slice_in_dim(u, a, sub, axis=0)  # (sub, b), zero left of column a
         q, err = _round_columns(
@@ -244,9 +268,23 @@ def _round_block(wb: jax.Array, u: jax.Array, s: jax.Array, q_max: jax.Array) ->
         )
         # The sub-block's own (already rounded) columns change too; nothing reads them again.
         wb = wb - jnp.dot(err, u_rows, precision=HIGHEST)
-        return wb, lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
+        return wb, lax.dynamic_update_slice_in_dim(codes, q, a, axis=1), s
 
-    return lax.fori_loop(0, b // sub, sub_block, (wb, jnp.zeros_like(wb)))[1]
+    carry = (wb, jnp.zeros_like(wb), s)
+    if refit is None:
+        _, codes, s = lax.fori_loop(0, b // sub, sub_block, carry)
+        return codes, s
+    per_group = refit.group // sub
+
+    def group_step(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        wb, codes, s = carry
+        g0 = j * refit.group
+        fresh = weight_scales(lax.dynamic_slice_in_dim(wb, g0, refit.group, axis=1), refit.bits, method=refit.method)
+        s = lax.dynamic_update_slice_in_dim(s, jnp.broadcast_to(fresh[:, None], (wb.shape[0], refit.group)), g0, axis=1)
+        return lax.fori_loop(j * per_group, (j + 1) * per_group, sub_block, (wb, codes, s))
+
+    _, codes, s = lax.fori_loop(0, b // refit.group, group_step, carry)
+    return codes, s
 
 
 def _round_panel(
@@ -257,16 +295,19 @@ def _round_panel(
     scale: jax.Array,
     g_idx: jax.Array,
     q_max: jax.Array,
-) -> jax.Array:
+    refit: Refit | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """One panel of P columns, its blocks in a `lax.scan`.
 
     Args:
       w_p: (out, P) weights; g: (out, P) `D_before M[before, panel]` from earlier panels;
       m_pp: (P, P) `M[panel, panel]`; u_p: (P / b, b, b) the blocks' `U_kk`;
-      scale: (out, n_groups); g_idx: (P,) group of each column; q_max: largest code.
+      scale: (out, n_groups); g_idx: (P,) group of each column; q_max: largest code;
+      refit: scales fitted during the rounding (`scale` then only gives the shape).
 
     Returns:
-      the codes (out, P) int8 (`D = W - Q̂` is rebuilt from them where later panels need it).
+      the codes (out, P) int8 (`D = W - Q̂` is rebuilt from them where later panels need it)
+      and, with `refit`, each column's scale (out, P) float32 (else None).
     """
     out, width = w_p.shape
     block = u_p.shape[1]
@@ -278,12 +319,13 @@ def _round_panel(
         wb = lax.dynamic_slice_in_dim(w_p, c0, block, axis=1)
         s = jnp.take(scale, lax.dynamic_slice_in_dim(g_idx, c0, block), axis=1)
         u = u_p[k]
-        q = _round_block(wb + jnp.dot(t, u, precision=HIGHEST), u, s, q_max)
+        q, s = _round_block(wb + jnp.dot(t, u, precision=HIGHEST), u, s, q_max, refit)
         d = lax.dynamic_update_slice_in_dim(d, wb - q * s, c0, axis=1)
-        return d, q.astype(jnp.int8)
+        return d, (q.astype(jnp.int8), s if refit is not None else None)
 
-    _, q = lax.scan(step, jnp.zeros_like(w_p), jnp.arange(width // block))
-    return jnp.transpose(q, (1, 0, 2)).reshape(out, width)
+    _, (q, s) = lax.scan(step, jnp.zeros_like(w_p), jnp.arange(width // block))
+    in_order = lambda x: None if x is None else jnp.transpose(x, (1, 0, 2)).reshape(out, width)  # noqa: E731
+    return in_order(q), in_order(s)
 
 
 def _prepare_body(
@@ -318,17 +360,18 @@ _prepare = partial(jax.jit, static_argnames=("block",))(_prepare_body)
 _prepare_consuming = partial(jax.jit, static_argnames=("block",), donate_argnums=0)(_prepare_body)
 
 
-@partial(jax.jit, static_argnames=("width", "panel", "first"), donate_argnums=(0,))
+@partial(jax.jit, static_argnames=("width", "panel", "first", "refit"), donate_argnums=(0,))
 def _panel_step(
     codes: jax.Array, w0: jax.Array, l: jax.Array, u_diag: jax.Array, scale: jax.Array, gidx: jax.Array,
-    q_max: jax.Array, a: jax.Array, *, width: int, panel: int, first: bool,
-) -> jax.Array:
+    q_max: jax.Array, a: jax.Array, *, width: int, panel: int, first: bool, refit: Refit | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Rounds the `width` columns from `a` on (one panel; the `a // panel` panels before it are `panel`
     wide, none when `first`): `codes` (out, n_pad) int8 of the panels before it, updated in its own
     (donated) buffer. An earlier panel's `D = W - Q̂` is made again from its codes when it is needed
     (`w0 - codes * scale`, the expression that `_round_panel` uses), so no (out, in) float matrix of `D`
     is kept (0.125 GiB at 2048 x 16384). `a` is traced, so one program serves every panel of a shape
-    (a program per panel cost 10 MiB of code each, 16 for a 16384-wide input)."""
+    (a program per panel cost 10 MiB of code each, 16 for a 16384-wide input). With `refit` it also
+    returns `scale` (out, n_groups) with this panel's groups fitted (later panels read them)."""
     block, n = u_diag.shape[1], l.shape[0]
     e = a + width
 
@@ -348,8 +391,11 @@ def _panel_step(
     m_pp = jnp.flip(lax.dynamic_slice(l, (n - e, n - e), (width, width)))  # M[a:e, a:e]
     u_p = lax.dynamic_slice_in_dim(u_diag, a // block, width // block)
     cols = lambda x: lax.dynamic_slice_in_dim(x, a, width, axis=x.ndim - 1)  # noqa: E731
-    q = _round_panel(cols(w0), g, m_pp, u_p, scale, cols(gidx), q_max)
-    return lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
+    q, s = _round_panel(cols(w0), g, m_pp, u_p, scale, cols(gidx), q_max, refit)
+    codes = lax.dynamic_update_slice_in_dim(codes, q, a, axis=1)
+    if refit is None:
+        return codes
+    return codes, lax.dynamic_update_slice_in_dim(scale, s[:, :: refit.group], a // refit.group, axis=1)
 
 
 @partial(jax.jit, static_argnames=("n",))
@@ -370,11 +416,14 @@ def _round(
     block: int,
     panel: int,
     consume_w: bool = False,
-) -> jax.Array:
+    refit: Refit | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """GPTQ codes (out, in) int8 of `w (out, in)` given the factor's `l`, `order` (None:
     the identity) and `dead`; `scale (out, n_groups)`, `col_group (in,)` the group of each
     column, `q_max` the largest code; `block` columns per block, `panel` per panel;
     `consume_w`: `w`'s buffer may be reused (where no order or padding needs a new one).
+    With `refit` (no `order`; its group divides `block`): (codes, (out, n_groups) float32 scales
+    fitted during the rounding; `scale` then only gives the shape).
 
     One program call per panel (at most three programs: the first panel, the others, a narrower
     last one), the codes carried in a donated buffer: one program for them all held every panel's
@@ -385,10 +434,17 @@ def _round(
     l = l if l_padded is None else l_padded
     n_pad = w0.shape[1]
     codes = jnp.zeros((out, n_pad), jnp.int8)
+    step = partial(_panel_step, panel=panel, refit=refit)
+    if refit is None:
+        for a in range(0, n_pad, panel):
+            codes = step(codes, w0, l, u_diag, scale, gidx, q_max, jnp.int32(a), width=min(panel, n_pad - a), first=not a)
+        return _in_weight_order(codes, order, n=n)
+    n_groups = scale.shape[1]  # the padded columns' groups (all zero weights) are fitted, then dropped
+    fitted = jnp.ones((out, n_pad // refit.group), jnp.float32)
+    gidx = jnp.arange(n_pad, dtype=jnp.int32) // refit.group
     for a in range(0, n_pad, panel):
-        width = min(panel, n_pad - a)
-        codes = _panel_step(codes, w0, l, u_diag, scale, gidx, q_max, jnp.int32(a), width=width, panel=panel, first=not a)
-    return _in_weight_order(codes, order, n=n)
+        codes, fitted = step(codes, w0, l, u_diag, fitted, gidx, q_max, jnp.int32(a), width=min(panel, n_pad - a), first=not a)
+    return _in_weight_order(codes, None, n=n), fitted[:, :n_groups]
 
 
 def _scales(w_scale: Any, out: int, n_in: int, group_size: int | None, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -439,30 +495,87 @@ def chunk_rows(out: int, n_in: int) -> int:
 
 
 def _round_checked(
-    w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.ndarray, bits: int, block: int, consume_w: bool = False
-) -> jax.Array:
-    block = min(block, w2.shape[1])
+    w2: Any, factor: GPTQFactor, scale: np.ndarray, groups: np.ndarray, bits: int, block: int, consume_w: bool = False,
+    refit: Refit | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    out, n_in = w2.shape
+    block = min(block, n_in if refit is None else -(-n_in // refit.group) * refit.group)
     rounding = partial(
         _round, l=factor.l, order=factor.order if factor.act_order else None, dead=factor.dead, col_group=groups,
-        q_max=jnp.float32(qmax(bits)), block=block, panel=max(block, PANEL // block * block),
+        q_max=jnp.float32(qmax(bits)), block=block, panel=max(block, PANEL // block * block), refit=refit,
     )
-    out, n_in = w2.shape
     rows = chunk_rows(out, n_in)
     if rows == out:
-        codes = rounding(jnp.asarray(w2, jnp.float32), scale=scale, consume_w=consume_w)
-        return codes.block_until_ready()  # no LAPACK call of a later pack overlaps this one
+        # block_until_ready: no LAPACK call of a later pack overlaps this one
+        return jax.block_until_ready(rounding(jnp.asarray(w2, jnp.float32), scale=scale, consume_w=consume_w))
     # A tall weight (an output layer: 262144 x 640, 256000 x 2048) in chunks of rows, so the rounding's
     # (rows, in) temporaries stay small: 6 GiB of them above the weight at 256000 x 2048 in one call. A short
     # last chunk is padded (zero weights, unit scales: its codes are dropped), so one program serves every chunk.
     codes = np.empty((out, n_in), np.int8)
+    fitted = np.empty(scale.shape, np.float32) if refit is not None else None
     for r0 in range(0, out, rows):
         part, part_scale = jnp.asarray(w2[r0 : r0 + rows], jnp.float32), scale[r0 : r0 + rows]
         short = rows - part.shape[0]
         if short:
             part = jnp.pad(part, ((0, short), (0, 0)))
             part_scale = np.pad(part_scale, ((0, short), (0, 0)), constant_values=1.0)
-        codes[r0 : r0 + rows] = np.asarray(rounding(part, scale=part_scale, consume_w=True))[: rows - short]
-    return jnp.asarray(codes)
+        got = rounding(part, scale=part_scale, consume_w=True)
+        if refit is None:
+            codes[r0 : r0 + rows] = np.asarray(got)[: rows - short]
+        else:
+            codes[r0 : r0 + rows] = np.asarray(got[0])[: rows - short]
+            fitted[r0 : r0 + rows] = np.asarray(got[1])[: rows - short]
+    return jnp.asarray(codes) if refit is None else (jnp.asarray(codes), jnp.asarray(fitted))
+
+
+def gptq_round_fitting_scales(
+    w2: Any,
+    factor: GPTQFactor,
+    bits: int,
+    *,
+    group_size: int,
+    method: str = "mse",
+    block: int = 128,
+    name: str = "",
+    consume_w: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """GPTQ codes of `w2 (out, in)` with each group's scale fitted when the rounding reaches the group.
+
+    The reference code's own default (IST-DASLab/gptq without `static_groups`): at a group's first
+    column the group's scale is fitted, by `quantize.weight_scales(method=method)`, to the group's
+    weights as the error feedback of the columns before has left them, instead of to `w2` before
+    any rounding (`gptq_round` with `weight_scales(w2)`). Columns go in their own order: `factor`
+    must be made without act_order, and `group_size` must divide `block` (contiguous groups, each
+    inside one block). Other arguments as `gptq_round`.
+
+    Returns:
+      (codes (out, in) int8, scales (out, ceil(in / group_size)) float32), JAX arrays; the
+      dequantized weight is `codes * scale` of each column's group.
+
+    Raises:
+      ValueError naming `name`: as `gptq_round`, and for an act_order factor, a group size that
+      does not divide `block`, or an unknown `method`.
+    """
+    from duquant_jax.quantize import scale_alphas
+
+    out, n_in = _check_weight(w2, name)
+    if tuple(factor.l.shape) != (n_in, n_in):
+        raise ValueError(f"{_who(name)}: the factor is for {factor.l.shape[0]} inputs; w2 has shape {(out, n_in)}")
+    _check_int(bits, "bits", 2, 8, name)
+    _check_int(block, "block", 1, None, name)
+    _check_int(group_size, "group_size", 1, None, name)
+    if factor.act_order:
+        raise ValueError(f"{_who(name)}: scales fitted during the rounding need columns in their own order; the factor has act_order")
+    if block % group_size:
+        raise ValueError(f"{_who(name)}: scales fitted during the rounding need group_size to divide block; got group_size {group_size}, block {block}")
+    try:
+        scale_alphas(method)
+    except ValueError as e:
+        raise ValueError(f"{_who(name)}: {e}") from None
+    n_groups = -(-n_in // group_size)
+    groups = (np.arange(n_in) // group_size).astype(np.int32)
+    shape_only = np.ones((out, n_groups), np.float32)
+    return _round_checked(w2, factor, shape_only, groups, bits, block, consume_w, Refit(group_size, bits, method))
 
 
 def gptq_codes(

@@ -301,7 +301,7 @@ def pack_fitted(
 
 def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: str, consume_stats: bool = False) -> Pack:
     from duquant_jax import hessian_in_place
-    from duquant_jax.gptq import gptq_codes, gptq_round
+    from duquant_jax.gptq import gptq_codes, gptq_factor_consuming, gptq_round, gptq_round_fitting_scales
 
     unrounded = _pack_rtn(*arrays, None, config, name, keep_w2=True)  # the RTN scales, W2 as w_codes
     w2 = unrounded.w_codes
@@ -318,7 +318,12 @@ def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: st
                 object.__setattr__(stats, "xtx", None)  # its buffer holds the factor (or is spoilt): a later use fails loudly
         del h
         # W2 is ours (the pack's `w_codes` gets the codes): its buffer may hold the rounding's copy
-        codes = gptq_round(w2, factor, unrounded.w_scale, config.weight_bits, consume_w=True, **rounding)
+        if config.gptq_static_groups:
+            codes = gptq_round(w2, factor, unrounded.w_scale, config.weight_bits, consume_w=True, **rounding)
+        else:
+            codes, w_scale = gptq_round_fitting_scales(w2, factor, config.weight_bits, method=config.scale_method,
+                                                       consume_w=True, **rounding)
+            unrounded = unrounded.replace(w_scale=w_scale)
         del w2
         # The factor's JAX array shares the host buffer; jaxlib hands such buffers back only when a garbage
         # collection runs (its gc callback, jax-ml/jax#14882): a generation-0 pass frees the (in, in) matrix now
@@ -326,12 +331,16 @@ def _gptq_pack(arrays: tuple, stats: LayerStats, config: DuQuantConfig, name: st
         factor.l.delete()
         del factor
         gc.collect(0)
-    else:
+    elif config.gptq_static_groups:
         h2 = hessian_in_basis(stats.xtx, *pieces, device)  # the factorization takes the rotated Hessian's buffer
         codes = gptq_codes(
             w2, h2, unrounded.w_scale, config.weight_bits, damp=config.gptq_damp, act_order=config.gptq_act_order,
             consume_h=True, **rounding,
         )
+    else:
+        factor = gptq_factor_consuming(hessian_in_basis(stats.xtx, *pieces, device), damp=config.gptq_damp, name=name)
+        codes, w_scale = gptq_round_fitting_scales(w2, factor, config.weight_bits, method=config.scale_method, **rounding)
+        unrounded = unrounded.replace(w_scale=w_scale)
     return jax.block_until_ready(unrounded.replace(w_codes=codes))
 
 

@@ -209,6 +209,13 @@ def forced_gptq_ratio(w2: np.ndarray, h: np.ndarray, w_scale, codes, config: DuQ
     of its own roundings: (out, in) the value `w / s` each code is rounded from, given the error
     feedback of the codes before it. w2: (out, in), h: (in, in) in the codes' basis; `order` (in,):
     the rounding order (default: the identity, or descending diag(h) with act_order)."""
+    return forced_gptq(w2, h, w_scale, codes, config, order)[0]
+
+
+def forced_gptq(w2: np.ndarray, h: np.ndarray, w_scale, codes, config: DuQuantConfig, order=None) -> tuple[np.ndarray, np.ndarray]:
+    """`forced_gptq_ratio`, and (out, in) the weights each scale was fitted to: with
+    `gptq_static_groups=False` each group's columns as they stood when the rounding reached the
+    group's first column; else `w2`."""
     from duquant_jax.reference.gptq import column_scales, hinv_factor
 
     W = np.array(w2, np.float64)
@@ -222,16 +229,20 @@ def forced_gptq_ratio(w2: np.ndarray, h: np.ndarray, w_scale, codes, config: DuQ
         Hinv = hinv_factor(np.asarray(h)[order][:, order], damp=config.gptq_damp)[1]
     W, S, Q = W[:, order], S[:, order], np.asarray(codes, np.float64)[:, order]
     R = np.zeros_like(W)
+    fitted_to = np.array(w2, np.float64)
+    group = None if config.gptq_static_groups else config.weight_group_size  # (no act_order: order is the identity)
     block = config.gptq_block
     for i1 in range(0, n, block):  # the reference's lazy blocks, column by column inside
         i2 = min(i1 + block, n)
         W1, Err1 = W[:, i1:i2].copy(), np.zeros((out, i2 - i1))
         for i in range(i2 - i1):
+            if group and (i1 + i) % group == 0:
+                fitted_to[:, i1 + i : i1 + i + group] = W1[:, i : i + group]
             R[:, i1 + i] = W1[:, i] / S[:, i1 + i]
             Err1[:, i] = (W1[:, i] - Q[:, i1 + i] * S[:, i1 + i]) / Hinv[i1 + i, i1 + i]
             W1[:, i:] -= np.outer(Err1[:, i], Hinv[i1 + i, i1 + i : i2])
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return R[:, np.argsort(order)]
+    return R[:, np.argsort(order)], fitted_to
 
 
 def packer_order(got: Pack, xtx) -> np.ndarray | None:
@@ -250,14 +261,16 @@ def packer_order(got: Pack, xtx) -> np.ndarray | None:
     return np.asarray(gptq_factor(h2, damp=got.config.gptq_damp, act_order=True).order)
 
 
-def code_ratio(got: Pack, w2: np.ndarray, stats: LayerStats | None) -> np.ndarray:
-    """(out, in) float64: the value the reference rounds each of `got`'s codes from, with `got`'s scales."""
+def code_ratio(got: Pack, w2: np.ndarray, stats: LayerStats | None) -> tuple[np.ndarray, np.ndarray]:
+    """(out, in) float64: the value the reference rounds each of `got`'s codes from, with `got`'s scales;
+    and (out, in) the weights the scales are fitted to (`w2`, or for GPTQ fitting scales while rounding,
+    each group as the rounding reached it)."""
     cfg = got.config
     if cfg.needs_xtx:
         t = reference.transform_matrix(got.in_features, got.perm, got.r_in, got.in_diag, got.r_pre)
         h2 = t.T @ np.asarray(stats.xtx, np.float64) @ t
-        return forced_gptq_ratio(w2, h2, got.w_scale, got.w_codes, cfg, packer_order(got, stats.xtx))
-    return w2 / options.code_scales(got.w_scale, got.in_features, cfg.weight_group_size)
+        return forced_gptq(w2, h2, got.w_scale, got.w_codes, cfg, packer_order(got, stats.xtx))
+    return w2 / options.code_scales(got.w_scale, got.in_features, cfg.weight_group_size), w2
 
 
 def _wq_err(pack: Pack, x: np.ndarray, exact: np.ndarray) -> float:
@@ -278,9 +291,10 @@ def check_quantized(got: Pack, want: Pack, w, stats: LayerStats | None = None, s
         err = float(np.abs(np.asarray(got.w_codes, np.float64) - w2).max() / max(np.abs(w2).max(), 1e-30))
         scale_err = float(np.abs(np.asarray(got.w_scale, np.float64) - 1).max())
         return Quantized(scale_err, 0, err, W2_TOL, 1.0, wq)
-    scale_err, ties = scale_check(got.w_scale, w2, cfg)
+    ratio, fitted_to = code_ratio(got, w2, stats)
+    scale_err, ties = scale_check(got.w_scale, fitted_to, cfg)
     qm = qmax(cfg.weight_bits)
-    z = np.clip(code_ratio(got, w2, stats), -qm - 1, qm)
+    z = np.clip(ratio, -qm - 1, qm)
     q = np.asarray(got.w_codes, np.float64)
     return Quantized(
         scale_err=scale_err,

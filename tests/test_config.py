@@ -53,3 +53,29 @@ def test_config_is_hashable_and_frozen():
     assert hash(cfg) == hash(DuQuantConfig())
     with pytest.raises(Exception):
         cfg.block_size = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(weight_group_size=None), "weight_group_size to divide gptq_block; got weight_group_size=None, gptq_block=128"),
+        (dict(weight_group_size=48), "weight_group_size to divide gptq_block; got weight_group_size=48, gptq_block=128"),
+        (dict(gptq_block=96), "weight_group_size to divide gptq_block; got weight_group_size=64, gptq_block=96"),
+        (dict(gptq_act_order=True), "needs gptq_act_order=False"),
+        (dict(gptq_static_groups="no"), "gptq_static_groups must be a bool; got 'no'"),
+    ],
+)
+def test_gptq_fitting_scales_rejects_groups_it_cannot_fit(changes, message):
+    base = dict(weight_method="gptq", gptq_static_groups=False, weight_group_size=64)
+    assert not DuQuantConfig(**base).gptq_static_groups
+    with pytest.raises(ValueError) as e:
+        DuQuantConfig(**{**base, **changes})
+    assert message in str(e.value)
+
+
+def test_a_config_dict_written_before_gptq_static_groups_loads_with_static_groups():
+    old = DuQuantConfig.preset("w4a16").to_dict()
+    del old["gptq_static_groups"]
+    assert DuQuantConfig.from_dict(old) == DuQuantConfig.preset("w4a16") and DuQuantConfig.from_dict(old).gptq_static_groups
+    fitted = DuQuantConfig.preset("w4a8", gptq_static_groups=False)
+    assert DuQuantConfig.from_json(fitted.to_json()) == fitted

@@ -56,6 +56,28 @@ def test_gptq_pack_equals_reference(case):
     assert np.mean(diff == 0) >= 0.999 and diff.max() <= 1
 
 
+FITTED = [
+    dict(rotation="hadamard", block_size=64, weight_group_size=32, gptq_static_groups=False),
+    dict(rotation="none", enable_permute=False, weight_group_size=64, gptq_static_groups=False, scale_method="mse-fine",
+         gptq_block=64, act_scheme="dynamic-token"),
+]
+
+
+@pytest.mark.parametrize("case", FITTED, ids=_ids)
+def test_gptq_fitting_group_scales_equals_reference_codes_and_scales(case):
+    """gptq_static_groups=False: the scales come out of the rounding (each group's fitted to its weights as the
+    rounding reached them); codes and scales equal the float64 reference path's up to rounding ties."""
+    w, _, held, stats = _correlated(seed=3)
+    cfg = DuQuantConfig(weight_method="gptq", **case)
+    got, want = to_numpy(pack_weight(w, cfg, stats)), ref.pack_weight(w, cfg, stats)
+    diff = np.abs(got.w_codes.astype(int) - want.w_codes.astype(int))
+    assert np.mean(diff == 0) >= 0.999 and diff.max() <= 1
+    rel = np.abs(np.asarray(got.w_scale, np.float64) / want.w_scale - 1)
+    assert np.mean(rel <= 1e-5) >= 0.99 and rel.max() <= 0.5  # a tie may pick a neighbouring candidate
+    static = to_numpy(pack_weight(w, cfg.replace(gptq_static_groups=True), stats))
+    assert not np.array_equal(got.w_scale, static.w_scale)  # the option changes the scales
+
+
 def test_gptq_with_svd_rotations_agrees_with_reference_on_nearly_every_code():
     """SPEC's SVD rotations of blocks with close singular values differ between float32 and
     float64 (SPEC bounds them only on well-separated blocks); GPTQ then carries the difference

@@ -41,6 +41,8 @@ CONFIGS = [
     ("w16_a8_tensor", DuQuantConfig(weight_bits=16, rotation="hadamard", block_size=64, act_scheme="static-tensor", row_rot_mode="none"), BIG, False),
     ("w8_a4", DuQuantConfig(weight_bits=8, act_bits=4, rotation="hadamard", block_size=128, act_scheme="dynamic-token", row_rot_mode="none"), BIG, False),
     ("gptq_order_w8_svd", DuQuantConfig(weight_bits=8, weight_method="gptq", gptq_act_order=True, act_scheme="dynamic-token", row_rot_mode="none"), BIG, True),
+    ("gptq_fitted_groups_w4_g32", DuQuantConfig(weight_method="gptq", gptq_static_groups=False, weight_group_size=32, rotation="hadamard",
+                                                block_size=64, act_scheme="dynamic-token", row_rot_mode="none"), BIG, False),
     ("smooth_none_w4_g128", DuQuantConfig(rotation="none", smooth_alpha=0.5, weight_group_size=128, act_scheme="dynamic-token"), BIG, False),
     ("w4_a16_g128", DuQuantConfig(rotation="hadamard", block_size=128, weight_group_size=128, act_bits=16, row_rot_mode="none"), ODD, False),
     # weight-only 8-bit per row: the int8 layout and torch's int8pack kernel whatever the CPU (integer-activation

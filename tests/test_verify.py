@@ -43,6 +43,11 @@ CONFIGS = {
                                              scale_method="mse-fine"),
     "duquant-propagate": DuQuantConfig(rotation="duquant", block_size=64, smooth_alpha=0.5, row_rot_mode="propagate", act_scheme="dynamic-token"),
     "none-groups-w8": DuQuantConfig(rotation="none", enable_permute=False, weight_bits=8, weight_group_size=32),
+    # GPTQ fitting each group's scale as the rounding reaches it: the scales are checked against the weights the
+    # forced float64 rounding has at each group's first column
+    "w4a8-fitted-groups": DuQuantConfig.preset("w4a8", gptq_static_groups=False),
+    "w4a16-fitted-groups-msefine": DuQuantConfig.preset("w4a16", gptq_static_groups=False, gptq_act_order=False,
+                                                        scale_method="mse-fine"),
 }
 
 
@@ -116,7 +121,7 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("config", ["spec", "w8a8", "w4a16"])  # SPEC, a preset with rtn, one with gptq
+@pytest.mark.parametrize("config", ["spec", "w8a8", "w4a16", "w4a8-fitted-groups"])  # SPEC, rtn, gptq, gptq fitting scales
 def test_each_damage_fails_on_the_verdict_with_valid_checksums(tmp_path, config):
     cfg = CONFIGS[config]
     pack, want = _packs(config)  # intact: PASS (test_intact_pack_passes_...)

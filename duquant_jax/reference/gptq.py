@@ -69,11 +69,30 @@ def hinv_factor(h: Any, *, damp: float = 0.01, act_order: bool = False, name: st
 
 class Rounding(NamedTuple):
     """codes: (out, in) int8; ratio: (out, in) the value `w / s` each code was rounded
-    from; order: (in,) the rounding order (step k rounded column order[k])."""
+    from; order: (in,) the rounding order (step k rounded column order[k]); scales: the
+    scales fitted during the rounding, (out, n_groups) float64 (None with given scales)."""
 
     codes: np.ndarray
     ratio: np.ndarray
     order: np.ndarray
+    scales: np.ndarray | None = None
+
+
+def fitted_scale(w: np.ndarray, bits: int, method: str) -> np.ndarray:
+    """w: (out, size) one group's weights -> (out,) its scale, SPEC step 7 in float64: of
+    `base / alpha` (`base = max(max |w| / qmax, 1e-8)`, alpha in `scale_alphas(method)`) the one
+    with the least squared error, the first on a tie."""
+    from duquant_jax.quantize import scale_alphas
+
+    q_max = qmax(bits)
+    base = np.maximum(np.abs(w).max(axis=1) / q_max, 1e-8)
+    best, best_err = base.copy(), np.full(base.shape, np.inf)
+    for alpha in scale_alphas(method):
+        s = base / alpha
+        err = np.mean((np.clip(np.round(w / s[:, None]), -q_max - 1, q_max) * s[:, None] - w) ** 2, axis=1)
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    return best
 
 
 def gptq_rounding(
@@ -87,16 +106,28 @@ def gptq_rounding(
     block: int = 128,
     act_order: bool = False,
     name: str = "",
+    fit_scales: str | None = None,
 ) -> Rounding:
-    """`gptq_codes`, with the values the codes were rounded from and the rounding order."""
+    """`gptq_codes`, with the values the codes were rounded from and the rounding order.
+
+    `fit_scales`: a scale method ("mse", "mse-fine", "minmax"): `w_scale` is ignored and each
+    group's scale is fitted (`fitted_scale`) to the group's weights as they stand when the rounding
+    reaches its first column (the reference code without `static_groups`; `duquant_jax.gptq.
+    gptq_round_fitting_scales`). Needs group_size, no act_order, and group_size dividing block."""
     W = np.array(w2, dtype=np.float64)
     if W.ndim != 2 or not np.all(np.isfinite(W)):
         raise ValueError(f"{_who(name)}: w2 must be a finite 2-D (out, in) array; got shape {W.shape}")
     out, columns = W.shape
     if np.shape(h) != (columns, columns):
         raise ValueError(f"{_who(name)}: h must have shape {(columns, columns)}; got {np.shape(h)}")
-    S = column_scales(w_scale, out, columns, group_size, name)
     q_max = qmax(bits)
+    if fit_scales is not None:
+        if group_size is None or act_order or block % group_size:
+            raise ValueError(f"{_who(name)}: fitted scales need a group_size dividing block and no act_order")
+        n_groups = -(-columns // group_size)
+        fitted = np.zeros((out, n_groups))
+        w_scale = np.ones((out, n_groups))  # replaced group by group below
+    S = column_scales(w_scale, out, columns, group_size, name)
 
     dead = np.diag(np.asarray(h, np.float64)) == 0
     W[:, dead] = 0
@@ -114,6 +145,10 @@ def gptq_rounding(
         Err1 = np.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(count):
+            if fit_scales is not None and (i1 + i) % group_size == 0:  # a group's first column: fit its scale now
+                g = (i1 + i) // group_size
+                fitted[:, g] = fitted_scale(W1[:, i : i + group_size], bits, fit_scales)
+                S[:, i1 + i : i1 + i + group_size] = fitted[:, g : g + 1]
             w = W1[:, i]
             d = Hinv1[i, i]
             s = S[:, i1 + i]
@@ -127,7 +162,7 @@ def gptq_rounding(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     invperm = np.argsort(perm)
-    return Rounding(Q[:, invperm].astype(np.int8), R[:, invperm], perm)
+    return Rounding(Q[:, invperm].astype(np.int8), R[:, invperm], perm, fitted if fit_scales is not None else None)
 
 
 def gptq_codes(

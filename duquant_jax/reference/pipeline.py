@@ -158,14 +158,18 @@ def pack_with_input_side(w: Any, side: InputSide, config: DuQuantConfig, stats: 
         w_scale = options.group_scales(w2, config.weight_bits, config.weight_group_size, config.scale_method)
         scale = options.code_scales(w_scale, n_in, config.weight_group_size)
         if config.needs_xtx:
-            from duquant_jax.reference.gptq import gptq_codes
+            from duquant_jax.reference.gptq import gptq_rounding
 
             t = transform_matrix(n_in, perm, r_in, in_diag, r_pre)
             h2 = t.T @ np.asarray(stats.xtx, np.float64) @ t
-            w_codes = gptq_codes(
+            rounding = gptq_rounding(
                 w2, h2, w_scale, config.weight_bits, group_size=config.weight_group_size, damp=config.gptq_damp,
                 block=config.gptq_block, act_order=config.gptq_act_order,
-            ).astype(np.int8)
+                fit_scales=None if config.gptq_static_groups else config.scale_method,
+            )
+            w_codes = rounding.codes.astype(np.int8)
+            if not config.gptq_static_groups:  # each group's scale fitted as the rounding reached it
+                w_scale = rounding.scales
         else:
             w_codes = np.clip(np.round(w2 / scale), -qm - 1, qm).astype(np.int8)
     else:
