@@ -255,6 +255,10 @@ ROWS: dict[str, Row] = {
         _from_preset("w4a16-fitgroups-fine", "w4a16", gptq_static_groups=False, gptq_act_order=False, scale_method="mse-fine"),
         _from_preset("w4a16-fitgroups-fine-g32", "w4a16", gptq_static_groups=False, gptq_act_order=False,
                      scale_method="mse-fine", weight_group_size=32),
+        # One Hadamard block over down_proj's whole 2048-wide input (the 640-wide inputs keep blocks of 128: the largest
+        # power of two dividing 640); down_proj carries the largest share of the 4-bit presets' excess.
+        _from_preset("w4a8-b2048", "w4a8", block_size=2048),
+        _from_preset("w4a16-b2048", "w4a16", block_size=2048),
     ]
 }
 
