@@ -464,6 +464,16 @@ def _scales(w_scale: Any, out: int, n_in: int, group_size: int | None, name: str
     return scale, groups
 
 
+def _check_round_args(w2: Any, factor: GPTQFactor, bits: Any, block: Any, name: str) -> tuple[int, int]:
+    """The checks every rounding entry point makes: the weight, the factor's size, bits and block -> (out, in)."""
+    out, n_in = _check_weight(w2, name)
+    if tuple(factor.l.shape) != (n_in, n_in):
+        raise ValueError(f"{_who(name)}: the factor is for {factor.l.shape[0]} inputs; w2 has shape {(out, n_in)}")
+    _check_int(bits, "bits", 2, 8, name)
+    _check_int(block, "block", 1, None, name)
+    return out, n_in
+
+
 def gptq_round(
     w2: Any,
     factor: GPTQFactor,
@@ -479,11 +489,7 @@ def gptq_round(
 
     `consume_w`: you will not use `w2` again; a float32 JAX `w2` may then be deleted, its buffer
     holding the working copy of the weight (used without a column order, and when `block` divides `in`)."""
-    out, n_in = _check_weight(w2, name)
-    if tuple(factor.l.shape) != (n_in, n_in):
-        raise ValueError(f"{_who(name)}: the factor is for {factor.l.shape[0]} inputs; w2 has shape {(out, n_in)}")
-    _check_int(bits, "bits", 2, 8, name)
-    _check_int(block, "block", 1, None, name)
+    out, n_in = _check_round_args(w2, factor, bits, block, name)
     scale, groups = _scales(w_scale, out, n_in, group_size, name)
     return _round_checked(w2, factor, scale, groups, bits, block, consume_w)
 
@@ -558,11 +564,7 @@ def gptq_round_fitting_scales(
     """
     from duquant_jax.quantize import scale_alphas
 
-    out, n_in = _check_weight(w2, name)
-    if tuple(factor.l.shape) != (n_in, n_in):
-        raise ValueError(f"{_who(name)}: the factor is for {factor.l.shape[0]} inputs; w2 has shape {(out, n_in)}")
-    _check_int(bits, "bits", 2, 8, name)
-    _check_int(block, "block", 1, None, name)
+    out, n_in = _check_round_args(w2, factor, bits, block, name)
     _check_int(group_size, "group_size", 1, None, name)
     if factor.act_order:
         raise ValueError(f"{_who(name)}: scales fitted during the rounding need columns in their own order; the factor has act_order")

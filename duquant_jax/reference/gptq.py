@@ -78,23 +78,6 @@ class Rounding(NamedTuple):
     scales: np.ndarray | None = None
 
 
-def fitted_scale(w: np.ndarray, bits: int, method: str) -> np.ndarray:
-    """w: (out, size) one group's weights -> (out,) its scale, SPEC step 7 in float64: of
-    `base / alpha` (`base = max(max |w| / qmax, 1e-8)`, alpha in `scale_alphas(method)`) the one
-    with the least squared error, the first on a tie."""
-    from duquant_jax.quantize import scale_alphas
-
-    q_max = qmax(bits)
-    base = np.maximum(np.abs(w).max(axis=1) / q_max, 1e-8)
-    best, best_err = base.copy(), np.full(base.shape, np.inf)
-    for alpha in scale_alphas(method):
-        s = base / alpha
-        err = np.mean((np.clip(np.round(w / s[:, None]), -q_max - 1, q_max) * s[:, None] - w) ** 2, axis=1)
-        better = err < best_err
-        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
-    return best
-
-
 def gptq_rounding(
     w2: Any,
     h: Any,
@@ -111,7 +94,7 @@ def gptq_rounding(
     """`gptq_codes`, with the values the codes were rounded from and the rounding order.
 
     `fit_scales`: a scale method ("mse", "mse-fine", "minmax"): `w_scale` is ignored and each
-    group's scale is fitted (`fitted_scale`) to the group's weights as they stand when the rounding
+    group's scale is fitted (`reference.options.group_scales`, in float64) to the group's weights as they stand when the rounding
     reaches its first column (the reference code without `static_groups`; `duquant_jax.gptq.
     gptq_round_fitting_scales`). Needs group_size, no act_order, and group_size dividing block."""
     W = np.array(w2, dtype=np.float64)
@@ -122,6 +105,7 @@ def gptq_rounding(
         raise ValueError(f"{_who(name)}: h must have shape {(columns, columns)}; got {np.shape(h)}")
     q_max = qmax(bits)
     if fit_scales is not None:
+        from duquant_jax.reference.options import group_scales
         if group_size is None or act_order or block % group_size:
             raise ValueError(f"{_who(name)}: fitted scales need a group_size dividing block and no act_order")
         n_groups = -(-columns // group_size)
@@ -147,7 +131,7 @@ def gptq_rounding(
         for i in range(count):
             if fit_scales is not None and (i1 + i) % group_size == 0:  # a group's first column: fit its scale now
                 g = (i1 + i) // group_size
-                fitted[:, g] = fitted_scale(W1[:, i : i + group_size], bits, fit_scales)
+                fitted[:, g] = group_scales(W1[:, i : i + group_size], bits, None, fit_scales)
                 S[:, i1 + i : i1 + i + group_size] = fitted[:, g : g + 1]
             w = W1[:, i]
             d = Hinv1[i, i]
