@@ -151,6 +151,39 @@ def test_c_w4a8_product_is_within_the_float32_bound_of_the_float64_oracle():
 
 
 @needs_product
+def test_c_product_of_a_token_is_bit_identical_whatever_the_tokens_beside_it():
+    """The C product lays out each panel's scales per call in one of two ways (a thread's own buffer when all
+    tokens fit one token block, one shared buffer per column block otherwise) and splits the columns into blocks
+    only for many activations; the float sums run in the same order either way. So a token's output row is the
+    same bits alone, among 3 or 40 tokens (one token block) and among 67 (two, column blocks too)."""
+    got = _child(
+        f"""
+        import json, torch
+        from interop import native
+        from interop.panels import to_panels
+        same = []
+        for i, (out, n_in, bits, group) in enumerate([(64, 4100, 4, 32), (48, 2048, 4, 32), (32, 640, 8, 32), (32, 4100, 8, None)]):
+            gen = torch.Generator().manual_seed(40 + i)
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+            codes = torch.randint(lo, hi, (out, n_in), generator=gen, dtype=torch.int8)
+            groups = 1 if group is None else -(-n_in // group)
+            scales = native.aligned(torch.rand(out, groups, generator=gen) * 0.02 + 1e-4)
+            panels = native.aligned(to_panels(codes, bits))
+            xq = torch.randint(-128, 128, (67, n_in), generator=gen, dtype=torch.int8)
+            s_t = torch.rand(67, 1, generator=gen) + 0.5
+            run = lambda a, b: native.int8_panels(xq[a:b].contiguous(), s_t[a:b].contiguous(), panels, bits, scales,
+                                                  group or n_in, torch.empty(b - a, out))
+            full = run(0, 67)
+            parts = [run(t, t + 1) for t in range(0, 67, 11)] + [run(0, 3), run(20, 60)]
+            rows = [full[t:t + 1] for t in range(0, 67, 11)] + [full[0:3], full[20:60]]
+            same.append(all(torch.equal(p.view(torch.int32), r.view(torch.int32)) for p, r in zip(parts, rows)))
+        print(json.dumps(dict(same=same)))
+        """
+    )
+    assert got["same"] == [True] * 4, got
+
+
+@needs_product
 def test_native_int8_panels_refuses_bad_operands_by_name():
     """Every operand the C product would walk is checked first: dtype, shape, layout facts, contiguity, alignment,
     and the int32 bound of 8-bit codes."""

@@ -241,9 +241,13 @@ void duq_quantize_tokens_t(const void *xt, int bf16, int64_t tokens, int64_t n, 
  * activations in pairs (vpmaddubsw: |pair| <= 2 * 15 * 128 = 3840) and adds at most 8 such
  * int16 terms (30720 < 32767) before widening to int32, so nothing saturates; int32 holds a group's
  * sum of 8-bit codes for groups of at most 65536 columns (65536 * 255 * 128 < 2^31; interop.native checks).
- * Blocking: input columns in blocks of whole groups (about BLOCK_COLUMNS), tokens in blocks of
- * BLOCK_TOKENS, so that a block of activations stays in cache while every panel passes over it;
- * the partial sums of a token wait in y between column blocks.
+ * Blocking: input columns in blocks of whole groups (about BLOCK_COLUMNS; one block, the whole row, when
+ * tokens x in <= SMALL_ACTIVATIONS), tokens in blocks of BLOCK_TOKENS, so that a block of activations stays
+ * in cache while every panel passes over it; the partial sums of a token wait in y between column blocks.
+ * The scales are read as (groups, 16) per panel: laid out once per column block for all panels when there
+ * are several token blocks, else per panel by the thread that multiplies it, just before (its next panel's
+ * scales prefetched), so that decode reads each scale once from memory. A token's result does not depend
+ * on the blocking or on the other tokens of the call (the same operations in the same order).
  * xq: (tokens, in) int8, contiguous; s_t: (tokens,) float; scales: (out, groups) float, contiguous;
  * y: (tokens, out) float32, contiguous. Needs in % 4 == 0, group % 4 == 0, out % 16 == 0
  * (checked by interop.native). Returns 0, or -1 when its scratch memory could not be allocated. */
@@ -257,6 +261,9 @@ int duq_panels_simd(void) { return DUQ_PANELS_SIMD; }
 #define INT16_STEPS 8       /* steps of 4 columns added in int16 before widening */
 #ifndef BLOCK_COLUMNS
 #define BLOCK_COLUMNS 2048  /* input columns per cache block (whole groups; one group if larger) */
+#endif
+#ifndef SMALL_ACTIVATIONS
+#define SMALL_ACTIVATIONS 65536 /* tokens x in at most this: no column blocks (the activations stay in cache anyway) */
 #endif
 #ifndef BLOCK_TOKENS
 #define BLOCK_TOKENS 64     /* tokens per cache block */
@@ -386,14 +393,56 @@ static inline __attribute__((always_inline)) void panel_tokens(const int bits8, 
   }
 }
 
+/* The scales of panel p, groups g0..g0+ng, as (ng, 16): dst[g * 16 + i] = scales[(16 p + i) * groups + g0 + g]
+ * (a copy: the same values in another order). AVX2: 8 x 8 tiles transposed in registers. */
+static void panel_scales(const float *scales, int64_t groups, int64_t p, int64_t g0, int64_t ng, float *restrict dst) {
+  const float *base = scales + p * PANEL_ROWS * groups + g0;
+  int64_t g = 0;
+#if DUQ_PANELS_SIMD
+  for (; g + 8 <= ng; g += 8)
+    for (int h = 0; h < 2; ++h) {
+      const float *r = base + 8 * h * groups + g;
+      __m256 a0 = _mm256_loadu_ps(r), a1 = _mm256_loadu_ps(r + groups), a2 = _mm256_loadu_ps(r + 2 * groups),
+             a3 = _mm256_loadu_ps(r + 3 * groups), a4 = _mm256_loadu_ps(r + 4 * groups), a5 = _mm256_loadu_ps(r + 5 * groups),
+             a6 = _mm256_loadu_ps(r + 6 * groups), a7 = _mm256_loadu_ps(r + 7 * groups);
+      const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1), t2 = _mm256_unpacklo_ps(a2, a3),
+                   t3 = _mm256_unpackhi_ps(a2, a3), t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5),
+                   t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE), u2 = _mm256_shuffle_ps(t1, t3, 0x44),
+                   u3 = _mm256_shuffle_ps(t1, t3, 0xEE), u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float *d = dst + g * PANEL_ROWS + 8 * h; /* column k of the tile (group g + k) holds rows 8h..8h+7 */
+      _mm256_storeu_ps(d + 0 * PANEL_ROWS, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + 1 * PANEL_ROWS, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * PANEL_ROWS, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * PANEL_ROWS, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * PANEL_ROWS, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * PANEL_ROWS, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * PANEL_ROWS, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * PANEL_ROWS, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+#endif
+  for (; g < ng; ++g)
+    for (int i = 0; i < PANEL_ROWS; ++i) dst[g * PANEL_ROWS + i] = base[i * groups + g];
+}
+
 static int panels_product(const int bits8, const int8_t *xq, const float *s_t, int64_t tokens, int64_t in, const uint8_t *panels,
                           const float *scales, int64_t out, int64_t group, float *y, int threads) {
   const int64_t groups = (in + group - 1) / group, n_panels = out / PANEL_ROWS;
-  const int64_t block_groups = group < BLOCK_COLUMNS ? BLOCK_COLUMNS / group : 1;
+  /* Few activations (decode): one column block, the whole row, so that each panel's codes and scales are read
+   * in one sweep each. The float sums run in the same order whatever the blocking. */
+  const int64_t block_groups = tokens * in <= SMALL_ACTIVATIONS ? groups : group < BLOCK_COLUMNS ? BLOCK_COLUMNS / group : 1;
   const int64_t panel_bytes = (in / 4) * (bits8 ? 64 : 32);
   const int32_t offset = bits8 ? 128 : 8;
+  const int64_t max_ng = block_groups < groups ? block_groups : groups;
+  /* One token block (decode, short prompts): each scale is used by one register block, so each thread lays out
+   * the scales of the panel it is about to multiply in its own small buffer (L1-resident), instead of a pass
+   * over every panel's scales that writes and rereads them through memory. More tokens: one shared layout per
+   * column block, reused by every token block. The arithmetic is the same either way. */
+  const int local = tokens <= BLOCK_TOKENS;
+  const int64_t sps_panels = local ? (threads > 0 ? threads : 1) : n_panels;
   int32_t *xsum = (int32_t *)malloc((size_t)(tokens * groups > 0 ? tokens * groups : 1) * sizeof(int32_t));
-  float *sps = (float *)malloc((size_t)n_panels * (size_t)(block_groups < groups ? block_groups : groups) * PANEL_ROWS * sizeof(float));
+  float *sps = (float *)malloc((size_t)sps_panels * (size_t)max_ng * PANEL_ROWS * sizeof(float));
   if (!xsum || !sps) {
     free(xsum);
     free(sps);
@@ -409,19 +458,33 @@ static int panels_product(const int bits8, const int8_t *xq, const float *s_t, i
         for (int64_t k = g * group; k < k1; ++k) sum += xq[t * in + k];
         xsum[t * groups + g] = offset * sum;
       }
+#ifdef _OPENMP
+    float *mine = sps + (int64_t)omp_get_thread_num() * max_ng * PANEL_ROWS; /* local: this thread's panel scales */
+#else
+    float *mine = sps;
+#endif
     for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
       const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups, ng = g1 - g0;
-      /* every panel's scales of this column block as (ng, 16), panel by panel */
+      if (!local) { /* every panel's scales of this column block as (ng, 16), panel by panel */
 #pragma omp for schedule(static)
-      for (int64_t p = 0; p < n_panels; ++p)
-        for (int64_t g = 0; g < ng; ++g)
-          for (int i = 0; i < PANEL_ROWS; ++i) sps[(p * ng + g) * PANEL_ROWS + i] = scales[(p * PANEL_ROWS + i) * groups + g0 + g];
+        for (int64_t p = 0; p < n_panels; ++p) panel_scales(scales, groups, p, g0, ng, sps + p * ng * PANEL_ROWS);
+      }
       for (int64_t b0 = 0; b0 < tokens; b0 += BLOCK_TOKENS) {
         const int64_t b1 = b0 + BLOCK_TOKENS < tokens ? b0 + BLOCK_TOKENS : tokens;
         const panel_job job = {xq, s_t, xsum, y, in, out, group, groups, g0, g1, g0 == 0, g1 == groups};
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n_panels; ++p) {
-          const float *sp = sps + (p * ng - g0) * PANEL_ROWS; /* indexed by the absolute group */
+          if (local) { /* one token block: this panel's, just before use; the next panel's on their way */
+            panel_scales(scales, groups, p, g0, ng, mine);
+#if DUQ_PANELS_SIMD
+            if (p + 1 < n_panels)
+              for (int i = 0; i < PANEL_ROWS; ++i) {
+                const char *r = (const char *)(scales + ((p + 1) * PANEL_ROWS + i) * groups + g0);
+                for (int64_t k = 0; k < ng * 4; k += 64) _mm_prefetch(r + k, _MM_HINT_T0);
+              }
+#endif
+          }
+          const float *sp = (local ? mine - g0 * PANEL_ROWS : sps + (p * ng - g0) * PANEL_ROWS); /* by absolute group */
           if (bits8) panel_tokens(1, &job, b0, b1, panels + p * panel_bytes, sp, p * PANEL_ROWS);
           else panel_tokens(0, &job, b0, b1, panels + p * panel_bytes, sp, p * PANEL_ROWS);
         }
