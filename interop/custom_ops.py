@@ -20,6 +20,11 @@ layer's input transform and per-token quantization in one C pass (`interop.nativ
 `DuQuantLinear` calls under `torch.compile` wherever it calls the C function in eager mode, so that both modes
 compute the same codes.
 
+`torch.ops.duquant.layer_mm(x, perm, diag, rot, qdata, scales, in_features, out_features, bits, group_size, layout,
+paths, act_bits, act_clip) -> y (T, out) float32`: the two ops above in one (`interop.layer_product`), for a layer
+that takes the fused input transform with per-token codes and shares its input with no other layer: one op crossing
+and one set of lookups a layer instead of two.
+
 The ops are opaque to inductor; `quantized_mm`'s fake implementation gives `(T, out)` in `out_dtype`. At run time it
 finds the layer's `QuantizedWeight` by its tensors (`register`; its derived caches and choices are
 reused), or, failing that, wraps the tensors in a `WeightView` (correct, builds small caches per call).
@@ -36,7 +41,7 @@ import torch
 from interop import kernels
 from interop.qweight import QuantizedWeight
 
-__all__ = ["WeightView", "quantized_mm", "register", "transform_quantize"]
+__all__ = ["WeightView", "layer_mm", "quantized_mm", "register", "transform_quantize"]
 
 _WEIGHTS: dict[int, weakref.ref] = {}  # id(weight.qdata) -> the weight
 
@@ -147,3 +152,31 @@ def _(x, perm, diag, rot, dynamic, clip, qa, static_scale):
 
 
 transform_quantize = torch.ops.duquant.transform_quantize.default
+
+
+# A layer's whole forward from its float32 input (`interop.layer_product`): the transform, the per-token codes and
+# the product in one op, for the layers that take the fused input transform and share their input with no other.
+_LIB.define(
+    "layer_mm(Tensor x, Tensor perm, Tensor? diag, Tensor? rot, Tensor qdata, Tensor scales, int in_features, "
+    "int out_features, int bits, int group_size, str layout, str paths, int act_bits, float act_clip) -> Tensor"
+)
+
+
+def _layer_mm(x, perm, diag, rot, qdata, scales, in_features, out_features, bits, group_size, layout, paths, act_bits, act_clip):
+    """float32 x (T, in) -> y (T, out) float32 (`interop.layer_product.layer_product`)."""
+    from interop.layer_product import layer_product
+
+    weight = _weight(qdata, scales, in_features, out_features, bits, group_size or None, layout)
+    return layer_product(x, perm, diag, rot, _act("dynamic-token", act_bits, act_clip), weight, paths)
+
+
+_LIB.impl("layer_mm", _layer_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("duquant::layer_mm", lib=_LIB)
+def _(x, perm, diag, rot, qdata, scales, in_features, out_features, bits, group_size, layout, paths, act_bits, act_clip):
+    torch._check(x.shape[-1] == in_features, lambda: f"layer_mm: x must have {in_features} columns; got {x.shape[-1]}")
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+layer_mm = torch.ops.duquant.layer_mm.default

@@ -402,11 +402,16 @@ def _finish(y: torch.Tensor, s_t: torch.Tensor | None, dtype: torch.dtype) -> to
 def _c_int8_product(xq, s_t, weight, dtype):
     if s_t is None or xq.dtype is not torch.int8:
         raise ValueError(f"c-int8 needs int8 activation codes and their scales; got {xq.dtype}, s_t={'None' if s_t is None else 'tensor'}")
-    product = weight.derived("c-int8", lambda: _panels_product(weight))
-    if product.panels is not weight.qdata:  # codes replaced without a relayout: bind the new ones
-        product = weight._derived["c-int8"] = _panels_product(weight)
-    y = product(xq.contiguous(), s_t.contiguous())
+    y = panels_product(weight)(xq.contiguous(), s_t.contiguous())
     return y if dtype is torch.float32 else y.to(dtype)
+
+
+def panels_product(weight) -> native.PanelsProduct:
+    """The c-int8 product bound to `weight` (built once, rebound when its codes were replaced without a relayout)."""
+    product = weight.derived("c-int8", lambda: _panels_product(weight))
+    if product.panels is not weight.qdata:
+        product = weight._derived["c-int8"] = _panels_product(weight)
+    return product
 
 
 def _panels_product(weight) -> native.PanelsProduct:

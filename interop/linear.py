@@ -20,7 +20,8 @@ from torch import nn
 
 from duquant_jax.config import DuQuantConfig, qmax
 from interop import native
-from interop.kernels import ActQuant, compiled_helpers_on, fake_quantize, quantized_matmul
+from interop.kernels import ActQuant, compiled_helpers_on, fake_quantize, path_spec, quantized_matmul
+from interop.layer_product import layer_product
 from interop.qweight import QuantizedWeight
 
 if TYPE_CHECKING:  # the JAX side, imported only where a Pack is packed or converted
@@ -359,6 +360,20 @@ class DuQuantLinear(nn.Module):
             return op(*args)
         return native.transform_quantize(*args)
 
+    def _layer_product(self, x: torch.Tensor, compiling: bool) -> torch.Tensor:
+        """float32 x (..., in) -> y (..., out): `_fused_input` and the product in one call (`interop.layer_product`;
+        the `duquant::layer_mm` op under `torch.compile`), for per-token codes of an input no other layer shares."""
+        w, act = self.qweight, self.act
+        x2 = x.reshape(-1, self.in_features)
+        if compiling:
+            from interop.custom_ops import layer_mm
+
+            y = layer_mm(x2, self.perm, self.in_diag, self.r_in, w.qdata, w.scales, w.in_features, w.out_features, w.bits,
+                         w.group_size or 0, w.layout, path_spec(w, torch.float32), act.bits, act.traced_clip)
+        else:
+            y = layer_product(x2, self.perm, self.in_diag, self.r_in, act, w)
+        return y.reshape(*x.shape[:-1], w.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'DuQuantLinear'}: input must have last dimension {self.in_features}; got shape {tuple(x.shape)}")
@@ -367,9 +382,12 @@ class DuQuantLinear(nn.Module):
         act = self.act
         if self._stat_batches < 0 and self._fuses(x):  # the transform and the activation codes in one C pass
             self._require_calibrated(compiling)
-            scale = self.a_scale if act.scheme == "static-tensor" else None
-            prepared = self._fused_input(x, scale) if group is None else group.fused(self, x, scale)
-            y = quantized_matmul(x, self.qweight, act, scale, prepared=prepared)
+            if group is None and act.scheme == "dynamic-token":
+                y = self._layer_product(x, compiling)
+            else:
+                scale = self.a_scale if act.scheme == "static-tensor" else None
+                prepared = self._fused_input(x, scale) if group is None else group.fused(self, x, scale)
+                y = quantized_matmul(x, self.qweight, act, scale, prepared=prepared)
         else:
             if group is None:
                 x2 = self.rotate_input(x)

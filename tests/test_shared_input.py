@@ -166,7 +166,8 @@ def test_each_input_is_transformed_once_per_group(monkeypatch):
     quantize_(model, DuQuantConfig.preset("w4a8"), stats=_observed(model), progress=False, input_groups="auto")
     calls = []
     layer_type = type(model.get_submodule("model.layers.0.self_attn.q_proj"))
-    for method in ("rotate_input", "_fused_input"):  # the torch transform, or the one C pass with the codes
+    # the torch transform, the one C pass with the codes, or that pass and the product in one call (a layer alone)
+    for method in ("rotate_input", "_fused_input", "_layer_product"):
         original = getattr(layer_type, method)
 
         def counting(self, *args, original=original):
