@@ -80,3 +80,27 @@ def stop_after(count: int):
             raise Stop
 
     return on_layer
+
+
+def compiled_op_targets(layer, n_in: int, lengths=(1, 7, 40), seed: int = 3) -> list[str]:
+    """Compiles `layer` (fullgraph, dynamic shapes), asserts its outputs are eager's bits for (T, n_in) inputs of each
+    length, and returns the call targets of the traced graphs, as strings."""
+    import torch
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        run = torch.compile(layer, fullgraph=True, backend=backend, dynamic=True)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            for tokens in lengths:
+                x = torch.randn(tokens, n_in, generator=gen)
+                assert torch.equal(run(x), layer(x)), tokens
+    finally:
+        torch._dynamo.reset()
+    return [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]

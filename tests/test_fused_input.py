@@ -19,6 +19,7 @@ from duquant_jax import DuQuantConfig
 from interop import compiled, native
 from interop.kernels import ActQuant, kernel_options, quantize_tokens
 from interop.linear import DuQuantLinear
+from helpers import compiled_op_targets
 
 pytestmark = pytest.mark.skipif(compiled.load() is None, reason=f"the compiled helpers are unavailable: {compiled.unavailable()}")
 CODE_SLACK, SCALE_RTOL, TIE_SHARE = 1e-3, 2.0**-18, 5e-3
@@ -148,20 +149,6 @@ def test_compiled_layer_runs_the_same_fused_op_and_equals_eager_bit_for_bit():
     layer = _layer("w4a8", act_scheme="static-tensor")
     with torch.inference_mode(), interop.calibrate(layer):
         layer(torch.randn(16, 256, generator=torch.Generator().manual_seed(4)))
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    run = torch.compile(layer, fullgraph=True, backend=backend, dynamic=True)
-    gen = torch.Generator().manual_seed(3)
-    with torch.inference_mode():
-        for tokens in (1, 7, 40):
-            x = torch.randn(tokens, 256, generator=gen)
-            assert torch.equal(run(x), layer(x))
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    targets = compiled_op_targets(layer, 256)
     assert any("transform_quantize" in t for t in targets) and any("quantized_mm" in t for t in targets)
     assert not any("index_select" in t or "matmul" in t or "bmm" in t for t in targets), targets
-    torch._dynamo.reset()

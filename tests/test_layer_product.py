@@ -24,6 +24,7 @@ from interop import compiled, native
 from interop.kernels import kernel_options, quantized_matmul
 from interop.layer_product import layer_product
 from interop.linear import DuQuantLinear
+from helpers import compiled_op_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(compiled.load() is None, reason=f"the compiled helpers are unavailable: {compiled.unavailable()}")
@@ -80,25 +81,10 @@ def test_layer_product_follows_the_layers_tensors_when_they_change():
 def test_compiled_layer_is_one_layer_op_and_equals_eager_bit_for_bit():
     """Under `torch.compile(fullgraph=True)` a layer is one `duquant::layer_mm` (no torch rotation, no separate
     transform or product op), and its outputs are eager's bits at one token and at many."""
-    layer = _layer("w4a8")
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    run = torch.compile(layer, fullgraph=True, backend=backend, dynamic=True)
-    gen = torch.Generator().manual_seed(3)
-    with torch.inference_mode():
-        for tokens in (1, 7, 40):
-            x = torch.randn(tokens, 256, generator=gen)
-            assert torch.equal(run(x), layer(x))
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    targets = compiled_op_targets(_layer("w4a8"), 256)
     assert any("layer_mm" in t for t in targets), targets
     assert not any("transform_quantize" in t or "quantized_mm" in t for t in targets), targets
     assert not any("index_select" in t or "matmul" in t or "bmm" in t for t in targets), targets
-    torch._dynamo.reset()
 
 
 def _child(code: str, timeout: int = 300) -> dict:
