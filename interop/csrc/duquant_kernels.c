@@ -439,8 +439,9 @@ static int panels_product(const int bits8, const int8_t *xq, const float *s_t, i
    * the scales of the panel it is about to multiply in its own small buffer (L1-resident), instead of a pass
    * over every panel's scales that writes and rereads them through memory. More tokens: one shared layout per
    * column block, reused by every token block. The arithmetic is the same either way. */
+  if (threads < 1) threads = 1; /* the team size, which also sizes the per-thread scale buffers below */
   const int local = tokens <= BLOCK_TOKENS;
-  const int64_t sps_panels = local ? (threads > 0 ? threads : 1) : n_panels;
+  const int64_t sps_panels = local ? threads : n_panels;
   int32_t *xsum = (int32_t *)malloc((size_t)(tokens * groups > 0 ? tokens * groups : 1) * sizeof(int32_t));
   float *sps = (float *)malloc((size_t)sps_panels * (size_t)max_ng * PANEL_ROWS * sizeof(float));
   if (!xsum || !sps) {
