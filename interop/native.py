@@ -301,14 +301,18 @@ def int8_panels(xq: torch.Tensor, s_t: torch.Tensor, panels: torch.Tensor, bits:
     each; `in` for one per row) -> out (T, out_features) float32, in place."""
     if not _int8_panels_ok(xq, s_t, panels, bits, scales, group, out):
         _check_int8_panels(xq, s_t, panels, bits, scales, group, out)
-    tokens, n_in = xq.shape
-    if tokens:
-        kernel = _panels_function(bits)
-        status = kernel(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels.data_ptr(), scales.data_ptr(),
-                                      panels.shape[0], group, out.data_ptr(), torch.get_num_threads())
-        if status:
-            raise MemoryError(f"{kernel.__name__}: could not allocate its scratch memory ({tokens} tokens, {-(-n_in // group)} groups)")
+    if xq.shape[0]:
+        _run_panels(_panels_function(bits), xq, s_t, panels.data_ptr(), scales.data_ptr(), panels.shape[0], group, out,
+                    torch.get_num_threads())
     return out
+
+
+def _run_panels(fn, xq, s_t, panels_ptr: int, scales_ptr: int, n_out: int, group: int, out, threads: int) -> None:
+    """The panel product call `fn`, on checked operands (xq holds at least one token); its status raised."""
+    tokens, n_in = xq.shape
+    status = fn(xq.data_ptr(), s_t.data_ptr(), tokens, n_in, panels_ptr, scales_ptr, n_out, group, out.data_ptr(), threads)
+    if status:
+        raise MemoryError(f"{fn.__name__}: could not allocate its scratch memory ({tokens} tokens, {-(-n_in // group)} groups)")
 
 
 def transform_quantize(x: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor | None, rot: torch.Tensor | None, dynamic: bool,
@@ -331,15 +335,21 @@ def transform_quantize(x: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor |
     tokens, n = x.shape
     xq, s_t = torch.empty(tokens, n, dtype=torch.int8), torch.empty(tokens, 1)
     if tokens:
-        status = _library(kernel).duq_transform_quantize(
-            x.data_ptr(), tokens, n, x.stride(0) if tokens > 1 else n, None if diag is None else diag.data_ptr(), perm.data_ptr(),
-            None if rot is None else rot.data_ptr(), 0 if rot is None else rot.shape[0], 0 if rot is None else rot.shape[1],
-            int(dynamic), float(clip), qa, None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(),
-            torch.get_num_threads())
-        _require(status != -2, kernel, lambda: f"perm must hold indices in [0, {n}); got range [{int(perm.min())}, {int(perm.max())}]")
-        if status:
-            raise MemoryError(f"{kernel}: could not allocate its scratch memory ({tokens} tokens, {n} channels)")
+        _run_transform_quantize(_library(kernel).duq_transform_quantize, x, perm, diag, rot, dynamic, float(clip), qa, static_scale,
+                                xq, s_t, torch.get_num_threads())
     return xq, s_t
+
+
+def _run_transform_quantize(fn, x, perm, diag, rot, dynamic: bool, clip: float, qa: int, static_scale, xq, s_t, threads: int) -> None:
+    """The `duq_transform_quantize` call `fn`, on checked operands (x holds at least one token); its status raised."""
+    tokens, n = x.shape
+    status = fn(x.data_ptr(), tokens, n, x.stride(0) if tokens > 1 else n, None if diag is None else diag.data_ptr(), perm.data_ptr(),
+                None if rot is None else rot.data_ptr(), 0 if rot is None else rot.shape[0], 0 if rot is None else rot.shape[1],
+                int(dynamic), clip, qa, None if dynamic else static_scale.data_ptr(), xq.data_ptr(), s_t.data_ptr(), threads)
+    _require(status != -2, "duq_transform_quantize",
+             lambda: f"perm must hold indices in [0, {n}); got range [{int(perm.min())}, {int(perm.max())}]")
+    if status:
+        raise MemoryError(f"duq_transform_quantize: could not allocate its scratch memory ({tokens} tokens, {n} channels)")
 
 
 def _check_transform_quantize(x, perm, diag, rot) -> None:
@@ -373,7 +383,7 @@ class TransformQuantize:
     pass: then the call is safe). The C code refuses a permutation index outside [0, n) itself, on every call.
     """
 
-    __slots__ = ("perm", "diag", "rot", "clip", "qa", "n", "_fn", "_facts", "_rot_shape")
+    __slots__ = ("perm", "diag", "rot", "clip", "qa", "n", "_fn", "_facts")
 
     def __init__(self, perm: torch.Tensor, diag: torch.Tensor | None, rot: torch.Tensor | None, clip: float, qa: int):
         kernel = "duq_transform_quantize"
@@ -381,7 +391,6 @@ class TransformQuantize:
         _check_transform_quantize(torch.zeros(1, n), perm, diag, rot)  # the layer side, named
         _token_scale_args(kernel, True, clip, qa, None)
         self.perm, self.diag, self.rot, self.clip, self.qa, self.n = perm, diag, rot, float(clip), qa, n
-        self._rot_shape = (0, 0) if rot is None else (rot.shape[0], rot.shape[1])
         self._fn = _library(kernel).duq_transform_quantize
         self._facts = self._tensor_facts()
 
@@ -406,15 +415,7 @@ class TransformQuantize:
 
     def _run(self, x: torch.Tensor, xq: torch.Tensor, s_t: torch.Tensor, threads: int) -> None:
         """The C call, on operands `__call__` (or `LayerInt8`) has checked; x holds at least one token."""
-        tokens, n = x.shape
-        diag, rot = self.diag, self.rot
-        status = self._fn(x.data_ptr(), tokens, n, x.stride(0) if tokens > 1 else n, None if diag is None else diag.data_ptr(),
-                          self.perm.data_ptr(), None if rot is None else rot.data_ptr(), *self._rot_shape, 1, self.clip, self.qa,
-                          None, xq.data_ptr(), s_t.data_ptr(), threads)
-        _require(status != -2, "duq_transform_quantize",
-                 lambda: f"perm must hold indices in [0, {n}); got range [{int(self.perm.min())}, {int(self.perm.max())}]")
-        if status:
-            raise MemoryError(f"duq_transform_quantize: could not allocate its scratch memory ({tokens} tokens, {n} channels)")
+        _run_transform_quantize(self._fn, x, self.perm, self.diag, self.rot, True, self.clip, self.qa, None, xq, s_t, threads)
 
 
 class PanelsProduct:
@@ -459,11 +460,7 @@ class PanelsProduct:
 
     def _run(self, xq: torch.Tensor, s_t: torch.Tensor, out: torch.Tensor, threads: int) -> None:
         """The C call, on operands `__call__` (or `LayerInt8`) has checked; xq holds at least one token."""
-        tokens = xq.shape[0]
-        status = self._fn(xq.data_ptr(), s_t.data_ptr(), tokens, self.n_in, self._facts[0], self._facts[4], self.n_out, self.group,
-                          out.data_ptr(), threads)
-        if status:
-            raise MemoryError(f"{self._fn.__name__}: could not allocate its scratch memory ({tokens} tokens)")
+        _run_panels(self._fn, xq, s_t, self._facts[0], self._facts[4], self.n_out, self.group, out, threads)
 
 
 class LayerInt8:
