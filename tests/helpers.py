@@ -104,3 +104,19 @@ def compiled_op_targets(layer, n_in: int, lengths=(1, 7, 40), seed: int = 3) -> 
     finally:
         torch._dynamo.reset()
     return [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+
+def run_child(code: str, env: dict[str, str] | None = None, timeout: int = 300) -> dict:
+    """Runs `code` in a fresh interpreter at the repository root (a crash fails the calling test, not the run);
+    returns the JSON it prints last."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -6,31 +6,16 @@ Calls into the compiled library run in a subprocess: a crash fails the test inst
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from interop import compiled, native
 from interop.qweight import QuantizedWeight
+from helpers import run_child
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_library = pytest.mark.skipif(compiled.load() is None, reason=f"compiled helpers unavailable: {compiled.unavailable()}")
-
-
-def _child(code: str, env: dict[str, str] | None = None, timeout: int = 300) -> dict:
-    """Runs `code` in a fresh interpreter at the repository root; returns the JSON it prints last."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # Weights: (out, in, bits, group, layout). The int4pack cases include a short last block (80 = 64 + 16 rows
@@ -51,7 +36,7 @@ def test_compiled_tiles_and_products_equal_torch_ops_bit_for_bit():
     """Every tile the C dequantizer makes equals `bf16(Q * bf16(s))` (groups) or `bf16(Q)` (per row) in natural
     order, for every row range the kernels use; the dequant-bf16 product with the helpers stays within the
     path's bound of the float32 oracle and equals the product made with torch-op tiles."""
-    got = _child(
+    got = run_child(
         f"""
         import json, torch
         from interop import kernels
@@ -116,7 +101,7 @@ def test_compiled_quantize_tokens_equals_torch_ops():
     """Codes and scales of the C per-token quantizer equal the torch ops' for float32 and bfloat16, clipped and
     not, 4- and 8-bit, static scales, rows further apart than their length, transposed inputs (partial
     chunks of tokens and tiles of channels), all-zero and huge tokens."""
-    got = _child(
+    got = run_child(
         f"""
         import json, torch
         from interop.kernels import ActQuant, kernel_options, quantize_tokens
@@ -206,9 +191,9 @@ def test_compiled_helpers_left_out_when_disabled_or_unbuildable(tmp_path):
         y = quantized_matmul(torch.randn(3, 64, generator=g), w, ActQuant("dynamic-token", 8), path="dequant-bf16")
         print(json.dumps({"why": compiled.unavailable(), "finite": bool(torch.isfinite(y).all()), "y": y.sum().item()}))
     """
-    off = _child(probe, {"DUQUANT_COMPILED": "0"})
+    off = run_child(probe, {"DUQUANT_COMPILED": "0"})
     assert off["why"] == "disabled by DUQUANT_COMPILED" and off["finite"]
-    broken = _child(probe, {"CC": "false", "DUQUANT_COMPILED_DIR": str(tmp_path)})
+    broken = run_child(probe, {"CC": "false", "DUQUANT_COMPILED_DIR": str(tmp_path)})
     assert broken["why"].startswith("building duquant_kernels.c failed") and "exited with 1" in broken["why"], broken["why"]
     assert broken["y"] == off["y"]
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a failed build left files behind"
@@ -223,10 +208,10 @@ def test_compiled_library_is_built_once_and_reused(tmp_path):
         lib = compiled.load()
         print(json.dumps({"path": lib._name if lib is not None else None, "why": compiled.unavailable()}))
     """
-    first = _child(probe, {"DUQUANT_COMPILED_DIR": str(tmp_path)})
+    first = run_child(probe, {"DUQUANT_COMPILED_DIR": str(tmp_path)})
     assert first["why"] is None and first["path"].startswith(str(tmp_path)), first
     stamp = os.stat(first["path"]).st_mtime_ns
-    second = _child(probe, {"DUQUANT_COMPILED_DIR": str(tmp_path)})
+    second = run_child(probe, {"DUQUANT_COMPILED_DIR": str(tmp_path)})
     assert second["path"] == first["path"] and os.stat(first["path"]).st_mtime_ns == stamp
     assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 1
 

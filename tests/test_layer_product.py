@@ -9,13 +9,6 @@ should refuse run in a subprocess: a crash fails the test instead of ending the 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -24,9 +17,8 @@ from interop import compiled, native
 from interop.kernels import kernel_options, quantized_matmul
 from interop.layer_product import layer_product
 from interop.linear import DuQuantLinear
-from helpers import compiled_op_targets
+from helpers import compiled_op_targets, run_child
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(compiled.load() is None, reason=f"the compiled helpers are unavailable: {compiled.unavailable()}")
 
 
@@ -87,23 +79,16 @@ def test_compiled_layer_is_one_layer_op_and_equals_eager_bit_for_bit():
     assert not any("index_select" in t or "matmul" in t or "bmm" in t for t in targets), targets
 
 
-def _child(code: str, timeout: int = 300) -> dict:
-    """Runs `code` in a fresh interpreter at the repository root; returns the JSON it prints last."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
-    assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_layer_int8_names_bad_operands_before_the_c_code_runs():
-    """Bad inputs and layer tensors changed since binding (resized, out-of-range permutation, a wrong dtype) are
-    named by the checks, in a child process."""
-    got = _child(
+    """Bad inputs (dtype, width, stride), layer tensors changed in place since binding (an out-of-range permutation
+    index, a resized smoothing vector) and a transform and product of different widths are named by the checks,
+    in a child process."""
+    got = run_child(
         """
         import json, torch
         from duquant_jax import DuQuantConfig
         from interop import native
-        from interop.kernels import kernel_options, panels_product
+        from interop.kernels import panels_product
         from interop.linear import DuQuantLinear
         torch.manual_seed(0)
         layer = DuQuantLinear.from_linear(torch.nn.Linear(256, 192), DuQuantConfig.preset("w4a8", weight_method="rtn", smooth_alpha=None))

@@ -11,34 +11,19 @@ crash fails the test instead of ending the run.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 from interop import compiled, kernel_tuning, native
 from interop.panels import PANEL_ROWS
 from interop.qweight import QuantizedWeight, pack_nibbles, panels_unavailable
+from helpers import run_child
 
-ROOT = Path(__file__).resolve().parents[1]
 PRODUCT_BOUND = 1e-5
 needs_product = pytest.mark.skipif(
     panels_unavailable(16, 16, 4, torch.device("cpu")) is not None,
     reason=f"the compiled panel product is unavailable: {panels_unavailable(16, 16, 4, torch.device('cpu'))}",
 )
-
-
-def _child(code: str, env: dict[str, str] | None = None, timeout: int = 300) -> dict:
-    """Runs `code` in a fresh interpreter at the repository root; returns the JSON it prints last."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # (out, in, bits, group): a single panel, several, a short last group, groups of 4 (the smallest), one scale per
@@ -108,7 +93,7 @@ def test_c_w4a8_product_is_within_the_float32_bound_of_the_float64_oracle():
     """Every case, tokens in every bucket (remainders of the 3-token register block too), dynamic per-token and
     static per-tensor activations, float32 and bfloat16 inputs (bfloat16: the float32 product rounded once);
     also equal, within the same bound, to `int-mm` on the same codes."""
-    got = _child(
+    got = run_child(
         f"""
         import json, torch
         from interop import native
@@ -156,7 +141,7 @@ def test_c_product_of_a_token_is_bit_identical_whatever_the_tokens_beside_it():
     tokens fit one token block, one shared buffer per column block otherwise) and splits the columns into blocks
     only for many activations; the float sums run in the same order either way. So a token's output row is the
     same bits alone, among 3 or 40 tokens (one token block) and among 67 (two, column blocks too)."""
-    got = _child(
+    got = run_child(
         f"""
         import json, torch
         from interop import native
@@ -313,7 +298,7 @@ def test_auto_layout_takes_panels_only_where_int8_dot_products_are_emulated(monk
 
 def test_panels_are_not_auto_picked_without_the_compiled_product():
     """With the compiled helpers disabled, a W4A8 layer keeps torch's int4 layout and runs."""
-    got = _child(
+    got = run_child(
         """
         import json, torch
         from duquant_jax import DuQuantConfig
