@@ -24,14 +24,16 @@ For each configuration and dtype it
   safetensors headers), against the bfloat16 model's (gemma3-270m only);
 - builds and loads it, timed (`interop.load_quantized` into a model built from the config), and
   checks the reloaded model against the original;
-- freezes the kernel choices (`interop.kernels.freeze_paths`) and times, per mode, a 256-token
-  prefill and greedy decode steps with the KV cache (median of 3 after a warm-up), tokens per
-  second; `compiled` is `torch.compile(model, dynamic=True)`: its compile time (first call minus an
-  eager call) and the graphs dynamo compiled (a second prompt length must compile nothing) are
-  reported.
+- freezes the kernel choices (`interop.kernels.freeze_paths`), warms it up per mode; `compiled` is
+  `torch.compile(model, dynamic=True)`: its compile time (first call minus an eager call) and the
+  graphs dynamo compiled (a second prompt length must compile nothing) are reported.
 
-Ratios are against the faster float dtype of the same model, eager against eager and compiled
-against compiled. The per-layer kernel figures are bench/kernel_speed.py's. Writes a section of
+Then, with every config in memory, `--rounds` rounds (default 5) each time a 256-token prefill and
+greedy decode steps with the KV cache for every config once per mode, the order rotated by one each
+round: tokens per second are medians over rounds. Ratios are against the faster float dtype of the
+same model, eager against eager and compiled against compiled, taken within each round (one machine
+state: this VM's speed drifts 10-20% between runs minutes apart) and reported as the median over
+rounds with the [min, max]. The per-layer kernel figures are bench/kernel_speed.py's. Writes a section of
 bench/RESULTS.md (one per model) and bench/forward_speed.png (gemma3-270m).
 """
 
@@ -57,7 +59,7 @@ from quality_models import GemmaTask  # noqa: E402
 from duquant_jax import DuQuantConfig  # noqa: E402
 from interop import DuQuantLinear, compiled, kernel_tuning, load_quantized, save_quantized  # noqa: E402
 
-PREFILL, DECODE, REPEATS = 256, 64, 3
+PREFILL, DECODE, ROUNDS = 256, 64, 5
 DECODE_2B = 16  # decode steps on the 2B-shaped model (each reads every weight)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PLOT = Path(__file__).with_name("forward_speed.png")
@@ -208,7 +210,11 @@ def _linear_names(model: torch.nn.Module, filter_fn) -> list[str]:
     return [n for n, m in model.named_modules() if (isinstance(m, DuQuantLinear) and m is not head) or filter_fn(n, m)]
 
 
-def measure(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, save: bool) -> dict:
+def prepare(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, save: bool) -> tuple[dict, dict]:
+    """Quantize, save, reload and (per mode) compile one config in one dtype: its record so far and {mode: runner}.
+
+    Compiled runners stay compiled (no `torch._dynamo.reset()` afterwards), so that every config can be timed
+    later in the same rounds; the graphs a config compiled are the counter's difference over its own calls."""
     from duquant_jax.peak_memory import peak_rss_gib
     from interop.kernels import freeze_paths
     from interop.shared_input import input_groups
@@ -247,11 +253,11 @@ def measure(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, s
     prompt = source.prompt()
     if spec.preset is not None:
         freeze_paths(loaded, dtype=dtype)  # the choices a saved model carries; compiled graphs read them
+    runners = {}
     for mode in modes:
         runner = loaded
         if mode == "compiled":
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
+            graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
             with torch.inference_mode():
                 t = time.perf_counter()
                 loaded(input_ids=prompt, use_cache=True)
@@ -261,14 +267,37 @@ def measure(source, spec: Spec, dtype_name: str, modes: list[str], root: Path, s
             _prefill_and_decode(runner, prompt, 1)
             rec["compile_s"] = time.perf_counter() - t - eager_call
         _prefill_and_decode(runner, prompt, 4)  # warm-up; compiled: the cache's own recompiles happen here
-        runs = [_prefill_and_decode(runner, prompt, source.decode) for _ in range(REPEATS)]
-        rec[f"{mode}_prefill_tok_s"] = PREFILL / statistics.median(r[0] for r in runs)
-        rec[f"{mode}_decode_tok_s"] = source.decode / statistics.median(r[1] for r in runs)
         if mode == "compiled":
             _prefill_and_decode(runner, prompt[:, : PREFILL // 2 + 3], 2)  # another prompt length: no new graph
-            rec["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-            torch._dynamo.reset()
-    return rec
+            rec["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) - graphs
+        runners[mode] = runner
+    return rec, runners
+
+
+def time_rounds(source, entries: list[tuple[dict, dict]], modes: list[str], rounds: int) -> None:
+    """Time every config in `rounds` rounds, each running every config once per mode, the order rotated by one each
+    round; fills each record's `{mode}_{prefill,decode}_tok_s` (median over rounds) and, for the quantized configs,
+    `..._ratio` (the median over rounds of the ratio to the faster float dtype of the same round) with its
+    `..._ratio_range` [min, max]. Ratios taken within a round compare one machine state, however the VM drifts."""
+    prompt = source.prompt()
+    per_round: list[list[dict]] = [[{} for _ in entries] for _ in range(rounds)]
+    for r in range(rounds):
+        order = list(range(len(entries)))
+        order = order[r % len(order):] + order[: r % len(order)]
+        for i in order:
+            for mode in modes:
+                p, d = _prefill_and_decode(entries[i][1][mode], prompt, source.decode)
+                per_round[r][i][f"{mode}_prefill_tok_s"] = PREFILL / p
+                per_round[r][i][f"{mode}_decode_tok_s"] = source.decode / d
+    floats = [i for i, (rec, _) in enumerate(entries) if rec["config"] == "float"]
+    for i, (rec, _) in enumerate(entries):
+        for key in per_round[0][i]:
+            rec[key] = statistics.median(pr[i][key] for pr in per_round)
+            rec[key + "_rounds"] = [round(pr[i][key], 3) for pr in per_round]
+            if floats and rec["config"] != "float":
+                ratios = [pr[i][key] / max(pr[f][key] for f in floats) for pr in per_round]
+                rec[key.replace("_tok_s", "_ratio")] = statistics.median(ratios)
+                rec[key.replace("_tok_s", "_ratio_range")] = [min(ratios), max(ratios)]
 
 
 def plot(records: list[dict], mode: str) -> None:
@@ -294,11 +323,6 @@ def plot(records: list[dict], mode: str) -> None:
     fig.savefig(PLOT, dpi=110)
 
 
-def _best_float(records: list[dict], model: str, key: str) -> float | None:
-    vals = [r[key] for r in records if r["model"] == model and r["config"] == "float" and key in r]
-    return max(vals) if vals else None
-
-
 TARGETS = {  # (model, config, key): the issue's bound on the ratio to the faster float dtype
     ("gemma3-270m", "w4a8+out", "compiled_decode_tok_s"): 1.5, ("gemma3-270m", "w8a8+out", "compiled_decode_tok_s"): 1.5,
     ("gemma3-270m", "w4a8+out", "compiled_prefill_tok_s"): 1.0, ("gemma3-270m", "w8a8+out", "compiled_prefill_tok_s"): 1.0,
@@ -312,14 +336,14 @@ TARGETS = {  # (model, config, key): the issue's bound on the ratio to the faste
 def _cell(records: list[dict], r: dict, key: str) -> str:
     if key not in r:
         return ""
-    base = _best_float(records, r["model"], key)
     text = f"{r[key]:.1f}" if r[key] < 100 else f"{r[key]:.0f}"
-    if base is None or r["config"] == "float":
+    rkey = key.replace("_tok_s", "_ratio")
+    if rkey not in r:  # no float config in the run
         return text
-    ratio = r[key] / base
+    ratio, (lo, hi) = r[rkey], r[rkey + "_range"]
     bound = TARGETS.get((r["model"], r["config"].replace("+outa8", "+out"), key))  # either head counts as "quantized output layer"
     verdict = "" if bound is None else (" ✓" if ratio >= bound else f" ✗ (target {bound}x)")
-    return f"{text} ({ratio:.2f}x{verdict})"
+    return f"{text} ({ratio:.2f}x [{lo:.2f}, {hi:.2f}]{verdict})"
 
 
 def main() -> None:
@@ -328,6 +352,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--configs", default="float,w8a8,w4a8,w8a8+out,w4a8+out")
     ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help="timing rounds; each runs every config once per mode, in an order rotated every round")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--section", default=None,
                     help="write the table under this bench/RESULTS.md section instead of the model's own (another "
@@ -338,17 +364,30 @@ def main() -> None:
     bad = [m for m in modes if m not in ("eager", "compiled")] + [d for d in args.dtypes.split(",") + [d for s in specs for d in s.dtypes] if d not in DTYPES]
     if bad:
         raise SystemExit(f"unknown modes or dtypes: {bad}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     torch.manual_seed(0)
     rev = commit()  # before this run writes its own lines and section (which would make the tree differ)
     source = MODELS[args.model]()
     save = args.model == "gemma3-270m"
-    records = []
+    wanted = [(spec, d) for spec in specs for d in spec.dtypes or args.dtypes.split(",")]
+    # Every config stays in memory (and compiled) until all are timed together; each compiled model adds its own
+    # cache entries to the same code objects, so dynamo's per-code-object limit must hold them all.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * len(wanted))
+    entries: dict[int, tuple[dict, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in specs:
-            for d in spec.dtypes or args.dtypes.split(","):
-                rec = measure(source, spec, d, modes, Path(tmp), save)
-                records.append(rec)
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+        # quantized configs first: quantizing holds a float32 copy, which then need not sit beside the float models
+        for k in sorted(range(len(wanted)), key=lambda k: wanted[k][0].preset is None):
+            spec, d = wanted[k]
+            entries[k] = prepare(source, spec, d, modes, Path(tmp), save)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entries[k][0].items()}), flush=True)
+    entries = [entries[k] for k in range(len(wanted))]
+    time_rounds(source, entries, modes, args.rounds)
+    records = [rec for rec, _ in entries]
+    for rec in records:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
     with open(os.devnull if args.no_write else Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
         for r in records:
             f.write(json.dumps({**r, "commit": rev, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -374,11 +413,13 @@ def main() -> None:
         "random weights), statistics on 4 random 64-token prompts, preset weights rounded to nearest (same layout and kernels as GPTQ)"
     )
     body = (
-        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs} --dtypes {args.dtypes} --modes {args.modes}` (commit {rev}) — {described}. "
+        f"`python bench/forward_speed.py --model {args.model} --configs {args.configs} --dtypes {args.dtypes} --modes {args.modes} --rounds {args.rounds}` (commit {rev}) — {described}. "
         f"The presets quantize the 7 projections of every block; `+out` also the output layer and its tied embedding "
         f"(int8 rows for w8a8, int4 groups of 32, GPTQ on the observed head, for w4a8; `+outa8`: its input quantized to int8 per token); `+shared`: one input transform per group of layers that read one input. "
-        f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache; median of {REPEATS} "
-        f"after a warm-up. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
+        f"Prefill: one {PREFILL}-token forward; decode: {source.decode} greedy steps with the KV cache. Every config is "
+        f"built, warmed up and (compiled) compiled first and all stay in memory; then {args.rounds} rounds each time every "
+        f"config once per mode, the order rotated by one a round; tokens/s: the median over rounds; a ratio: the median "
+        f"over rounds of the ratio to the faster float dtype *of the same round*, [min, max] over rounds. Kernel choices frozen (`freeze_paths`) before timing; compiled: `torch.compile(model, dynamic=True)`. "
         f"Compiled helpers (`interop.compiled`): {compiled.unavailable() or 'on'}. CPU: {kernel_tuning.cpu_description()}. "
         f"Ratios: against the faster float dtype of the same mode (✓/✗: the issue's target). torch threads: "
         f"{torch.get_num_threads()}; 1-minute load average at the end {os.getloadavg()[0]:.1f}.\n\n"
