@@ -23,7 +23,17 @@ compute the same codes.
 `torch.ops.duquant.layer_mm(x, perm, diag, rot, qdata, scales, in_features, out_features, bits, group_size, layout,
 paths, act_bits, act_clip) -> y (T, out) float32`: the two ops above in one (`interop.layer_product`), for a layer
 that takes the fused input transform with per-token codes and shares its input with no other layer: one op crossing
-and one set of lookups a layer instead of two.
+and one set of lookups a layer instead of two. `torch.export` records it (its operands are tensors and plain values).
+
+`torch.ops.duquant.layer_call(x, layer, out_features) -> y (T, out) float32`: the same computation as `layer_mm`,
+for `torch.compile`, reading the layer's tensors and kernel choices at run time from the layer a handle names
+(`interop.layer_product.register_layer`), as the eager forward does, instead of taking them as operands. A compiled
+graph then has one tensor input a layer, not six, and no guard on the layer's frozen choices: dynamo checks
+(guards) and gathers (pre-graph code) fewer inputs, and inductor's wrapper asserts fewer shapes, per call of the
+graph; the op call converts 3 arguments instead of 14. At one decode token of
+Gemma-3 270M (127 such layers) that Python is a large part of the step (bench/RESULTS.md, "Whole-model speed on an
+AVX2-only CPU, layers named by handle"). A handle means something only in the process that made it, so
+`DuQuantLinear` records `layer_mm` under `torch.export`.
 
 The ops are opaque to inductor; `quantized_mm`'s fake implementation gives `(T, out)` in `out_dtype`. At run time it
 finds the layer's `QuantizedWeight` by its tensors (`register`; its derived caches and choices are
@@ -39,9 +49,10 @@ import weakref
 import torch
 
 from interop import kernels
+from interop.layer_product import layer_product, registered_layer
 from interop.qweight import QuantizedWeight
 
-__all__ = ["WeightView", "layer_mm", "quantized_mm", "register", "transform_quantize"]
+__all__ = ["WeightView", "layer_call", "layer_mm", "quantized_mm", "register", "transform_quantize"]
 
 _WEIGHTS: dict[int, weakref.ref] = {}  # id(weight.qdata) -> the weight
 
@@ -164,8 +175,6 @@ _LIB.define(
 
 def _layer_mm(x, perm, diag, rot, qdata, scales, in_features, out_features, bits, group_size, layout, paths, act_bits, act_clip):
     """float32 x (T, in) -> y (T, out) float32 (`interop.layer_product.layer_product`)."""
-    from interop.layer_product import layer_product
-
     weight = _weight(qdata, scales, in_features, out_features, bits, group_size or None, layout)
     return layer_product(x, perm, diag, rot, _act("dynamic-token", act_bits, act_clip), weight, paths)
 
@@ -180,3 +189,27 @@ def _(x, perm, diag, rot, qdata, scales, in_features, out_features, bits, group_
 
 
 layer_mm = torch.ops.duquant.layer_mm.default
+
+
+# `layer_mm` with the layer named by a handle instead of its tensors (module docstring).
+_LIB.define("layer_call(Tensor x, int layer, int out_features) -> Tensor")
+
+
+def _layer_call(x, layer, out_features):
+    """float32 x (T, in) -> y (T, out) float32: `layer_product` of the layer `layer` names, as it is now."""
+    m = registered_layer(layer)
+    b = m._buffers  # the module's own dicts: `m.perm` (nn.Module.__getattr__) costs ~1 us a name, per layer and token
+    return layer_product(x, b["perm"], b["in_diag"], b["r_in"], m.act, m._modules["qweight"])
+
+
+_LIB.impl("layer_call", _layer_call, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("duquant::layer_call", lib=_LIB)
+def _(x, layer, out_features):
+    n_in = registered_layer(layer).in_features
+    torch._check(x.shape[-1] == n_in, lambda: f"layer_call: x must have {n_in} columns; got {x.shape[-1]}")
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+layer_call = torch.ops.duquant.layer_call.default

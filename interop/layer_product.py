@@ -4,7 +4,8 @@ resolves to; on the c-int8 path both C functions run from one Python call (`nati
 
 `DuQuantLinear` takes it where it takes the fused C input transform (`_fuses`: integer activations quantized
 per token, float32 on the CPU, the compiled helpers built) and no other layer shares its input; under
-`torch.compile` it is one op, `duquant::layer_mm` (`interop.custom_ops`). Why: at one token (decode) a Gemma-3
+`torch.compile` it is one op, `duquant::layer_call`, which finds the layer by the handle `register_layer` gave it
+(`duquant::layer_mm`, which takes the layer's tensors, under `torch.export`; `interop.custom_ops`). Why: at one token (decode) a Gemma-3
 270M projection's C work takes 20-25 us, and going through two ops (`transform_quantize`, `quantized_mm`),
 each with its generic argument checks and lookups, cost 50-80 us more (bench/RESULTS.md, "Whole-model speed
 on an AVX2-only CPU, one call per layer"). The C functions and their arguments are those of the two-op route, so
@@ -13,12 +14,44 @@ the outputs are bit-identical to it. Pure torch: no JAX.
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from typing import Any
+
 import torch
 
 from interop import kernels, native
 from interop.qweight import QuantizedWeight
 
-__all__ = ["layer_product"]
+__all__ = ["layer_product", "register_layer", "registered_layer"]
+
+_LAYERS: dict[int, weakref.ref] = {}  # handle -> the layer (weakly held)
+_HANDLES = itertools.count(1)
+
+
+def register_layer(layer: Any) -> int:
+    """A new handle naming `layer` (a `DuQuantLinear`) to the op `duquant::layer_call` (`interop.custom_ops`); the
+    layer is held weakly, and its handle is forgotten when it is collected. A copy of a layer (`copy.deepcopy`)
+    registers itself anew (`DuQuantLinear.__setstate__`), so that no two live layers share a handle."""
+    handle = next(_HANDLES)
+
+    def forget(ref: weakref.ref, handle: int = handle) -> None:
+        if _LAYERS.get(handle) is ref:
+            del _LAYERS[handle]
+
+    _LAYERS[handle] = weakref.ref(layer, forget)
+    return handle
+
+
+def registered_layer(handle: int) -> Any:
+    """The live layer `handle` names; a RuntimeError if none does (the layer was collected after a graph that calls
+    it was compiled, or the handle comes from another process)."""
+    ref = _LAYERS.get(handle)
+    layer = None if ref is None else ref()
+    if layer is None:
+        raise RuntimeError(f"duquant::layer_call: layer handle {handle!r} names no live DuQuantLinear (the layer was "
+                           "deleted after the graph calling it was compiled, or the graph comes from another process)")
+    return layer
 
 _BOUND = "layer-transform"  # the key of the bound transform among the weight's derived objects
 

@@ -21,7 +21,7 @@ from torch import nn
 from duquant_jax.config import DuQuantConfig, qmax
 from interop import native
 from interop.kernels import ActQuant, compiled_helpers_on, fake_quantize, path_spec, quantized_matmul
-from interop.layer_product import layer_product
+from interop.layer_product import layer_product, register_layer
 from interop.qweight import QuantizedWeight
 
 if TYPE_CHECKING:  # the JAX side, imported only where a Pack is packed or converted
@@ -128,6 +128,7 @@ class DuQuantLinear(nn.Module):
         for derived in ("r_in_t", "b_eff"):
             self.register_buffer(derived, None, persistent=False)
         self._stats: torch.Tensor | None = None
+        self._handle = register_layer(self)  # names this layer to the compiled op `duquant::layer_call`
         self._stat_batches = -1  # -1: not calibrating
         self.input_group = None  # an `interop.shared_input.SharedInput` when it shares its input transform
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_derived())
@@ -360,12 +361,23 @@ class DuQuantLinear(nn.Module):
             return op(*args)
         return native.transform_quantize(*args)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (`copy.deepcopy`, which restores state through here) is another layer: it gets its own
+        `duquant::layer_call` handle."""
+        super().__setstate__(state)
+        self._handle = register_layer(self)
+
     def _layer_product(self, x: torch.Tensor, compiling: bool) -> torch.Tensor:
-        """float32 x (..., in) -> y (..., out): `_fused_input` and the product in one call (`interop.layer_product`;
-        the `duquant::layer_mm` op under `torch.compile`), for per-token codes of an input no other layer shares."""
+        """float32 x (..., in) -> y (..., out): `_fused_input` and the product in one call (`interop.layer_product`),
+        for per-token codes of an input no other layer shares. Under `torch.compile` one op, `duquant::layer_call`,
+        which names the layer by its handle; under `torch.export` `duquant::layer_mm`, which takes its tensors."""
         w, act = self.qweight, self.act
         x2 = x.reshape(-1, self.in_features)
-        if compiling:
+        if compiling and not torch.compiler.is_exporting():
+            from interop.custom_ops import layer_call
+
+            y = layer_call(x2, self._handle, w.out_features)
+        elif compiling:
             from interop.custom_ops import layer_mm
 
             y = layer_mm(x2, self.perm, self.in_diag, self.r_in, w.qdata, w.scales, w.in_features, w.out_features, w.bits,

@@ -4,7 +4,7 @@ prompt length, and frozen kernel choices that survive save/load in a fresh proce
 Bounds: the compiled model runs the same kernels on the same prepared activations as eager (the
 per-token quantization is traced and fused by inductor, or, where eager takes the fused C input transform, the
 same C function as the op `duquant::transform_quantize`; the product is the opaque `duquant::quantized_mm`, or both
-are one `duquant::layer_mm`), so its outputs must equal eager's to 1e-5 of max|y| (the float32 paths'
+are one `duquant::layer_call`), so its outputs must equal eager's to 1e-5 of max|y| (the float32 paths'
 bound of interop/kernels.py; measured on this machine: bit-identical, 0.0, for every config).
 """
 
@@ -124,8 +124,8 @@ def test_graph_holds_one_custom_op_per_product(models):
 
     with torch.no_grad():
         torch.compile(models["w4a8"], backend=backend, fullgraph=True, dynamic=True)(tokens(1, 9, 1))
-    # a product is `duquant::quantized_mm`, or `duquant::layer_mm` where the layer's input transform runs with it
-    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and ("quantized_mm" in str(n.target) or "layer_mm" in str(n.target))]
+    # a product is `duquant::quantized_mm`, or `duquant::layer_call` where the layer's input transform runs with it
+    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and ("quantized_mm" in str(n.target) or "layer_call" in str(n.target))]
     assert len(ops) == 3
 
 

@@ -144,7 +144,7 @@ def test_fused_input_is_off_with_the_compiled_helpers_option():
 def test_compiled_layer_runs_the_same_fused_op_and_equals_eager_bit_for_bit():
     """Under `torch.compile(fullgraph=True)` a layer whose input another layer shares calls
     `duquant::transform_quantize` (no torch rotation to differ from eager's codes; a layer alone takes
-    `duquant::layer_mm`, tests/test_layer_product.py), so compiled and eager outputs are the same bits, at one token
+    `duquant::layer_call`, tests/test_layer_product.py), so compiled and eager outputs are the same bits, at one token
     and at many. Static per-tensor codes take this route."""
     layer = _layer("w4a8", act_scheme="static-tensor")
     with torch.inference_mode(), interop.calibrate(layer):

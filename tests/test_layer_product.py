@@ -1,7 +1,8 @@
-"""One call per layer (`interop.layer_product`, `native.LayerInt8`, the op `duquant::layer_mm`): the same C functions
-on the same operands as the two-op route (`transform_quantize`, then the product of the resolved path), so the same
-bits, eager and compiled, on every path a token count can resolve to; bindings that follow the layer's tensors; the
-operands checked before the C code runs.
+"""One call per layer (`interop.layer_product`, `native.LayerInt8`, the ops `duquant::layer_call` under `torch.compile`
+and `duquant::layer_mm` under `torch.export`): the same C functions on the same operands as the two-op route
+(`transform_quantize`, then the product of the resolved path), so the same bits, eager, compiled and exported, on
+every path a token count can resolve to; bindings that follow the layer's tensors; handles that name one live layer
+each (a copy gets its own); the operands checked before the C code runs.
 
 Bounds: bit-identical (`torch.equal`) to the two-op route; no tolerance. Calls into the C code that the checks
 should refuse run in a subprocess: a crash fails the test instead of ending the run.
@@ -71,12 +72,70 @@ def test_layer_product_follows_the_layers_tensors_when_they_change():
 
 
 def test_compiled_layer_is_one_layer_op_and_equals_eager_bit_for_bit():
-    """Under `torch.compile(fullgraph=True)` a layer is one `duquant::layer_mm` (no torch rotation, no separate
-    transform or product op), and its outputs are eager's bits at one token and at many."""
+    """Under `torch.compile(fullgraph=True)` a layer is one `duquant::layer_call` (no torch rotation, no separate
+    transform or product op, none of the layer's tensors an operand), and its outputs are eager's bits at one token
+    and at many."""
     targets = compiled_op_targets(_layer("w4a8"), 256)
-    assert any("layer_mm" in t for t in targets), targets
-    assert not any("transform_quantize" in t or "quantized_mm" in t for t in targets), targets
+    assert any("layer_call" in t for t in targets), targets
+    assert not any("transform_quantize" in t or "quantized_mm" in t or "layer_mm" in t for t in targets), targets
     assert not any("index_select" in t or "matmul" in t or "bmm" in t for t in targets), targets
+
+
+def test_compiled_graph_takes_one_tensor_input_per_layer():
+    """The graph of a compiled layer takes x and the bias its torch code adds, nothing else: the layer's perm,
+    rotation, smoothing, codes and scales are read by the op from the layer its handle names, so dynamo guards and
+    gathers none of them."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(example_inputs)
+        return gm.forward
+
+    layer = _layer("w4a8")
+    with torch.inference_mode():
+        torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)(torch.randn(1, 3, 256))
+    tensors = [t for t in graphs[0] if isinstance(t, torch.Tensor)]
+    assert [tuple(t.shape) for t in tensors] == [(1, 3, 256), (192,)]
+
+
+def test_exported_layer_records_layer_mm_and_equals_eager():
+    """`torch.export` records `duquant::layer_mm`, whose operands are the layer's tensors (a handle means nothing
+    in another process), and the exported program computes eager's bits."""
+    layer = torch.nn.Sequential(_layer("w8a8"))  # (a bare DuQuantLinear trips torch.export over its None buffers)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    program = torch.export.export(layer, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert any("layer_mm" in t for t in targets) and not any("layer_call" in t for t in targets), targets
+    with torch.inference_mode():
+        assert torch.equal(program.module()(x), layer(x))
+
+
+def test_copies_get_their_own_handle_and_compiled_copies_use_their_own_weights():
+    """A deepcopy registers anew: its compiled forward computes with its own tensors, not the original's, after the
+    original's are changed; a handle whose layer is gone is named in the error."""
+    import copy
+    import gc
+
+    from interop.custom_ops import layer_call
+    from interop.layer_product import registered_layer
+
+    layer = _layer("w4a8")
+    x = torch.randn(1, 4, 256, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = layer(x)
+        twins = [copy.deepcopy(layer), copy.deepcopy(layer)]
+        assert len({layer._handle, *(t._handle for t in twins)}) == 3
+        assert all(registered_layer(t._handle) is t for t in twins)
+        layer.in_diag.mul_(3.0)  # the original changes; its copies must not follow
+        torch._dynamo.reset()
+        for twin in twins:
+            assert torch.equal(torch.compile(twin, fullgraph=True, dynamic=True)(x), want)
+        handle = twins[0]._handle
+        del twins
+        gc.collect()
+        with pytest.raises(RuntimeError, match=f"layer handle {handle} names no live DuQuantLinear"):
+            layer_call(torch.randn(1, 256), handle, 192)
 
 
 def test_layer_int8_names_bad_operands_before_the_c_code_runs():
