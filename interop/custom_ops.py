@@ -30,10 +30,10 @@ for `torch.compile`, reading the layer's tensors and kernel choices at run time 
 (`interop.layer_product.register_layer`), as the eager forward does, instead of taking them as operands. A compiled
 graph then has one tensor input a layer, not six, and no guard on the layer's frozen choices: dynamo checks
 (guards) and gathers (pre-graph code) fewer inputs, and inductor's wrapper asserts fewer shapes, per call of the
-graph; the op call converts 3 arguments instead of 14. At one decode token of
-Gemma-3 270M (127 such layers) that Python is a large part of the step (bench/RESULTS.md, "Whole-model speed on an
-AVX2-only CPU, layers named by handle"). A handle means something only in the process that made it, so
-`DuQuantLinear` records `layer_mm` under `torch.export`.
+graph; the op call converts 3 arguments instead of 14. At one decode token of Gemma-3 270M (127 such layers) that
+Python is a large part of the step (bench/RESULTS.md, "Whole-model speed on an AVX2-only CPU, layers named by
+handle"). A handle means something only in the process that made it, so `DuQuantLinear` records `layer_mm` under
+`torch.export`.
 
 The ops are opaque to inductor; `quantized_mm`'s fake implementation gives `(T, out)` in `out_dtype`. At run time it
 finds the layer's `QuantizedWeight` by its tensors (`register`; its derived caches and choices are
