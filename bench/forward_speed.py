@@ -300,6 +300,11 @@ def time_rounds(source, entries: list[tuple[dict, dict]], modes: list[str], roun
                 rec[key.replace("_tok_s", "_ratio_range")] = [min(ratios), max(ratios)]
 
 
+def _show(rec: dict) -> None:
+    """Prints a record as one JSON line, floats to 4 decimals."""
+    print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in rec.items()}), flush=True)
+
+
 def plot(records: list[dict], mode: str) -> None:
     import matplotlib
 
@@ -382,12 +387,12 @@ def main() -> None:
         for k in sorted(range(len(wanted)), key=lambda k: wanted[k][0].preset is None):
             spec, d = wanted[k]
             entries[k] = prepare(source, spec, d, modes, Path(tmp), save)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entries[k][0].items()}), flush=True)
+            _show(entries[k][0])
     entries = [entries[k] for k in range(len(wanted))]
     time_rounds(source, entries, modes, args.rounds)
     records = [rec for rec, _ in entries]
     for rec in records:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+        _show(rec)
     with open(os.devnull if args.no_write else Path(__file__).with_name("forward_speed.jsonl"), "a") as f:
         for r in records:
             f.write(json.dumps({**r, "commit": rev, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
