@@ -55,6 +55,7 @@ SECTION = "Quality (bench/quality.py)"
 SCHEMA = 2
 
 # Kernel modes a cell is scored under: the options a user gets, and exact paths only.
+TUNED_PRESET_ROW = "presets+tune"  # the recipe the README recommends: each column's preset, then `interop.tune_scales`
 KERNEL_MODES = {"default": {"autotune": True, "precision": "any"}, "float32": {"autotune": False, "precision": "float32"}}
 
 # Issue 16's targets on the test split: (model, preset column, op, value); Gemma as a ratio to float perplexity.
@@ -109,8 +110,8 @@ def _quantize(task, model: torch.nn.Module, row: Row, config: DuQuantConfig | No
 
 
 def _after(task, model: torch.nn.Module, row: Row, config: DuQuantConfig, times: dict, notes: dict) -> None:
-    """The steps after packing: static activation calibration, the per-layer clip search."""
-    from interop import calibrate, search_act_clip
+    """The steps after packing: static activation calibration, the per-layer clip search, scale tuning."""
+    from interop import calibrate, search_act_clip, tune_scales
 
     if config.needs_calibration:
         with _timed(times, "calibrate_s"), calibrate(model):
@@ -120,6 +121,12 @@ def _after(task, model: torch.nn.Module, row: Row, config: DuQuantConfig, times:
         with _timed(times, "clip_search_s"):
             clips = search_act_clip(model, batches, run=run)
         notes["act_clips"] = {str(c): sum(v == c for v in clips.values()) for c in sorted(set(clips.values()))}
+    if row.tune:
+        batches, run, loss = task.tuning_batches()
+        teacher = task.float_model()
+        with _timed(times, "tune_s"):
+            notes["tune"] = tune_scales(model, teacher, batches, run=run, loss=loss, progress=False, **dict(row.tune))
+        del teacher
 
 
 @contextlib.contextmanager
@@ -181,7 +188,7 @@ def run_cell(task, row: Row, column: str, score: dict[str, tuple[str, ...]], rev
         model = task.float_model()
         times["copy_s"] = time.perf_counter() - t0
         base.update(_quantize(task, model, row, config, times))
-        times["prepare_s"] = sum(times.get(k, 0.0) for k in ("observe_s", "quantize_s", "calibrate_s", "clip_search_s"))
+        times["prepare_s"] = sum(times.get(k, 0.0) for k in ("observe_s", "quantize_s", "calibrate_s", "clip_search_s", "tune_s"))
     except Exception as e:  # keep going: one unsupported option must not stop a long run
         return [{**base, "kernels": "none", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6),
                  "times": {k: round(v, 2) for k, v in times.items()}}]
@@ -366,16 +373,22 @@ def _same_config(a: dict | None, b: dict | None) -> bool:
     return DuQuantConfig.from_dict(a) == DuQuantConfig.from_dict(b)
 
 
-def _is_preset(cell: dict, column: str) -> bool:
-    """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step)."""
-    row = ROWS.get(cell["record"]["row"])
-    plain = row is None or not (row.sequential or row.clip_search or row.shared_inputs or row.only)
+def _is_preset(cell: dict, column: str, tuned: bool = False) -> bool:
+    """Whether the cell measured `DuQuantConfig.preset(column)` as `quantize_` gives it (no extra step), or with
+    `tuned` the recommended recipe: the preset and `interop.tune_scales` as the row TUNED_PRESET_ROW runs it."""
+    name = cell["record"]["row"]
+    row = ROWS.get(name)
+    if tuned:
+        plain = name == TUNED_PRESET_ROW
+    else:
+        plain = row is None or not (row.sequential or row.clip_search or row.shared_inputs or row.only or row.tune)
     return plain and _same_config(cell["record"].get("config"), DuQuantConfig.preset(column.lower()).to_dict())
 
 
-def _preset_cell(mine: dict, column: str, mode: str, part: str | None = None) -> dict | None:
-    """The cell of `column`'s preset under kernel `mode` (with values on `part`, when given), or None."""
-    return next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column)
+def _preset_cell(mine: dict, column: str, mode: str, part: str | None = None, tuned: bool = False) -> dict | None:
+    """The cell of `column`'s preset (with `tuned`: and scale tuning) under kernel `mode` (with values on `part`,
+    when given), or None."""
+    return next((c for k, c in mine.items() if k[2] == column and k[3] == mode and _is_preset(c, column, tuned)
                  and (part is None or part in c["per_item"])), None)
 
 
@@ -445,41 +458,42 @@ def _best_peer(model: str, mine: dict, column: str) -> tuple[str, dict] | None:
 
 def _presets_section(model: str, mine: dict, ref: dict) -> str:
     rows, targets = [], []
-    for column in BITS:
+    for column, tuned, mode in ((c, t, m) for c in BITS for t in (False, True) for m in KERNEL_MODES):
         peer = _best_peer(model, mine, column)
-        for mode in KERNEL_MODES:
-            cell = _preset_cell(mine, column, mode)
-            if cell is None:
-                continue
-            test, dev = _iv(model, cell, "test", ref), _iv(model, cell, "dev", ref)
-            half = "" if test is None else f"{100 * (test[2] - test[1]) / 2:.2f}%" if model == "gemma" else f"{(test[2] - test[1]) / 2:.5f}"
-            versus = ""
-            if peer is not None and "test" in cell["per_item"]:
-                versus = f"{peer[0]}: {_fmt(model, _iv(model, peer[1], 'test', ref))}; preset {_versus(model, cell['per_item']['test'], peer[1]['per_item']['test'])}"
-            target = TARGETS.get((model, column))
-            verdict = ""
-            if target and test is not None:
-                op, bound = target
-                ok = test[0] <= bound if op == "<=" else test[0] >= bound
-                sure = test[2] <= bound if op == "<=" else test[1] >= bound
-                clear = test[1] > bound if op == "<=" else test[2] < bound
-                verdict = f"{op} {bound}: " + ("met, interval inside" if sure else "met, interval straddles" if ok else
-                                              "NOT met, interval outside" if clear else "NOT met, interval straddles")
-                if not any(t.startswith(f"- {model} `{column.lower()}` ") for t in targets):  # default kernels first
-                    targets.append(f"- {model} `{column.lower()}` {op} {bound}: test {_fmt(model, test)} ({mode} kernels): "
-                                   f"{verdict.split(': ', 1)[1]}")
-            kernels = ""
-            if mode == "float32":
-                default = _preset_cell(mine, column, "default")
-                shared = [p for p in ("test", "dev") if default and p in default["per_item"] and p in cell["per_item"]]
-                if shared:
-                    kernels = f"{shared[0]}: default kernels {_versus(model, default['per_item'][shared[0]], cell['per_item'][shared[0]])}"
-            rows.append([f"`{column.lower()}`", mode, _fmt(model, dev), _fmt(model, test), half, verdict, versus, kernels])
+        cell = _preset_cell(mine, column, mode, tuned=tuned)
+        if cell is None:
+            continue
+        recipe = f"`{column.lower()}`" + (" + `tune_scales`" if tuned else "")
+        test, dev = _iv(model, cell, "test", ref), _iv(model, cell, "dev", ref)
+        half = "" if test is None else f"{100 * (test[2] - test[1]) / 2:.2f}%" if model == "gemma" else f"{(test[2] - test[1]) / 2:.5f}"
+        versus = ""
+        if peer is not None and "test" in cell["per_item"]:
+            versus = f"{peer[0]}: {_fmt(model, _iv(model, peer[1], 'test', ref))}; preset {_versus(model, cell['per_item']['test'], peer[1]['per_item']['test'])}"
+        target = TARGETS.get((model, column))
+        verdict = ""
+        if target and test is not None:
+            op, bound = target
+            ok = test[0] <= bound if op == "<=" else test[0] >= bound
+            sure = test[2] <= bound if op == "<=" else test[1] >= bound
+            clear = test[1] > bound if op == "<=" else test[2] < bound
+            verdict = f"{op} {bound}: " + ("met, interval inside" if sure else "met, interval straddles" if ok else
+                                          "NOT met, interval outside" if clear else "NOT met, interval straddles")
+            if not any(t.startswith(f"- {model} {recipe} ") for t in targets):  # default kernels first
+                targets.append(f"- {model} {recipe} {op} {bound}: test {_fmt(model, test)} ({mode} kernels): "
+                               f"{verdict.split(': ', 1)[1]}")
+        kernels = ""
+        if mode == "float32":
+            default = _preset_cell(mine, column, "default", tuned=tuned)
+            shared = [p for p in ("test", "dev") if default and p in default["per_item"] and p in cell["per_item"]]
+            if shared:
+                kernels = f"{shared[0]}: default kernels {_versus(model, default['per_item'][shared[0]], cell['per_item'][shared[0]])}"
+        rows.append([recipe, mode, _fmt(model, dev), _fmt(model, test), half, verdict, versus, kernels])
     if not rows:
         return ""
     what = "perplexity / float" if model == "gemma" else "mean cosine"
     head = ["preset", "kernels", f"dev {what}", f"test {what} [95%]", "test half-width", "target (test)", "best peer, test; preset against it (paired)", "default against float32 kernels (paired)"]
-    return ("Presets (`DuQuantConfig.preset`), chosen on the development split, reported on the test split:\n\n"
+    return ("Presets (`DuQuantConfig.preset`; `+ tune_scales`: and `interop.tune_scales` after quantizing, as the row "
+            f"`{TUNED_PRESET_ROW}` runs it), chosen on the development split, reported on the test split:\n\n"
             + table(head, rows) + ("\n\nTargets (issue 16; default kernels where their test line exists):\n\n" + "\n".join(targets) if targets else ""))
 
 
@@ -504,7 +518,9 @@ def _rows_section(model: str, mine: dict, ref: dict) -> str:
         if row is not None and row.kind == "preset":  # one config per column: name what the row adds
             extra = [w for w, on in (("sequential", row.sequential), ("clip searched per layer", row.clip_search),
                                      ("one input transform per input group", row.shared_inputs),
-                                     (f"only layers matching {row.only}", row.only)) if on]
+                                     (f"only layers matching {row.only}", row.only),
+                                     ("scales tuned end to end (" + ", ".join(f"{k} {v}" for k, v in row.tune) + ")",
+                                      row.tune)) if on]
             labels = {"rotation": "each column's preset" + "".join(f", {w}" for w in extra)}
         if mode == "peer":
             peer = any_cell["record"].get("peer", {})

@@ -133,6 +133,12 @@ class GemmaTask(_HeldOutTask):
         and `interop.search_act_clip`."""
         return [self._ids(int(i)) for i in self.split.calib], lambda m, ids: m.model(input_ids=ids, use_cache=False)
 
+    def tuning_batches(self) -> tuple[list[torch.Tensor], Callable[[nn.Module, torch.Tensor], torch.Tensor], str]:
+        """The calibration chunks, how one gives the logits (the whole model), and the loss on them ("kl"):
+        for `interop.tune_scales`."""
+        return ([self._ids(int(i)) for i in self.split.calib], lambda m, ids: m(input_ids=ids, use_cache=False).logits,
+                "kl")
+
     @torch.no_grad()
     def chunk_nll(self, model: nn.Module, indices) -> np.ndarray:
         """Mean NLL (nats per token) of each chunk in `indices`."""
@@ -201,6 +207,12 @@ class MiniLMTask(_HeldOutTask):
         batches = [dict(model_tok([self.sentences[i] for i in idx[j : j + self.batch]], padding=True, truncation=True,
                                   return_tensors="pt")) for j in range(0, len(idx), self.batch)]
         return batches, lambda m, features: m(dict(features))
+
+    def tuning_batches(self):
+        """The calibration batches, how one gives their sentence embeddings, and the loss on them ("mse"): for
+        `interop.tune_scales`."""
+        batches, run = self.calibration_batches()
+        return batches, lambda m, features: run(m, features)["sentence_embedding"], "mse"
 
     def item_cosines(self, model: nn.Module, indices) -> np.ndarray:
         """Cosine of each sentence's embedding to the float model's."""

@@ -38,6 +38,9 @@ class Row:
         (`quantize_(input_groups="auto")`), instead of every layer's own (the default).
       only: a regular expression (`re.search`) on layer names: quantize only the task's layers it
         matches, the rest stay float (a sensitivity row: what one kind of projection costs); "" = all.
+      tune: after quantizing, train every layer's weight scales on the whole model's output against the float
+        model on the calibration data (`interop.tune_scales`), with these keyword arguments (epochs, lr);
+        () = no tuning.
     """
 
     name: str
@@ -47,6 +50,7 @@ class Row:
     clip_search: bool = False
     shared_inputs: bool = False
     only: str = ""
+    tune: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.only:
@@ -101,6 +105,8 @@ class Row:
             labels["rotation"] += ", one per input group"
         if self.only:
             labels["rotation"] += f", only layers matching {self.only}"
+        if self.tune:
+            labels["weight method"] += ", scales tuned end to end (" + ", ".join(f"{k} {v}" for k, v in self.tune) + ")"
         return labels
 
 
@@ -259,6 +265,10 @@ ROWS: dict[str, Row] = {
         # power of two dividing 640); down_proj carries the largest share of the 4-bit presets' excess.
         _from_preset("w4a8-b2048", "w4a8", block_size=2048),
         _from_preset("w4a16-b2048", "w4a16", block_size=2048),
+        # Each column's preset, then every weight scale trained on the whole model's output (`interop.tune_scales`:
+        # KL divergence from the float model's logits on the calibration chunks; the codes fixed).
+        Row("presets+tune", "preset", tune=(("epochs", 2), ("lr", 0.001))),
+        Row("presets+tune-e4-lr2e-3", "preset", tune=(("epochs", 4), ("lr", 0.002))),
     ]
 }
 
@@ -290,6 +300,7 @@ LISTS["groups-small"] = ["presets"] + [n for n in WHOLE if n.endswith(("-g64", "
 LISTS["fit-groups"] = ["presets"] + [n for n in WHOLE if "-fitgroups" in n]  # each row in its own column
 LISTS["sensitivity"] = [n for n in ROWS if n.startswith("presets-only-")]  # Gemma's projections; with --bits
 LISTS["sensitivity-k"] = ["presets-only-k"] + [n for n in ROWS if n.startswith("w4a16-only-k-")]  # with --bits W4A16
+LISTS["tune"] = [n for n in ROWS if n.startswith("presets+tune")]
 LISTS["all"] = list(dict.fromkeys(name for names in LISTS.values() for name in names))
 
 

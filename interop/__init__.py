@@ -19,6 +19,7 @@ _EXPORTS = {
     "observe": "interop.observe",
     "quantize_sequential": "interop.sequential",
     "search_act_clip": "interop.act_clip",
+    "tune_scales": "interop.scale_tuning",
     "input_groups": "interop.shared_input",
     "link_input_groups": "interop.shared_input",
     "jax_to_torch": "interop.dlpack",
