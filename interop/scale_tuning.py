@@ -61,14 +61,14 @@ def _divergence(student: torch.Tensor, teacher: torch.Tensor, loss: str) -> torc
 
 
 class _TrainedScales:
-    """One layer's training state: its codes as float32 (out, in), its scales s0 (out, groups) and the
-    log-ratios `t` (out, groups) being trained."""
+    """One layer's training state: its codes (out, in) int8 (a byte a weight while training; float32 only inside
+    the layer's forward), its scales s0 (out, groups) and the log-ratios `t` (out, groups) being trained."""
 
     def __init__(self, layer: DuQuantLinear):
         w = layer.qweight
         self.layer = layer
         self.group = w.effective_group
-        self.codes = w.codes().float()
+        self.codes = w.codes().to(torch.int8)
         self.s0 = w.scales_2d().detach().clone()
         self.t = nn.Parameter(torch.zeros_like(self.s0))
 
@@ -84,7 +84,7 @@ class _TrainedScales:
             a_scale = layer.a_scale if act.scheme.startswith("static") else None
             x2 = x2 + (fake_quantize(x2.detach(), act, a_scale) - x2).detach()
         n_in = layer.in_features
-        weight = self.codes * self.scales().repeat_interleave(self.group, dim=1)[:, :n_in]
+        weight = self.codes.float() * self.scales().repeat_interleave(self.group, dim=1)[:, :n_in]
         y = (x2 @ weight.t()).reshape(*x.shape[:-1], layer.out_features)
         if layer.config.rotate_rows and layer.config.row_rot_mode == "restore":
             y = layer.restore_output(y)
