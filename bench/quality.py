@@ -55,7 +55,7 @@ SECTION = "Quality (bench/quality.py)"
 SCHEMA = 2
 
 # Kernel modes a cell is scored under: the options a user gets, and exact paths only.
-TUNED_PRESET_ROW = "presets+tune"  # the recipe the README recommends: each column's preset, then `interop.tune_scales`
+TUNED_PRESET_ROW = "presets+tune-e4-lr2e-3"  # the recipe the README recommends: each column's preset, then `interop.tune_scales`
 KERNEL_MODES = {"default": {"autotune": True, "precision": "any"}, "float32": {"autotune": False, "precision": "float32"}}
 
 # Issue 16's targets on the test split: (model, preset column, op, value); Gemma as a ratio to float perplexity.

@@ -107,8 +107,8 @@ def tune_scales(
     *,
     run: Callable[[nn.Module, Any], Any] = run_batch,
     loss: str = "kl",
-    epochs: int = 2,
-    lr: float = 1e-3,
+    epochs: int = 4,
+    lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -123,8 +123,9 @@ def tune_scales(
         (..., n), an output with `.logits`, or a tuple whose first element is one.
       loss: "kl" (outputs are logits: KL divergence of the model's softmax from the teacher's, averaged over
         positions) or "mse" (squared error relative to the teacher's mean square: embeddings, hidden states).
-      epochs: passes over `batches`.
-      lr: Adam's learning rate on the scales' log-ratios (1e-3: at most about 0.1% change a step).
+      epochs: passes over `batches` (the default 4 and `lr` 2e-3 were chosen on the quality bench's
+        development split, Gemma-3 270M with 16 batches of 512 tokens: README "Presets").
+      lr: Adam's learning rate on the scales' log-ratios (2e-3: at most about 0.2% change a step).
       seed: seed of the batch order.
       progress: a progress bar over the steps.
 
